@@ -1,0 +1,108 @@
+"""Llama-style transformer block: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Parameter names follow Meta's Llama / multi-token-prediction checkpoints (``attention.wq``,
+``feed_forward.w1``, ``attention_norm`` ...) so released weights load by name. The module knows
+nothing about process groups: parallelism is applied from outside (megatrain.parallel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatrain.config import ModelConfig
+
+
+def ffn_hidden_dim(cfg: ModelConfig) -> int:
+    hidden = int(2 * 4 * cfg.dim / 3)
+    if cfg.ffn_dim_multiplier is not None:
+        hidden = int(cfg.ffn_dim_multiplier * hidden)
+    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim // 2), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x0, x1), (x2, x3) ... as Meta's complex-number RoPE does."""
+    # x: (B, T, n_heads, head_dim); cos/sin: (T, head_dim // 2)
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.backend = cfg.attention
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 instead of n_heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)  # (B, T, H_kv, hd)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.backend == "xformers":
+            out = _xformers_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                is_causal=True, enable_gqa=k.shape[2] != q.shape[2],
+            ).transpose(1, 2)  # (B, T, H, hd)
+        return self.wo(out.reshape(batch, seq, -1))
+
+
+def _xformers_attention(q, k, v):
+    try:
+        from xformers.ops import LowerTriangularMask, memory_efficient_attention
+    except ImportError as err:
+        raise RuntimeError("model.attention=xformers but xformers is not importable; "
+                           "pip install xformers or use model.attention=sdpa") from err
+    if not q.is_cuda:
+        raise RuntimeError("model.attention=xformers has no CPU kernel; use model.attention=sdpa on CPU")
+    if k.shape[2] != q.shape[2]:  # xformers wants matching heads: expand the shared KV heads
+        repeat = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+    return memory_efficient_attention(q, k, v, attn_bias=LowerTriangularMask())
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden_dim(cfg)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))

@@ -1,0 +1,201 @@
+"""Memory-efficient multi-token loss: one autograd node at the trunk output.
+
+The paper's scheme (Gloeckle et al. 2024, Fig. 2): after the trunk forward, each head runs its
+forward, its cross-entropy and its backward in turn; the gradient w.r.t. the trunk output is
+accumulated and the head's logits and activations are freed before the next head starts. Peak
+memory is then one head's worth, whatever n_future is.
+
+``SequentialHeadsLoss`` does this inside ``forward``. Because the incoming gradient (gradient
+accumulation factor, loss scale, pipeline schedules) is only known in ``backward``, the node keeps
+the gradients it computed and hands them out in ``backward`` multiplied by the incoming gradient:
+the trunk gets its gradient through the normal graph, and the head parameters - passed to the node
+as inputs - get theirs as the node's input gradients, so autograd's accumulation into ``.grad``,
+hooks of DDP/FSDP/DeepSpeed and pipeline schedules all see an ordinary autograd node.
+
+Chained heads (causal, anticausal) need the gradient of later heads w.r.t. earlier outputs: their
+inputs are computed once without a graph, then heads are replayed last-to-first, each with its own
+loss plus the gradient flowing back from the head after it (one extra head forward per head).
+
+Normalisation: head i's summed cross-entropy is multiplied by ``head_scales[i]``, which the
+trainer sets to ``weight_i / (valid targets of head i in the whole global batch)``, so gradient
+accumulation and data parallelism reproduce the one-big-batch mean exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatrain.kernels import fused_linear_cross_entropy
+
+
+def build_head_targets(window: torch.Tensor, n_future: int, ignore_index: int = -100,
+                       eos_id: int | None = None, mask_cross_document: bool = False) -> torch.Tensor:
+    """Targets for every head from a token window (B, T+1): returns (n_future, B, T).
+
+    Head i (0-based) at position t predicts window[t + i + 1]; targets past the window's end are
+    ``ignore_index``. With ``mask_cross_document``, a target is also ignored when an ``eos_id``
+    sits strictly between the input position and the target (the target belongs to a later
+    document than the token right after the input); predicting the EOS itself stays allowed.
+    """
+    batch, width = window.shape
+    seq = width - 1
+    targets = torch.full((n_future, batch, seq), ignore_index, dtype=torch.long, device=window.device)
+    if mask_cross_document and eos_id is not None:
+        is_eos = (window == eos_id).long()
+        eos_before = torch.cumsum(is_eos, dim=1)  # eos_before[:, j] = EOS count in window[:, :j+1]
+    for i in range(n_future):
+        valid = seq - i  # positions t with t + i + 1 <= seq
+        if valid <= 0:
+            continue
+        tgt = window[:, i + 1: i + 1 + valid].clone()
+        if mask_cross_document and eos_id is not None and i > 0:
+            # EOS count in window[t+1 .. t+i] = eos_before[t+i] - eos_before[t]
+            crossing = eos_before[:, i: i + valid] - eos_before[:, :valid]
+            tgt[crossing > 0] = ignore_index
+        targets[i, :, :valid] = tgt
+    return targets
+
+
+@dataclass
+class HeadStats:
+    """Per-head statistics of one micro-batch, detached: summed CE, argmax hits, valid targets."""
+
+    loss_sum: torch.Tensor  # (n_future,) float64
+    n_correct: torch.Tensor  # (n_future,) int64
+    n_valid: torch.Tensor  # (n_future,) int64
+
+
+def _head_ce(model, i, out, targets_i, ignore_index, impl):
+    hidden = model.norm(out).flatten(0, 1)  # (B*T, D)
+    weight = model.output.weight
+    if hidden.dtype != weight.dtype:  # under autocast the norm output is low precision
+        weight = weight.to(hidden.dtype)
+    return fused_linear_cross_entropy(hidden, weight, targets_i.flatten(), ignore_index=ignore_index,
+                                      reduction="sum", impl=impl, return_n_correct=True)
+
+
+def _head_params(model, i):
+    return list(model.head_module(i).parameters()) + [model.norm.weight, model.output.weight]
+
+
+class SequentialHeadsLoss(torch.autograd.Function):
+    """forward(trunk_hidden, model, targets, head_scales, ignore_index, impl, *params).
+
+    Returns (loss, per-head summed CE, per-head argmax hits); only ``loss`` is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, trunk_hidden, model, targets, head_scales, ignore_index, impl, *params):
+        n = model.n_future
+        index_of = {id(p): k for k, p in enumerate(params)}
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        loss_sum = torch.zeros(n, dtype=torch.float64)
+        n_correct = torch.zeros(n, dtype=torch.int64)
+        total = torch.zeros((), dtype=torch.float32, device=trunk_hidden.device)
+
+        def accumulate(grads, head_params):
+            for p, g in zip(head_params, grads):
+                if g is None:
+                    continue
+                k = index_of[id(p)]
+                param_grads[k] = g if param_grads[k] is None else param_grads[k].add_(g)
+
+        def run_head(i, x, grad_out):
+            """Head i's forward + CE + backward from input x; returns grad w.r.t. x."""
+            nonlocal total
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = model.head_forward(i, x)
+                ce_sum, hits = _head_ce(model, i, out, targets[i], ignore_index, impl)
+                scaled = ce_sum.float() * head_scales[i]
+                head_params = _head_params(model, i)
+                outputs, grad_outputs = [scaled], [None]
+                if grad_out is not None:  # chained: later heads' gradient w.r.t. this output
+                    outputs.append(out)
+                    grad_outputs.append(grad_out)
+                grads = torch.autograd.grad(outputs, [x, *head_params], grad_outputs,
+                                            allow_unused=True)
+            accumulate(grads[1:], head_params)
+            loss_sum[i] = ce_sum.detach().double().cpu()
+            n_correct[i] = hits.cpu()
+            total = total + scaled.detach()
+            return grads[0]
+
+        if not model.heads_are_chained:
+            grad_trunk = None
+            for i in model.head_order:
+                g = run_head(i, trunk_hidden, None)
+                grad_trunk = g if grad_trunk is None else grad_trunk.add_(g)
+        else:
+            # Inputs of every head along the chain, without a graph (B, T, D each).
+            order = model.head_order
+            inputs = [trunk_hidden.detach()]
+            with torch.no_grad():
+                for i in order[:-1]:
+                    inputs.append(model.head_forward(i, inputs[-1]))
+            grad_out = None
+            for k in reversed(range(len(order))):
+                grad_out = run_head(order[k], inputs[k], grad_out)
+                inputs[k] = None  # free as we go
+            grad_trunk = grad_out
+
+        ctx.save_for_backward(grad_trunk, *[g if g is not None else torch.zeros(0) for g in param_grads])
+        ctx.has_grad = [g is not None for g in param_grads]
+        ctx.mark_non_differentiable(loss_sum, n_correct)
+        return total, loss_sum, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_loss_sum, _grad_n_correct):
+        grad_trunk, *param_grads = ctx.saved_tensors
+        grads = [g * grad_loss.to(g.dtype) if has else None
+                 for g, has in zip(param_grads, ctx.has_grad)]
+        return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, *grads)
+
+
+def mtp_loss(model, trunk_hidden: torch.Tensor, targets: torch.Tensor, head_scales: torch.Tensor,
+             ignore_index: int = -100, impl: str = "auto") -> tuple[torch.Tensor, HeadStats]:
+    """The summed multi-token loss of one micro-batch, memory-efficient when gradients are on.
+
+    ``targets``: (n_future, B, T) from ``build_head_targets``; ``head_scales``: (n_future,) float32
+    factors applied to each head's summed CE. Returns the scaled total and per-head stats.
+    """
+    n_valid = (targets != ignore_index).flatten(1).sum(1).cpu()
+    head_scales = head_scales.to(device=trunk_hidden.device, dtype=torch.float32)
+    if torch.is_grad_enabled() and trunk_hidden.requires_grad:
+        params = list(dict.fromkeys(p for i in range(model.n_future) for p in _head_params(model, i)))
+        total, loss_sum, n_correct = SequentialHeadsLoss.apply(
+            trunk_hidden, model, targets, head_scales, ignore_index, impl, *params)
+    else:
+        total, loss_sum, n_correct = _forward_only(model, trunk_hidden, targets, head_scales,
+                                                   ignore_index, impl)
+    return total, HeadStats(loss_sum, n_correct, n_valid)
+
+
+def _forward_only(model, trunk_hidden, targets, head_scales, ignore_index, impl):
+    n = model.n_future
+    loss_sum = torch.zeros(n, dtype=torch.float64)
+    n_correct = torch.zeros(n, dtype=torch.int64)
+    total = torch.zeros((), dtype=torch.float32, device=trunk_hidden.device)
+    x = trunk_hidden
+    for i in model.head_order:
+        out = model.head_forward(i, x)
+        ce_sum, hits = _head_ce(model, i, out, targets[i], ignore_index, impl)
+        loss_sum[i], n_correct[i] = ce_sum.double().cpu(), hits.cpu()
+        total = total + ce_sum.float() * head_scales[i]
+        if model.heads_are_chained:
+            x = out
+    return total, loss_sum, n_correct
+
+
+def mtp_loss_naive(model, trunk_hidden, targets, head_scales, ignore_index=-100):
+    """Reference: every head's full logits alive at once, plain autograd. For tests only."""
+    outs = model.head_outputs(trunk_hidden)
+    total = 0.0
+    for i, out in enumerate(outs):
+        logits = model.logits(out).float().flatten(0, 1)
+        ce = torch.nn.functional.cross_entropy(logits, targets[i].flatten(), ignore_index=ignore_index,
+                                               reduction="sum")
+        total = total + ce * head_scales[i]
+    return total

@@ -1,0 +1,43 @@
+"""megatrain packaging.
+
+The top-level folders ``kernels/``, ``slurm/`` and ``data_pipelines/`` are installed inside the
+megatrain namespace (``megatrain.kernels`` ...): a bare top-level ``kernels`` package would collide
+with the PyPI package of that name, which transformers probes for.
+"""
+
+from setuptools import setup
+
+SUBPACKAGE_DIRS = {
+    "megatrain.kernels": "kernels",
+    "megatrain.slurm": "slurm",
+    "megatrain.data_pipelines": "data_pipelines",
+}
+
+setup(
+    name="megatrain",
+    version="0.1.0",
+    description="Distributed pretraining of multi-token prediction language models",
+    python_requires=">=3.10",
+    packages=["megatrain", "megatrain.model", "megatrain.data", *SUBPACKAGE_DIRS],
+    package_dir={"megatrain": "megatrain", **SUBPACKAGE_DIRS},
+    package_data={"megatrain.slurm": ["*.sh"]},
+    # torch is deliberately a loose floor: the installer puts the wanted build (CPU wheel 2.13.0
+    # here) in place first, and a tight pin here would make pip fetch a CUDA build instead.
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        # xxhash 4.x breaks datatrove's dedup hashing; regex is needed by its dedup module.
+        "data": ["datatrove==0.10.1", "tokenizers", "xxhash<4", "orjson", "regex"],
+        "slurm": ["submitit>=1.5"],
+        "gpu": ["triton>=3.0"],
+        "deepspeed": ["deepspeed"],
+        "dev": ["pytest", "pytest-timeout", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},
+)

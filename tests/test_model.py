@@ -1,0 +1,72 @@
+"""Model structure: parameter matching, Meta checkpoint names, causality, shapes."""
+
+import pytest
+import torch
+
+from megatrain.model.mtp import MTPTransformer, count_parameters
+from megatrain.model.transformer import apply_rope, rope_tables
+
+
+def test_transformer_heads_are_parameter_matched(tiny_model_cfg):
+    counts = {n: count_parameters(MTPTransformer(tiny_model_cfg(n_layers=5, n_future=n), 16))
+              for n in (1, 2, 4)}
+    assert len(set(counts.values())) == 1, counts
+
+
+def test_parameter_names_follow_meta_mtp_checkpoints(tiny_model_cfg):
+    model = MTPTransformer(tiny_model_cfg(n_layers=5, n_future=3), 16)
+    names = {n for n, _ in model.named_parameters()}
+    assert "tok_embeddings.weight" in names and "norm.weight" in names and "output.weight" in names
+    assert {f"layers.{i}.attention.wq.weight" for i in range(3)} <= names  # 2 trunk + head 1
+    assert "layers.3.attention.wq.weight" not in names
+    assert {"extra_heads.0.feed_forward.w1.weight", "extra_heads.1.ffn_norm.weight"} <= names
+    assert model.head_module(0) is model.layers["2"]
+    assert model.trunk_layer_keys == ["0", "1"]
+
+
+def test_linear_heads_keep_a_full_depth_trunk(tiny_model_cfg):
+    model = MTPTransformer(tiny_model_cfg(n_layers=4, n_future=4, head_type="linear"), 16)
+    assert model.trunk_layer_keys == ["0", "1", "2", "3"]
+    assert len(model.linear_heads) == 4 and len(model.extra_heads) == 0
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal"])
+def test_forward_shapes_and_all_heads(tiny_model_cfg, head_type):
+    cfg = tiny_model_cfg(n_layers=5, n_future=3, head_type=head_type)
+    model = MTPTransformer(cfg, 16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    all_heads = model(tokens, return_all_heads=True)
+    assert all_heads.shape == (2, 16, 3, cfg.vocab_size)
+    torch.testing.assert_close(model(tokens), all_heads[:, :, 0])
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "causal", "anticausal"])
+def test_every_head_is_causal_in_time(tiny_model_cfg, head_type):
+    cfg = tiny_model_cfg(n_layers=4, n_future=2, head_type=head_type)
+    model = MTPTransformer(cfg, 16)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
+    a, b = model(tokens, return_all_heads=True), model(changed, return_all_heads=True)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_grouped_query_attention_shapes(tiny_model_cfg):
+    model = MTPTransformer(tiny_model_cfg(n_heads=4, n_kv_heads=1), 16)
+    assert model.layers["0"].attention.wk.weight.shape == (8, 32)
+    assert model(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 97)
+
+
+def test_rope_rotates_pairs_like_complex_multiplication():
+    cos, sin = rope_tables(8, 6, 10000.0)
+    x = torch.randn(1, 6, 2, 8)
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+                             * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[None, :, None])
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref.flatten(-2))
+
+
+def test_xformers_backend_on_cpu_fails_clearly(tiny_model_cfg):
+    model = MTPTransformer(tiny_model_cfg(attention="xformers"), 16)
+    with pytest.raises(RuntimeError, match="model.attention"):
+        model(torch.zeros(1, 4, dtype=torch.long))

@@ -1,0 +1,127 @@
+"""The sequential-heads loss node equals the naive all-logits loss, with gradients."""
+
+import pytest
+import torch
+
+from megatrain.model.mtp import MTPTransformer
+from megatrain.mtp_loss import build_head_targets, mtp_loss, mtp_loss_naive
+
+HEAD_TYPES = ["transformer", "linear", "causal", "anticausal"]
+
+
+def _setup(tiny_model_cfg, head_type, n_future, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_model_cfg(head_type=head_type, n_future=n_future, n_layers=5)
+    model = MTPTransformer(cfg, max_seq_len=16)
+    window = torch.randint(0, cfg.vocab_size, (4, 17))
+    targets = build_head_targets(window, n_future)
+    weights = torch.linspace(1.0, 0.5, n_future)
+    scales = weights / (targets != -100).flatten(1).sum(1)
+    return model, window, targets, scales
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_sequential(model, window, targets, scales, micro, loss_scale=1.0):
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for s in range(0, window.shape[0], micro):
+        hidden = model.trunk(window[s:s + micro, :-1])
+        loss, _ = mtp_loss(model, hidden, targets[:, s:s + micro], scales)
+        (loss * loss_scale).backward()
+        total += loss.item()
+    return total, _grads(model)
+
+
+def _run_naive(model, window, targets, scales):
+    model.zero_grad(set_to_none=True)
+    loss = mtp_loss_naive(model, model.trunk(window[:, :-1]), targets, scales)
+    loss.backward()
+    return loss.item(), _grads(model)
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+@pytest.mark.parametrize("n_future", [1, 4])
+def test_sequential_heads_match_naive_with_grad_accumulation(tiny_model_cfg, head_type, n_future):
+    model, window, targets, scales = _setup(tiny_model_cfg, head_type, n_future)
+    loss_ref, grads_ref = _run_naive(model, window, targets, scales)
+    for micro in (4, 2, 1):  # one micro-batch, then gradient accumulation over 2 and 4
+        loss, grads = _run_sequential(model, window, targets, scales, micro)
+        assert abs(loss - loss_ref) <= 1e-6 * max(1.0, abs(loss_ref)), (micro, loss, loss_ref)
+        diff = _max_diff(grads, grads_ref)
+        assert diff <= 1e-6, f"micro={micro}: max grad diff {diff}"
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "causal"])
+def test_head_gradients_follow_incoming_gradient_scale(tiny_model_cfg, head_type):
+    """Loss scaling (e.g. x1024, or 1/accumulation) must scale head *and* trunk gradients."""
+    model, window, targets, scales = _setup(tiny_model_cfg, head_type, 3)
+    _, grads = _run_sequential(model, window, targets, scales, micro=4)
+    _, scaled = _run_sequential(model, window, targets, scales, micro=4, loss_scale=1024.0)
+    for name in grads:
+        torch.testing.assert_close(scaled[name], grads[name] * 1024.0, rtol=1e-5, atol=1e-9,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_comparison_catches_a_wrong_gradient(tiny_model_cfg):
+    """Negative control: a 1% error in one head's weight is visible to the same check."""
+    model, window, targets, scales = _setup(tiny_model_cfg, "transformer", 3)
+    _, grads_ref = _run_naive(model, window, targets, scales)
+    wrong = scales.clone()
+    wrong[2] *= 1.01
+    _, grads = _run_sequential(model, window, targets, wrong, micro=4)
+    assert _max_diff(grads, grads_ref) > 1e-6
+
+
+def test_heads_params_get_no_grad_when_frozen_trunk_only_eval(tiny_model_cfg):
+    """Under no_grad the loss runs forward-only and returns the same value."""
+    model, window, targets, scales = _setup(tiny_model_cfg, "anticausal", 3)
+    with torch.no_grad():
+        loss_eval, stats = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales)
+    loss_ref, _ = _run_naive(model, window, targets, scales)
+    assert abs(loss_eval.item() - loss_ref) <= 1e-6 * max(1.0, abs(loss_ref))
+    assert stats.n_valid.tolist() == [(targets[i] != -100).sum().item() for i in range(3)]
+
+
+def test_stats_report_per_head_mean_loss_and_accuracy(tiny_model_cfg):
+    model, window, targets, scales = _setup(tiny_model_cfg, "transformer", 2)
+    hidden = model.trunk(window[:, :-1])
+    _, stats = mtp_loss(model, hidden, targets, scales)
+    logits = torch.stack([model.logits(o) for o in model.head_outputs(hidden)])  # (n, B, T, V)
+    for i in range(2):
+        mask = targets[i] != -100
+        ce = torch.nn.functional.cross_entropy(logits[i][mask], targets[i][mask], reduction="sum")
+        hits = (logits[i].argmax(-1)[mask] == targets[i][mask]).sum()
+        assert abs(stats.loss_sum[i].item() - ce.item()) < 1e-3
+        assert stats.n_correct[i].item() == hits.item()
+
+
+def test_targets_shift_per_head_and_mask_past_window():
+    window = torch.arange(10)[None]  # tokens 0..9: inputs 0..8, T = 9
+    targets = build_head_targets(window, 3)
+    assert targets.shape == (3, 1, 9)
+    assert targets[0, 0].tolist() == list(range(1, 10))
+    assert targets[1, 0].tolist() == list(range(2, 10)) + [-100]
+    assert targets[2, 0].tolist() == list(range(3, 10)) + [-100, -100]
+
+
+def test_targets_masked_across_document_boundary():
+    eos = 99
+    window = torch.tensor([[5, 6, eos, 7, 8, 9]])  # T = 5
+    targets = build_head_targets(window, 3, eos_id=eos, mask_cross_document=True)
+    # head 1 predicts everything, the EOS included
+    assert targets[0, 0].tolist() == [6, eos, 7, 8, 9]
+    # head 2 at t=0 predicts EOS (allowed); at t=1 the target 7 lies past the EOS: masked
+    assert targets[1, 0].tolist() == [eos, -100, 8, 9, -100]
+    # head 3: t=0 -> 7 crosses, t=1 -> 8 crosses, t=2 (input EOS) -> 9: the EOS is the input
+    # itself, not between input and target; 7 and 8 lie between and are not EOS: kept
+    assert targets[2, 0].tolist() == [-100, -100, 9, -100, -100]
+    plain = build_head_targets(window, 3, eos_id=eos, mask_cross_document=False)
+    assert plain[1, 0].tolist() == [eos, 7, 8, 9, -100]
