@@ -6,6 +6,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+pytest_plugins = ["tests.slurm_fixtures"]
+
 torch.set_num_threads(1)
 
 
