@@ -1,0 +1,567 @@
+"""``megatrain data prepare``: source files -> filtered, deduplicated, tokenized ``.ds`` shards.
+
+Stages (datatrove ``LocalPipelineExecutor``s; K = ``tasks``; W = ``output_dir/.work``):
+
+1. (K) read source files -> length / longest-line / alnum filters -> W/filtered -> content hashes
+2. (1) exact dedup: find every document whose content appeared earlier in source-path order
+3. (K) drop exact duplicates -> W/unique -> MinHash signatures (code-aware regex word tokenizer)
+4. (buckets) MinHash buckets     5. (1) MinHash clusters
+6. (K) drop near duplicates -> W/final -> split hashes
+   then, in this process: val threshold, tokenizer (``bytes`` built, ``bpe`` trained on train docs)
+7. (K) train documents -> DocumentTokenizer -> ``train/*.ds``   8. (K) same for ``val/``
+
+Outputs do not depend on ``tasks``: tasks read contiguous slices of the sorted file list, dedup keeps
+the first occurrence in path order, and a document's split is a function of (seed, id) only.
+``manifest.json`` is written last and atomically: a folder with a manifest is a complete dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from megatrain.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "megatrain-shards-v1"
+TOKENIZER_FILE = "tokenizer.json"
+IN_PROGRESS_MARKER = ".prepare-in-progress.json"
+WORK_DIR = ".work"
+PIPELINE_VERSION = 1  # bump when a change to the pipeline changes its output: invalidates caches
+
+DEFAULT_EXCLUDE_DIRS = ("__pycache__", "site-packages", "dist-packages", "node_modules")
+# the stdlib's own test suites are ~60% of its code; leaving them out keeps the default corpus
+# small (~730 files, 12 MB) and more like ordinary code
+STDLIB_TEST_DIRS = ("test", "tests", "idle_test")
+DEFAULT_CORPUS_VOCAB_SIZE = 4096
+
+# names this module may delete when it restarts an unfinished prepare in the same folder
+_OWN_OUTPUTS = (WORK_DIR, "train", "val", "logs", TOKENIZER_FILE, MANIFEST_NAME + ".tmp", IN_PROGRESS_MARKER)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that determines a prepared dataset (``tasks``/``progress`` only change speed)."""
+
+    source: str
+    tokenizer: str = "bpe"
+    vocab_size: int = 32000
+    val_fraction: float = 0.02
+    seed: int = 0
+    min_chars: int = 32
+    max_chars: int = 1_000_000
+    max_line_length: int = 1000
+    min_alnum_fraction: float = 0.25
+    extensions: tuple[str, ...] = (".py",)
+    exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS
+    minhash_ngrams: int = 5
+    minhash_buckets: int = 14
+    minhash_hashes_per_bucket: int = 8
+    pipeline_version: int = PIPELINE_VERSION
+
+    def validate(self) -> None:
+        if self.tokenizer not in ("bpe", "bytes"):
+            raise DataError(f"--tokenizer must be 'bpe' or 'bytes', got {self.tokenizer!r}")
+        if self.tokenizer == "bpe" and not 257 < self.vocab_size <= 2**32:
+            raise DataError(
+                f"--vocab-size {self.vocab_size} is too small for a BPE tokenizer: it needs 256 byte tokens, "
+                "<|endoftext|> and at least one merge. Use --vocab-size 258 or more (e.g. 32000), "
+                "or --tokenizer bytes."
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.min_chars < 0 or self.max_chars < max(self.min_chars, 1):
+            raise DataError(f"need 0 <= --min-chars <= --max-chars, got {self.min_chars} and {self.max_chars}")
+        if self.max_line_length < 1:
+            raise DataError(f"--max-line-length must be >= 1, got {self.max_line_length}")
+        if not 0.0 <= self.min_alnum_fraction <= 1.0:
+            raise DataError(f"--min-alnum-fraction must be in [0, 1], got {self.min_alnum_fraction}")
+        if not self.extensions or not all(e.startswith(".") for e in self.extensions):
+            raise DataError(f"--extensions must be suffixes starting with '.', e.g. .py; got {self.extensions}")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as read back
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: str = "bpe",
+    vocab_size: int = 32000,
+    tasks: int = 1,
+    val_fraction: float = 0.02,
+    seed: int = 0,
+    min_chars: int = 32,
+    max_chars: int = 1_000_000,
+    max_line_length: int = 1000,
+    min_alnum_fraction: float = 0.25,
+    extensions: tuple[str, ...] = (".py",),
+    exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
+    progress: bool = True,
+) -> dict:
+    """Prepare ``input_dir``'s source files into a megatrain dataset in ``output_dir``; returns the
+    manifest. If ``output_dir`` already holds a completed dataset with the same config, returns its
+    manifest without doing any work; a folder holding anything else is never overwritten."""
+    input_path = Path(input_dir).expanduser().resolve()
+    output_path = Path(output_dir).expanduser().resolve()
+    config = PrepareConfig(
+        source=str(input_path),
+        tokenizer=tokenizer,
+        vocab_size=257 if tokenizer == "bytes" else int(vocab_size),  # bytes: fixed, ignore the flag
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+        min_chars=int(min_chars),
+        max_chars=int(max_chars),
+        max_line_length=int(max_line_length),
+        min_alnum_fraction=float(min_alnum_fraction),
+        extensions=tuple(extensions),
+        exclude_dirs=tuple(exclude_dirs),
+    )
+    config.validate()
+    if tasks < 1:
+        raise DataError(f"--tasks must be >= 1, got {tasks}")
+
+    # several processes may prepare the same folder at once (e.g. every rank of a job calling
+    # ensure_default_dataset): the first builds, the others wait and then reuse its result
+    with _folder_lock(output_path):
+        return _prepare_locked(config, input_path, output_path, tasks=tasks, progress=progress)
+
+
+def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, *, tasks: int, progress: bool) -> dict:
+    cached = _check_output_dir(output_path, config)
+    if cached is not None:
+        if progress:
+            print(f"[data prepare] {output_path} already holds this dataset: reusing it", file=sys.stderr)
+        return cached
+
+    from megatrain.data_pipelines.steps import list_source_files
+
+    if not input_path.is_dir():
+        raise DataError(f"input folder {input_path} does not exist (or is not a folder): check --input")
+    n_files = len(list_source_files(str(input_path), config.extensions, config.exclude_dirs))
+    if n_files == 0:
+        raise DataError(
+            f"input folder {input_path} has no files ending in {', '.join(config.extensions)} (skipping folders "
+            f"{', '.join(config.exclude_dirs)} and hidden ones): check --input and --extensions"
+        )
+
+    output_path.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(output_path / IN_PROGRESS_MARKER, {"config": config.to_json()})
+    started = time.perf_counter()
+    from loguru import logger
+
+    if not progress:
+        logger.disable("datatrove")
+    try:
+        manifest = _run_pipeline(config, output_path, tasks=tasks, progress=progress)
+    finally:
+        if not progress:
+            logger.enable("datatrove")
+    manifest["stats"]["seconds"] = round(time.perf_counter() - started, 1)
+    shutil.rmtree(output_path / WORK_DIR, ignore_errors=True)
+    _write_json_atomic(output_path / MANIFEST_NAME, manifest)  # last: the dataset is now complete
+    (output_path / IN_PROGRESS_MARKER).unlink(missing_ok=True)
+    if progress:
+        print(format_summary(manifest), file=sys.stderr)
+    return manifest
+
+
+def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, progress: bool = True) -> Path:
+    """The embedded default corpus: this interpreter's stdlib ``.py`` files without its test suites,
+    BPE vocab 4096. Built once into ``cache_dir/<name>`` and reused while its manifest matches."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bpe{DEFAULT_CORPUS_VOCAB_SIZE}"
+    output_dir = Path(cache_dir).expanduser().resolve() / name
+    prepare_dataset(
+        stdlib,
+        output_dir,
+        tokenizer="bpe",
+        vocab_size=DEFAULT_CORPUS_VOCAB_SIZE,
+        tasks=tasks,
+        exclude_dirs=DEFAULT_EXCLUDE_DIRS + STDLIB_TEST_DIRS,
+        progress=progress,
+    )
+    return output_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI glue (the lead wires these into ``megatrain data prepare``)
+# ------------------------------------------------------------------------------------------------
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    defaults = PrepareConfig(source="")
+    parser.add_argument("--input", required=True, help="folder of source files (searched recursively)")
+    parser.add_argument("--output", required=True, help="dataset folder to create (must be empty or absent)")
+    parser.add_argument("--tokenizer", choices=("bpe", "bytes"), default=defaults.tokenizer)
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary size")
+    parser.add_argument("--tasks", type=int, default=1, help="parallel datatrove tasks")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the train/val split")
+    parser.add_argument("--min-chars", type=int, default=defaults.min_chars)
+    parser.add_argument("--max-chars", type=int, default=defaults.max_chars)
+    parser.add_argument("--max-line-length", type=int, default=defaults.max_line_length)
+    parser.add_argument("--min-alnum-fraction", type=float, default=defaults.min_alnum_fraction)
+    parser.add_argument(
+        "--extensions", default=",".join(defaults.extensions), help="comma-separated file suffixes, e.g. .py,.pyi"
+    )
+    parser.add_argument(
+        "--exclude-dir", action="append", default=[], metavar="NAME",
+        help=f"also skip folders with this name (always skipped: {', '.join(DEFAULT_EXCLUDE_DIRS)}, hidden)",
+    )  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="quiet: no datatrove logs or progress bars")
+    return parser
+
+
+def run_prepare(args: argparse.Namespace) -> dict:
+    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    return prepare_dataset(
+        args.input,
+        args.output,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        tasks=args.tasks,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        max_line_length=args.max_line_length,
+        min_alnum_fraction=args.min_alnum_fraction,
+        extensions=extensions,
+        exclude_dirs=DEFAULT_EXCLUDE_DIRS + tuple(args.exclude_dir),
+        progress=not args.no_progress,
+    )
+
+
+def format_summary(manifest: dict) -> str:
+    s = manifest["stats"]
+    sp = manifest["splits"]
+    lines = [
+        f"[data prepare] {manifest['source']} -> {manifest.get('output', '')} in {s.get('seconds', '?')} s",
+        f"  files read           {s['files_read']}",
+        f"  dropped non-UTF-8    {s['dropped_non_utf8']}   empty {s['dropped_empty']}",
+        f"  dropped too short    {s['dropped_too_short']}   too long {s['dropped_too_long']}",
+        f"  dropped long lines   {s['dropped_long_lines']}   low alnum {s['dropped_low_alnum']}",
+        f"  exact duplicates     {s['exact_duplicates']}   near duplicates {s['near_duplicates']}",
+        f"  tokenizer            {manifest['tokenizer']} vocab {manifest['vocab_size']} eos {manifest['eos_id']}",
+    ]
+    for split in ("train", "val"):
+        lines.append(
+            f"  {split:<5} documents {sp[split]['documents']:>8}   tokens {sp[split]['tokens']:>12}"
+            f"   shards {len(sp[split]['files'])}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# internals
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _folder_lock(output_path: Path):
+    """An exclusive lock on a hidden file beside ``output_path`` (its parent is created)."""
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path.parent / f".{output_path.name}.prepare-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _config_diff(saved: dict, wanted: dict) -> list[str]:
+    keys = sorted(set(saved) | set(wanted))
+    return [k for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def _check_output_dir(output_path: Path, config: PrepareConfig) -> dict | None:
+    """Returns the cached manifest, or None when the folder may be (re)built; raises otherwise."""
+    if not output_path.exists():
+        return None
+    if not output_path.is_dir():
+        raise DataError(f"--output {output_path} exists and is not a folder: choose another --output")
+    manifest_path = output_path / MANIFEST_NAME
+    wanted = config.to_json()
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            saved = {k: v for k, v in manifest["config"].items() if k not in ("tasks", "progress")}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(
+                f"{manifest_path} is unreadable ({e}); the folder is not a dataset this version can reuse: "
+                "delete it or choose another --output"
+            ) from e
+        diff = _config_diff(saved, wanted)
+        if manifest.get("format") == MANIFEST_FORMAT and not diff:
+            return manifest
+        what = f"settings differ in: {', '.join(diff)}" if diff else f"format {manifest.get('format')!r}"
+        raise DataError(
+            f"--output {output_path} already holds a different prepared dataset ({what}); refusing to overwrite "
+            "it. Choose another --output, or delete that folder to rebuild."
+        )
+    entries = sorted(p.name for p in output_path.iterdir())
+    if not entries:
+        return None
+    if IN_PROGRESS_MARKER in entries and set(entries) <= set(_OWN_OUTPUTS):
+        # an unfinished prepare (crashed or killed): nothing in it is usable, start over
+        for name in entries:
+            target = output_path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        return None
+    raise DataError(
+        f"--output {output_path} is not empty and holds no megatrain dataset (found {', '.join(entries[:5])}"
+        f"{' ...' if len(entries) > 5 else ''}); refusing to overwrite it. Choose an empty or new --output folder."
+    )
+
+
+def _step_totals(stats, step) -> dict[str, float]:
+    """Totals of a pipeline step's stats, from the PipelineStats an executor run returned."""
+    for s in stats.stats:
+        if s.name == repr(step):
+            return {k: v.total for k, v in s.stats.items()}
+    return {}
+
+
+def _run_stage(name: str, pipeline: list, *, tasks: int, workers: int, logs: Path):
+    from datatrove.executor import LocalPipelineExecutor
+
+    if workers > 1 and tasks > 1:
+        import multiprocess
+
+        # workers fork from datatrove's forkserver: preloading our steps (and so datatrove) there
+        # saves every worker of every stage from importing them again. No effect once it runs.
+        multiprocess.get_context("forkserver").set_forkserver_preload(["megatrain.data_pipelines.steps"])
+    executor = LocalPipelineExecutor(
+        pipeline,
+        tasks=tasks,
+        workers=max(1, min(workers, tasks)),
+        logging_dir=str(logs / name),
+        skip_completed=False,
+    )
+    return executor.run()
+
+
+def _val_threshold(hashes, val_fraction: float) -> int:
+    """Documents with split hash < threshold go to val. With >= 2 documents each split gets >= 1."""
+    import numpy as np
+
+    threshold = int(val_fraction * 2**64)
+    if len(hashes) >= 2:
+        n_val = int(np.count_nonzero(hashes < np.uint64(threshold)))
+        if n_val == 0:
+            threshold = int(hashes.min()) + 1  # only the lowest hash
+        elif n_val == len(hashes):
+            threshold = int(hashes.max())  # all but the highest hash
+    return threshold
+
+
+def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: bool) -> dict:
+    import numpy as np
+    import orjson
+    from datatrove.pipeline.dedup import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.text import TextNormConfig
+
+    from megatrain.data_pipelines import steps, vocab
+
+    work = out / WORK_DIR
+    logs = out / "logs"
+    K = tasks
+
+    def jsonl_writer(folder: str):
+        return JsonlWriter(str(work / folder), output_filename="${rank}.jsonl", compression=None)
+
+    # 1. read + quality filters
+    reader = steps.SourceFileReader(str(config.source), config.extensions, config.exclude_dirs, progress=progress)
+    length = steps.LengthFilter(config.min_chars, config.max_chars)
+    longest_line = steps.LongestLineFilter(config.max_line_length)
+    alnum = steps.AlnumFractionFilter(config.min_alnum_fraction)
+    st1 = _run_stage(
+        "1_read_filter",
+        [reader, length, longest_line, alnum, jsonl_writer("filtered"), steps.ContentHashWriter(str(work / "hashes"))],
+        tasks=K, workers=K, logs=logs,
+    )  # fmt: skip
+
+    # 2-3. exact dedup, then MinHash signatures of the unique documents
+    _run_stage(
+        "2_exact_find",
+        [steps.ExactDedupFind(str(work / "hashes"), str(work / "exact_remove"), n_tasks=K)],
+        tasks=1, workers=1, logs=logs,
+    )  # fmt: skip
+    minhash = MinhashConfig(
+        n_grams=config.minhash_ngrams,
+        num_buckets=config.minhash_buckets,
+        hashes_per_bucket=config.minhash_hashes_per_bucket,
+        # code: keep case and symbols, which carry meaning; whitespace is ignored by the word tokenizer
+        norm_config=TextNormConfig(
+            lowercase=False, remove_punctuation=False, norm_unicode_diacritics=False, norm_numbers=False
+        ),
+    )
+    exact_filter = steps.ExactDedupFilter(str(work / "exact_remove"))
+    st3 = _run_stage(
+        "3_exact_filter_minhash_sigs",
+        [
+            steps.RankJsonlReader(str(work / "filtered")),
+            exact_filter,
+            jsonl_writer("unique"),
+            MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=steps.CodeWordTokenizer()),
+        ],
+        tasks=K, workers=K, logs=logs,
+    )  # fmt: skip
+
+    # 4-5. MinHash buckets and clusters
+    _run_stage(
+        "4_minhash_buckets",
+        [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
+        tasks=minhash.num_buckets, workers=K, logs=logs,
+    )  # fmt: skip
+    _run_stage(
+        "5_minhash_cluster",
+        [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)],
+        tasks=1, workers=1, logs=logs,
+    )  # fmt: skip
+
+    # 6. drop near duplicates; record each survivor's split hash
+    near_filter = MinhashDedupFilter(str(work / "mh_remove"))
+    st6 = _run_stage(
+        "6_minhash_filter",
+        [
+            steps.RankJsonlReader(str(work / "unique")),
+            near_filter,
+            jsonl_writer("final"),
+            steps.SplitHashWriter(str(work / "split"), config.seed),
+        ],
+        tasks=K, workers=K, logs=logs,
+    )  # fmt: skip
+
+    split_hashes = np.concatenate(
+        [steps.read_uint64_file(str(work / "split"), f"{r:05d}.splithash") for r in range(K)]
+    )
+    if len(split_hashes) == 0:
+        raise DataError(
+            f"no documents of {config.source} survived filtering and dedup: loosen --min-chars, "
+            "--max-line-length or --min-alnum-fraction, or check --input"
+        )
+    val_threshold = _val_threshold(split_hashes, config.val_fraction)
+
+    # tokenizer
+    tokenizer_path = out / TOKENIZER_FILE
+    if config.tokenizer == "bytes":
+        tok = vocab.build_bytes_tokenizer()
+    else:
+
+        def train_texts():
+            for r in range(K):
+                path = work / "final" / f"{r:05d}.jsonl"
+                if not path.exists():
+                    continue
+                with open(path, "rb") as f:
+                    for line in f:
+                        doc = orjson.loads(line)
+                        if steps.split_hash(doc["id"], config.seed) >= val_threshold:
+                            yield doc["text"]
+
+        if progress:
+            print(f"[data prepare] training BPE tokenizer (vocab {config.vocab_size})", file=sys.stderr)
+        tok = vocab.train_bpe_tokenizer(train_texts(), config.vocab_size, progress=progress)
+    tok.save(str(tokenizer_path))
+    eos_id = tok.token_to_id(vocab.EOS_TOKEN)
+    vocab_size = tok.get_vocab_size()
+    token_size = 4 if vocab_size > 2**16 else 2  # datatrove's rule
+
+    # 7-8. tokenize each split
+    splits = {}
+    for i, split in enumerate(("train", "val")):
+        _run_stage(
+            f"{7 + i}_tokenize_{split}",
+            [
+                steps.RankJsonlReader(str(work / "final")),
+                steps.SplitFilter(split, config.seed, val_threshold),
+                steps.LiteralSpecialsDocumentTokenizer(
+                    str(out / split),
+                    tokenizer_name_or_path=str(tokenizer_path),
+                    eos_token=vocab.EOS_TOKEN,
+                    shuffle_documents=False,  # the loader shuffles windows; keep the order reproducible
+                    save_final_metadata=False,
+                ),
+            ],
+            tasks=K, workers=K, logs=logs,
+        )  # fmt: skip
+        splits[split] = _collect_split(out, split, token_size)
+
+    r1 = _step_totals(st1, reader)
+    ln = _step_totals(st1, length)
+    stats = {
+        "files_read": int(r1.get("input_files", 0)),
+        "dropped_non_utf8": int(r1.get("dropped_non_utf8", 0)),
+        "dropped_empty": int(r1.get("dropped_empty", 0)),
+        "dropped_too_short": int(ln.get("dropped_too_short", 0)),
+        "dropped_too_long": int(ln.get("dropped_too_long", 0)),
+        "dropped_long_lines": int(_step_totals(st1, longest_line).get("dropped", 0)),
+        "dropped_low_alnum": int(_step_totals(st1, alnum).get("dropped", 0)),
+        "exact_duplicates": int(_step_totals(st3, exact_filter).get("dropped", 0)),
+        "near_duplicates": int(_step_totals(st6, near_filter).get("dropped", 0)),
+    }
+    n_docs = splits["train"]["documents"] + splits["val"]["documents"]
+    if n_docs != len(split_hashes):
+        raise RuntimeError(f"tokenized {n_docs} documents but {len(split_hashes)} survived dedup")
+
+    return {
+        "format": MANIFEST_FORMAT,
+        "tokenizer": config.tokenizer,
+        "tokenizer_file": TOKENIZER_FILE,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "token_size": token_size,
+        "splits": splits,
+        "source": config.source,
+        "output": str(out),
+        "config": {**config.to_json(), "tasks": tasks},
+        "stats": stats,
+    }
+
+
+def _collect_split(out: Path, split: str, token_size: int) -> dict:
+    """Lists a split's non-empty ``.ds`` files (deleting empty ones) with token and document counts."""
+    files, tokens, documents = [], 0, 0
+    folder = out / split
+    for ds in sorted(folder.glob("*.ds")) if folder.is_dir() else []:
+        index = ds.with_name(ds.name + ".index")
+        n_tokens = ds.stat().st_size // token_size
+        if n_tokens == 0:
+            ds.unlink()
+            index.unlink(missing_ok=True)
+            continue
+        files.append(f"{split}/{ds.name}")
+        tokens += n_tokens
+        documents += index.stat().st_size // 8
+    return {"files": files, "tokens": tokens, "documents": documents}

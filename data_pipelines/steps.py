@@ -1,0 +1,393 @@
+"""Custom datatrove pipeline steps for ``megatrain data prepare``.
+
+They live in an importable module (not in a function or ``__main__``) because datatrove's
+``LocalPipelineExecutor`` ships the pipeline to forkserver workers with dill, which pickles classes
+by reference.
+
+Determinism across task counts: every per-task step works on a *contiguous* slice of the sorted
+source file list (datatrove's own readers deal files round-robin). Concatenating the task outputs in
+rank order therefore reproduces the single-task document order, so "first occurrence" in the dedup
+steps and the final token stream do not depend on ``tasks``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import DataFolderLike, get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.pipeline.readers.jsonl import JsonlReader
+from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer
+from datatrove.utils.typeshelper import StatHints
+from datatrove.utils.word_tokenizers import WordTokenizer
+from tqdm import tqdm
+
+from megatrain.data_pipelines.prepare import DEFAULT_EXCLUDE_DIRS
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+# ------------------------------------------------------------------------------------------------
+# Source files
+# ------------------------------------------------------------------------------------------------
+
+
+def list_source_files(input_dir: str, extensions: tuple[str, ...], exclude_dirs: tuple[str, ...]) -> list[str]:
+    """Sorted relative (posix) paths of the files under ``input_dir`` ending in one of ``extensions``.
+
+    A directory is skipped when its name is in ``exclude_dirs`` or starts with a dot.
+    """
+    exclude = set(exclude_dirs)
+    found = []
+    for root, dirs, files in os.walk(input_dir):
+        dirs[:] = [d for d in dirs if d not in exclude and not d.startswith(".")]
+        rel_root = os.path.relpath(root, input_dir)
+        for name in files:
+            if name.endswith(extensions):
+                rel = name if rel_root == "." else os.path.join(rel_root, name)
+                found.append(rel.replace(os.sep, "/"))
+    return sorted(found)
+
+
+def contiguous_shard(items: list, rank: int, world_size: int) -> list:
+    """The ``rank``-th of ``world_size`` contiguous, nearly equal slices of ``items``."""
+    n = len(items)
+    return items[rank * n // world_size : (rank + 1) * n // world_size]
+
+
+class SourceFileReader(BaseDiskReader):
+    """One Document per source file: ``id`` = path relative to the input folder.
+
+    Files that are not valid UTF-8 are dropped and counted as ``dropped_non_utf8``; empty files
+    as ``dropped_empty``.
+    """
+
+    name = "📂 source files"
+
+    def __init__(
+        self,
+        data_folder: DataFolderLike,
+        extensions: tuple[str, ...] = (".py",),
+        exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
+        progress: bool = True,
+    ):
+        super().__init__(data_folder, file_progress=progress)
+        self.extensions = tuple(extensions)
+        self.exclude_dirs = tuple(exclude_dirs)
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        with self.data_folder.open(filepath, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.stat_update("dropped_non_utf8")
+            return
+        if not text:
+            self.stat_update("dropped_empty")
+            return
+        yield Document(text=text, id=filepath, metadata={"path": filepath})
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        local_path = self.data_folder.path
+        files = list_source_files(local_path, self.extensions, self.exclude_dirs)
+        shard = contiguous_shard(files, rank, world_size)
+        for filepath in tqdm(shard, desc=f"reading files (task {rank})", unit="file", disable=not self.file_progress):
+            self.stat_update("input_files")
+            for doc in self.read_file(filepath):
+                self.stat_update("documents")
+                self.update_doc_stats(doc)
+                yield doc
+
+
+class RankJsonlReader(JsonlReader):
+    """Reads back exactly the ``{rank:05d}.jsonl`` file that the same task wrote in an earlier stage.
+
+    The dedup stages identify documents by (task, index in task), so every stage must see the
+    same documents in the same order per task.
+    """
+
+    name = "🐿 rank jsonl"
+
+    def __init__(self, data_folder: DataFolderLike):
+        super().__init__(data_folder, compression=None)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        filename = f"{rank:05d}.jsonl"
+        if not self.data_folder.isfile(filename):
+            return  # this task had no documents left
+        for doc in self.read_file(filename):
+            yield doc
+
+
+# ------------------------------------------------------------------------------------------------
+# Quality filters
+# ------------------------------------------------------------------------------------------------
+
+
+class LengthFilter(BaseFilter):
+    """Keeps files with ``min_chars <= len(text) <= max_chars``."""
+
+    name = "📏 length"
+
+    def __init__(self, min_chars: int, max_chars: int):
+        super().__init__()
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if len(doc.text) < self.min_chars:
+            return False, "too_short"
+        if len(doc.text) > self.max_chars:
+            return False, "too_long"
+        return True
+
+
+class LongestLineFilter(BaseFilter):
+    """Drops files with a line longer than ``max_line_length`` characters (minified or generated code)."""
+
+    name = "📐 longest line"
+
+    def __init__(self, max_line_length: int):
+        super().__init__()
+        self.max_line_length = max_line_length
+
+    def filter(self, doc: Document) -> bool:
+        return max(map(len, doc.text.splitlines()), default=0) <= self.max_line_length
+
+
+class AlnumFractionFilter(BaseFilter):
+    """Drops files whose fraction of alphanumeric characters is below ``min_alnum_fraction`` (data blobs)."""
+
+    name = "🔤 alnum fraction"
+
+    def __init__(self, min_alnum_fraction: float):
+        super().__init__()
+        self.min_alnum_fraction = min_alnum_fraction
+
+    def filter(self, doc: Document) -> bool:
+        n_alnum = sum(ch.isalnum() for ch in doc.text)
+        return n_alnum >= self.min_alnum_fraction * len(doc.text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact dedup: content hash per document, first occurrence in source-path order wins.
+# (datatrove's ExactDedup keeps the lowest per-task index, which depends on the task count.)
+# ------------------------------------------------------------------------------------------------
+
+
+def content_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class ContentHashWriter(PipelineStep):
+    """Sink: writes one uint64 content hash per document to ``{rank:05d}.hashes``, in stream order."""
+
+    type = "🫂 - DEDUP"
+    name = "#️⃣ exact dedup: hashes"
+
+    def __init__(self, output_folder: DataFolderLike):
+        super().__init__()
+        self.output_folder = get_datafolder(output_folder)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        hashes = []
+        for doc in data:
+            with self.track_time():
+                hashes.append(content_hash(doc.text))
+            self.stat_update(StatHints.total)
+        with self.output_folder.open(f"{rank:05d}.hashes", "wb") as f:
+            f.write(np.asarray(hashes, dtype="<u8").tobytes())
+        return
+        yield  # a generator that yields nothing, like the other sinks
+
+
+class ExactDedupFind(PipelineStep):
+    """Single task: reads every task's hashes and writes ``{rank:05d}.remove`` (uint32 indices) for
+    all documents whose content already appeared earlier in (task, index) order."""
+
+    type = "🫂 - DEDUP"
+    name = "#️⃣ exact dedup: find"
+
+    def __init__(self, hashes_folder: DataFolderLike, output_folder: DataFolderLike, n_tasks: int):
+        super().__init__()
+        self.hashes_folder = get_datafolder(hashes_folder)
+        self.output_folder = get_datafolder(output_folder)
+        self.n_tasks = n_tasks
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        assert world_size == 1, "exact dedup find runs as a single task"
+        per_task = []
+        for task in range(self.n_tasks):
+            with self.hashes_folder.open(f"{task:05d}.hashes", "rb") as f:
+                per_task.append(np.frombuffer(f.read(), dtype="<u8"))
+        all_hashes = np.concatenate(per_task) if per_task else np.zeros(0, dtype="<u8")
+        # np.unique returns the first index of each value: that is the global first occurrence
+        _, first = np.unique(all_hashes, return_index=True)
+        keep = np.zeros(len(all_hashes), dtype=bool)
+        keep[first] = True
+        start = 0
+        for task, hashes in enumerate(per_task):
+            removed = np.flatnonzero(~keep[start : start + len(hashes)]).astype("<u4")
+            start += len(hashes)
+            self.stat_update("duplicates", value=len(removed))
+            with self.output_folder.open(f"{task:05d}.remove", "wb") as f:
+                f.write(removed.tobytes())
+        return
+        yield
+
+
+class ExactDedupFilter(PipelineStep):
+    """Drops the documents listed in this task's ``.remove`` file (indices in stream order)."""
+
+    type = "🫂 - DEDUP"
+    name = "#️⃣ exact dedup: filter"
+
+    def __init__(self, remove_folder: DataFolderLike):
+        super().__init__()
+        self.remove_folder = get_datafolder(remove_folder)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        with self.remove_folder.open(f"{rank:05d}.remove", "rb") as f:
+            to_remove = set(np.frombuffer(f.read(), dtype="<u4").tolist())
+        for idx, doc in enumerate(data):
+            self.stat_update(StatHints.total)
+            if idx in to_remove:
+                self.stat_update(StatHints.dropped)
+                continue
+            self.stat_update(StatHints.forwarded)
+            yield doc
+
+
+# ------------------------------------------------------------------------------------------------
+# MinHash word tokenizer for source code
+# ------------------------------------------------------------------------------------------------
+
+# identifiers/numbers, or a single non-space symbol: operators and brackets count as words in code
+_CODE_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class CodeWordTokenizer(WordTokenizer):
+    """Regex word tokenizer for MinHash shingles on code (datatrove's default is spaCy English)."""
+
+    def __init__(self):
+        super().__init__("code")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return _CODE_WORD.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.splitlines()
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in re.finditer(r"[^\n]+", text)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Train/validation split
+# ------------------------------------------------------------------------------------------------
+
+
+def split_hash(doc_id: str, seed: int) -> int:
+    """A uint64 derived from (seed, document id) only: the split never depends on task layout."""
+    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class SplitHashWriter(PipelineStep):
+    """Sink: writes the split hash of each surviving document to ``{rank:05d}.splithash``."""
+
+    type = "🔀 - SPLIT"
+    name = "split hashes"
+
+    def __init__(self, output_folder: DataFolderLike, seed: int):
+        super().__init__()
+        self.output_folder = get_datafolder(output_folder)
+        self.seed = seed
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        hashes = [split_hash(doc.id, self.seed) for doc in data]
+        with self.output_folder.open(f"{rank:05d}.splithash", "wb") as f:
+            f.write(np.asarray(hashes, dtype="<u8").tobytes())
+        return
+        yield
+
+
+class SplitFilter(PipelineStep):
+    """Keeps the documents of one split: ``val`` iff ``split_hash(id, seed) < val_threshold``."""
+
+    type = "🔀 - SPLIT"
+
+    def __init__(self, split: str, seed: int, val_threshold: int):
+        assert split in ("train", "val")
+        self.name = f"keep {split}"  # before super().__init__(), which names the stats after it
+        super().__init__()
+        self.split = split
+        self.seed = seed
+        self.val_threshold = val_threshold
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            is_val = split_hash(doc.id, self.seed) < self.val_threshold
+            if is_val == (self.split == "val"):
+                self.stat_update(StatHints.forwarded)
+                yield doc
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenization
+# ------------------------------------------------------------------------------------------------
+
+
+class LiteralSpecialsDocumentTokenizer(DocumentTokenizer):
+    """datatrove's DocumentTokenizer with special-token parsing switched off for the text.
+
+    ``encode_special_tokens`` is not saved in tokenizer.json, so it must be set on the loaded object:
+    without it a literal ``<|endoftext|>`` in a source file would become an EOS id. The EOS appended
+    after each document by the post-processor is unaffected.
+    """
+
+    @property
+    def tokenizer(self):
+        tok = self.__dict__.get("_literal_tokenizer")
+        if tok is None:
+            tok = DocumentTokenizer.tokenizer.func(self)  # the cached_property's loader
+            tok.encode_special_tokens = True
+            self.__dict__["_literal_tokenizer"] = tok
+        return tok
+
+
+def read_uint64_file(folder: DataFolderLike, filename: str) -> np.ndarray:
+    folder = get_datafolder(folder)
+    with folder.open(filename, "rb") as f:
+        return np.frombuffer(f.read(), dtype="<u8")
+
+
+__all__ = [
+    "EOS_TOKEN",
+    "AlnumFractionFilter",
+    "CodeWordTokenizer",
+    "ContentHashWriter",
+    "ExactDedupFilter",
+    "ExactDedupFind",
+    "LengthFilter",
+    "LiteralSpecialsDocumentTokenizer",
+    "LongestLineFilter",
+    "RankJsonlReader",
+    "SourceFileReader",
+    "SplitFilter",
+    "SplitHashWriter",
+    "contiguous_shard",
+    "list_source_files",
+    "split_hash",
+]

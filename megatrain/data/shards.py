@@ -1,0 +1,144 @@
+"""Read-only view of one split of a prepared dataset (``megatrain data prepare``).
+
+A dataset folder holds ``manifest.json`` and, per split, datatrove ``.ds`` files: little-endian
+uint16 or uint32 token ids (``token_size`` bytes each), documents concatenated with an EOS after
+each, plus a ``.ds.index`` of uint64 document-end offsets. Every file is memory-mapped and checked
+once here, so the loader's hot path does no validation beyond a max-id check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from megatrain.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "megatrain-shards-v1"
+_PREPARE_HINT = "run `megatrain data prepare --input SOURCE_DIR --output {dir}` to create it"
+_RECREATE_HINT = "re-create the dataset with `megatrain data prepare`"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    path: Path
+    tokens: np.ndarray  # memory-mapped, shape (n_tokens,), dtype <u2 or <u4
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split, in manifest order, with the tokenizer facts the model needs."""
+
+    dataset_dir: Path
+    split: str
+    shards: tuple[Shard, ...]
+    vocab_size: int
+    eos_id: int
+    token_size: int
+    manifest: dict
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.n_tokens for s in self.shards)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dataset_dir / self.manifest.get("tokenizer_file", "tokenizer.json")
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the token stream (files, sizes, vocab): a loader state only resumes on the
+        same one. Absolute paths are left out so a dataset folder can be moved."""
+        h = hashlib.sha256()
+        h.update(f"{self.split}|{self.vocab_size}|{self.eos_id}|{self.token_size}".encode())
+        for s in self.shards:
+            h.update(f"|{s.path.name}:{s.n_tokens}".encode())
+        return h.hexdigest()[:16]
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> dict:
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / MANIFEST_NAME
+    if not path.is_file():
+        hint = _PREPARE_HINT.format(dir=dataset_dir)
+        raise DataError(f"{path} not found: {dataset_dir} is not a prepared dataset; {hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e}); {_RECREATE_HINT}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}; {_RECREATE_HINT}")
+    for key in ("vocab_size", "eos_id", "token_size", "splits"):
+        if key not in manifest:
+            raise DataError(f"{path} lacks the field {key!r}; {_RECREATE_HINT}")
+    return manifest
+
+
+def open_split(dataset_dir: str | os.PathLike, split: str) -> ShardSet:
+    """Memory-maps and validates the shards of ``split`` ("train" or "val")."""
+    dataset_dir = Path(dataset_dir).expanduser()
+    manifest = read_manifest(dataset_dir)
+    manifest_path = dataset_dir / MANIFEST_NAME
+    if split not in manifest["splits"]:
+        raise DataError(f"{manifest_path} has no split {split!r} (it has: {', '.join(manifest['splits'])})")
+    token_size = int(manifest["token_size"])
+    if token_size not in (2, 4):
+        raise DataError(f"{manifest_path}: token_size must be 2 or 4, got {token_size}")
+    dtype = np.dtype("<u2" if token_size == 2 else "<u4")
+
+    entry = manifest["splits"][split]
+    shards = []
+    for rel in entry["files"]:
+        path = dataset_dir / rel
+        shards.append(Shard(path, _open_shard(path, dtype)))
+    shard_set = ShardSet(
+        dataset_dir=dataset_dir,
+        split=split,
+        shards=tuple(shards),
+        vocab_size=int(manifest["vocab_size"]),
+        eos_id=int(manifest["eos_id"]),
+        token_size=token_size,
+        manifest=manifest,
+    )
+    if "tokens" in entry and shard_set.total_tokens != int(entry["tokens"]):
+        raise DataError(
+            f"split {split!r} of {dataset_dir} has {shard_set.total_tokens} tokens on disk but {manifest_path} "
+            f"records {entry['tokens']}: a shard was truncated or replaced; {_RECREATE_HINT}"
+        )
+    return shard_set
+
+
+def _open_shard(path: Path, dtype: np.dtype) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"shard {path} listed in the manifest is missing; {_RECREATE_HINT}")
+    size = path.stat().st_size
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(
+            f"shard {path} is truncated or corrupt: {size} bytes is not a positive multiple of the token size "
+            f"{dtype.itemsize}; {_RECREATE_HINT}"
+        )
+    n_tokens = size // dtype.itemsize
+    index = path.with_name(path.name + ".index")
+    if index.is_file():
+        index_size = index.stat().st_size
+        if index_size == 0 or index_size % 8:
+            raise DataError(f"shard index {index} is truncated or corrupt ({index_size} bytes); {_RECREATE_HINT}")
+        with open(index, "rb") as f:
+            f.seek(index_size - 8)
+            last_doc_end = int(np.frombuffer(f.read(8), dtype="<u8")[0])
+        if last_doc_end != n_tokens:
+            raise DataError(
+                f"shard {path} is truncated or corrupt: it holds {n_tokens} tokens but its index {index.name} ends "
+                f"at {last_doc_end}; {_RECREATE_HINT}"
+            )
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))

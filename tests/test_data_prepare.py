@@ -1,0 +1,258 @@
+"""``megatrain data prepare`` on a tiny corpus that has one file for every filter and dedup case."""
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+from datatrove.data import Document
+from tokenizers import Tokenizer
+
+from megatrain.data import WindowLoader, open_split
+from megatrain.data_pipelines import ensure_default_dataset, prepare_dataset
+from megatrain.data_pipelines import prepare as prepare_module
+from megatrain.data_pipelines.steps import (
+    AlnumFractionFilter,
+    LengthFilter,
+    LongestLineFilter,
+    SourceFileReader,
+)
+from megatrain.data_pipelines.vocab import build_bytes_tokenizer, encode_text
+from megatrain.errors import DataError
+
+
+def random_module(rng: random.Random, n_funcs: int = 6) -> str:
+    """Plausible, unique Python: random identifiers make every file's shingles distinct."""
+
+    def ident():
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 9)))
+
+    lines = [f"import {ident()}", ""]
+    for _ in range(n_funcs):
+        a, b, c = ident(), ident(), ident()
+        lines += [
+            f"def {ident()}({a}, {b}):",
+            f"    {c} = {a} * {rng.randint(2, 99)} + {b}",
+            f"    for {ident()} in range({rng.randint(2, 9)}):",
+            f"        {c} += {a} - {ident()}({b})",
+            f"    return {c}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Returns (folder, {relative path: text} of the files that must survive)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    kept = {f"good_{i}.py": random_module(rng) for i in range(8)}
+    kept["special.py"] = random_module(rng) + '\nEOT = "<|endoftext|>"  # a literal, not the EOS token\n'
+    for rel, text in kept.items():
+        (root / rel).write_text(text)
+    (root / "sub").mkdir()
+    (root / "sub" / "copy_of_good_0.py").write_text(kept["good_0.py"])  # exact duplicate
+    near = kept["good_1.py"].replace("return", "return  ", 1).replace("import", "import os\nimport", 1)
+    (root / "sub" / "near_good_1.py").write_text(near)  # near duplicate
+    (root / "latin1.py").write_bytes("# caf\xe9 = 'na\xefve'\n".encode("latin-1") * 5)  # not UTF-8
+    (root / "minified.py").write_text("x = [" + ", ".join(["1"] * 600) + "]\n")  # one 1800-char line
+    (root / "blob.py").write_text("#" * 70 + "\n" + "= [] {} () ... ;; ** ==\n" * 10)  # low alnum
+    (root / "tiny.py").write_text("x = 1\n")  # too short
+    (root / "empty.py").write_text("")
+    (root / "notes.txt").write_text("not a .py file " * 10)
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "cached.py").write_text(random_module(rng))  # skipped folder
+    return root, kept
+
+
+def split_documents(dataset_dir, split, eos_id):
+    """Token lists of the documents of one split (without their EOS), in stream order."""
+    shards = open_split(dataset_dir, split)
+    stream = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in shards.shards])
+    ends = np.flatnonzero(stream == eos_id)
+    assert ends[-1] == len(stream) - 1, "every document ends with EOS"
+    return [doc[:-1].tolist() for doc in np.split(stream, ends + 1)[:-1]]
+
+
+@pytest.fixture(scope="module")
+def bytes_dataset(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bytes_ds")
+    manifest = prepare_dataset(corpus[0], out, tokenizer="bytes", tasks=1, progress=False)
+    return out, manifest
+
+
+# ---- steps on their own ------------------------------------------------------------------------
+
+
+def test_reader_one_document_per_file_and_non_utf8_dropped(corpus):
+    reader = SourceFileReader(str(corpus[0]), progress=False)
+    docs = {d.id: d for d in reader.run()}
+    assert "good_0.py" in docs and "sub/near_good_1.py" in docs
+    assert docs["good_0.py"].metadata["path"] == "good_0.py"
+    assert docs["good_0.py"].text == corpus[1]["good_0.py"]
+    assert "latin1.py" not in docs and "empty.py" not in docs and "notes.txt" not in docs
+    assert "__pycache__/cached.py" not in docs
+    assert reader.stats["dropped_non_utf8"].total == 1
+    assert reader.stats["input_files"].total == len(docs) + 2
+
+
+def test_filters_each_reject_their_case():
+    doc = lambda text: Document(text=text, id="x.py")  # noqa: E731
+    code = "def f(x):\n    return x + 1\n"
+    assert LengthFilter(10, 100).filter(doc(code)) is True
+    assert LengthFilter(100, 1000).filter(doc(code)) == (False, "too_short")
+    assert LengthFilter(1, 10).filter(doc(code)) == (False, "too_long")
+    assert LongestLineFilter(80).filter(doc(code)) is True
+    assert LongestLineFilter(80).filter(doc(code + "y = '" + "a" * 100 + "'\n")) is False
+    assert AlnumFractionFilter(0.25).filter(doc(code)) is True
+    assert AlnumFractionFilter(0.25).filter(doc("#" * 50 + "\n" + "{}[]();" * 20)) is False
+
+
+def test_bytes_tokenizer_round_trip_and_ids():
+    tok = build_bytes_tokenizer()
+    text = "héllo\x00\t<|endoftext|> wörld 😀\n"
+    ids = encode_text(tok, text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    assert tok.get_vocab_size() == 257 and tok.token_to_id("<|endoftext|>") == 256
+
+
+# ---- the whole pipeline ------------------------------------------------------------------------
+
+
+def test_prepare_keeps_exactly_the_good_files_and_counts_every_drop(corpus, bytes_dataset):
+    out, manifest = bytes_dataset
+    assert manifest["format"] == "megatrain-shards-v1"
+    assert (manifest["tokenizer"], manifest["vocab_size"], manifest["eos_id"], manifest["token_size"]) == (
+        "bytes", 257, 256, 2,
+    )  # fmt: skip
+    stats = manifest["stats"]
+    assert stats["dropped_non_utf8"] == 1
+    assert stats["dropped_empty"] == 1
+    assert stats["dropped_too_short"] == 1
+    assert stats["dropped_long_lines"] == 1
+    assert stats["dropped_low_alnum"] == 1
+    assert stats["exact_duplicates"] == 1
+    assert stats["near_duplicates"] == 1
+    texts = sorted(
+        bytes(doc).decode("utf-8")
+        for split in ("train", "val")
+        for doc in split_documents(out, split, manifest["eos_id"])
+    )
+    assert texts == sorted(corpus[1].values())  # dedup kept the first copy in path order
+    splits = manifest["splits"]
+    assert splits["val"]["documents"] >= 1 and splits["train"]["documents"] >= 1
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(corpus[1])
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    for split in ("train", "val"):
+        assert open_split(out, split).total_tokens == splits[split]["tokens"]
+
+
+def test_loader_windows_come_from_the_prepared_token_stream(bytes_dataset):
+    out, manifest = bytes_dataset
+    shards = open_split(out, "train")
+    windows = set()
+    for shard in shards.shards:
+        tokens = np.asarray(shard.tokens).tolist()
+        windows |= {tuple(tokens[k * 16 : k * 16 + 17]) for k in range((len(tokens) - 1) // 16)}
+    batch = WindowLoader(shards, 16, 4, seed=0).next_batch()
+    assert all(tuple(row) in windows for row in batch.tolist())
+
+
+def test_split_and_streams_do_not_depend_on_tasks(corpus, bytes_dataset, tmp_path):
+    out1, manifest1 = bytes_dataset
+    manifest2 = prepare_dataset(corpus[0], tmp_path / "ds", tokenizer="bytes", tasks=2, progress=False)
+    assert manifest2["stats"] | {"seconds": 0} == manifest1["stats"] | {"seconds": 0}
+    for split in ("train", "val"):
+        assert split_documents(out1, split, 256) == split_documents(tmp_path / "ds", split, 256), split
+
+
+def test_bpe_keeps_literal_endoftext_as_text(corpus, tmp_path):
+    manifest = prepare_dataset(corpus[0], tmp_path / "bpe", tokenizer="bpe", vocab_size=400, progress=False)
+    tok = Tokenizer.from_file(str(tmp_path / "bpe" / "tokenizer.json"))
+    eos = manifest["eos_id"]
+    assert eos == tok.token_to_id("<|endoftext|>")
+    assert manifest["vocab_size"] == tok.get_vocab_size() <= 400
+    docs = [d for split in ("train", "val") for d in split_documents(tmp_path / "bpe", split, eos)]
+    # exactly one EOS per document, at its end: the literal in special.py was encoded as text
+    assert len(docs) == len(corpus[1])
+    assert all(eos not in d for d in docs)
+    assert sorted(tok.decode(d) for d in docs) == sorted(corpus[1].values())
+
+
+# ---- manifest, caching and refusing to overwrite -------------------------------------------------
+
+
+def test_completed_dataset_is_reused_without_work(corpus, bytes_dataset, monkeypatch):
+    out, manifest = bytes_dataset
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the pipeline ran again")
+
+    monkeypatch.setattr(prepare_module, "_run_pipeline", no_work)
+    again = prepare_dataset(corpus[0], out, tokenizer="bytes", tasks=3, progress=False)  # tasks: speed only
+    assert again == manifest
+
+
+def test_completed_dataset_with_other_settings_is_not_overwritten(corpus, bytes_dataset):
+    out, _ = bytes_dataset
+    with pytest.raises(DataError, match="seed"):
+        prepare_dataset(corpus[0], out, tokenizer="bytes", seed=1, progress=False)
+
+
+def test_foreign_output_folder_is_not_overwritten(corpus, tmp_path):
+    (tmp_path / "my_thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="not empty"):
+        prepare_dataset(corpus[0], tmp_path, tokenizer="bytes", progress=False)
+    assert (tmp_path / "my_thesis.tex").read_text() == "precious"
+
+
+def test_crash_leaves_no_manifest_and_rerun_completes(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr("megatrain.data_pipelines.vocab.build_bytes_tokenizer", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_dataset(corpus[0], out, tokenizer="bytes", progress=False)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="manifest.json"):
+        open_split(out, "train")
+    monkeypatch.undo()
+    manifest = prepare_dataset(corpus[0], out, tokenizer="bytes", progress=False)  # restarts the unfinished one
+    assert (out / "manifest.json").exists() and manifest["splits"]["train"]["documents"] > 0
+
+
+def test_bad_inputs_are_reported(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_dataset(tmp_path / "nope", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no files ending in .py"):
+        prepare_dataset(tmp_path / "empty", tmp_path / "out", progress=False)
+    with pytest.raises(DataError, match="--vocab-size"):
+        prepare_dataset(tmp_path / "empty", tmp_path / "out", tokenizer="bpe", vocab_size=257, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_default_dataset_builds_fast_and_is_cached(tmp_path):
+    started = time.perf_counter()
+    path = ensure_default_dataset(tmp_path, progress=False)
+    built = time.perf_counter() - started
+    assert built < 120, f"default dataset took {built:.0f} s"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["tokens"] > 1_000_000 and manifest["splits"]["val"]["documents"] > 0
+    started = time.perf_counter()
+    assert ensure_default_dataset(tmp_path, progress=False) == path
+    assert time.perf_counter() - started < 5
+
+
+def test_pipeline_and_loader_agree_on_the_manifest_format():
+    from megatrain.data import shards
+
+    # duplicated on purpose: the pipeline must not import the torch-based loader package
+    assert (prepare_module.MANIFEST_FORMAT, prepare_module.MANIFEST_NAME) == (
+        shards.MANIFEST_FORMAT, shards.MANIFEST_NAME,
+    )  # fmt: skip
