@@ -18,7 +18,7 @@ setup(
     version="0.1.0",
     description="Distributed pretraining of multi-token prediction language models",
     python_requires=">=3.10",
-    packages=["megatrain", "megatrain.model", "megatrain.data", *SUBPACKAGE_DIRS],
+    packages=["megatrain", "megatrain.model", "megatrain.data", "megatrain.parallel", *SUBPACKAGE_DIRS],
     package_dir={"megatrain": "megatrain", **SUBPACKAGE_DIRS},
     package_data={"megatrain.slurm": ["*.sh"]},
     # torch is deliberately a loose floor: the installer puts the wanted build (CPU wheel 2.13.0

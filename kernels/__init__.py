@@ -1,22 +1,84 @@
 """Fused kernels. ``fused_linear_cross_entropy`` is the one entry point for every head's loss."""
 
+import os
+import warnings
+
+import torch
+
 from megatrain.kernels.torch_reference import linear_cross_entropy_torch
 
 _REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("auto", "triton", "torch")
+
+
+def _triton_impl():
+    """The Triton path, imported on first use (so TRITON_INTERPRET can be set before it)."""
+    from megatrain.kernels.triton_linear_ce import linear_cross_entropy_triton
+    return linear_cross_entropy_triton
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_inputs(hidden, weight, targets, bias):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"expected targets [N={hidden.shape[0]}], got {tuple(targets.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"expected bias [V={weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _resolve_impl(impl, hidden, weight):
+    if impl == "torch":
+        return "torch"
+    if impl == "auto":
+        if hidden.device.type != "cuda":
+            return "torch"
+        if not _triton_available():
+            warnings.warn("fused_linear_cross_entropy: triton is not installed; using the "
+                          "chunked torch path on CUDA (slower)", stacklevel=3)
+            return "torch"
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"impl='triton' needs hidden and weight of one dtype, got {hidden.dtype} "
+                         f"and {weight.dtype}")
+    if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "impl='triton' on CPU tensors runs only in the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before megatrain's Triton kernels are first imported, or use "
+            "impl='torch' (the chunked reference), or CUDA tensors")
+    return "triton"
 
 
 def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100,
-                               reduction="mean", impl="auto", return_n_correct=False):
-    """Cross-entropy of ``hidden [N, D] @ weight[V, D].T`` against ``targets [N]``.
+                               reduction="mean", tp_group=None, impl="auto",
+                               return_n_correct=False):
+    """Cross-entropy of ``hidden [N, D] @ weight[V, D].T (+ bias[V])`` against ``targets [N]``.
 
     Never materialises the [N, V] logits. Differentiable w.r.t. hidden, weight and bias.
-    ``impl``: "auto" (the fastest available for the device), "torch" (chunked reference).
-    With ``return_n_correct=True`` returns ``(loss, n_correct)``, the argmax hits among
-    non-ignored rows, computed in the same pass.
+    ``reduction``: "mean" (over non-ignored rows; float32), "sum" (float32) or "none" (per row,
+    in hidden's dtype, 0 on ignored rows).
+    ``tp_group``: vocabulary-parallel mode: ``weight``/``bias`` are this rank's contiguous,
+    equal-sized shard (rank r holds ids [r*V_local, (r+1)*V_local)), ``targets`` are global ids
+    and ``hidden`` is replicated over the group. The loss is the full-vocabulary loss on every
+    rank; grad_hidden is summed over the group, grad_weight/grad_bias stay local.
+    ``impl``: "auto" (Triton on CUDA tensors, the chunked torch reference elsewhere), "triton"
+    (on CPU tensors only under TRITON_INTERPRET=1), "torch".
+    With ``return_n_correct=True`` returns ``(loss, n_correct)``: the non-ignored rows whose
+    (first) argmax equals the target, a 0-dim int64 tensor computed in the same pass.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"impl must be 'auto' or 'torch', got {impl!r}")
-    return linear_cross_entropy_torch(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                                      reduction=reduction, return_n_correct=return_n_correct)
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    _check_inputs(hidden, weight, targets, bias)
+    run = (_triton_impl() if _resolve_impl(impl, hidden, weight) == "triton"
+           else linear_cross_entropy_torch)
+    return run(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+               tp_group=tp_group, return_n_correct=return_n_correct)

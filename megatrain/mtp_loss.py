@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from megatrain.kernels import fused_linear_cross_entropy
 
@@ -68,12 +69,18 @@ class HeadStats:
 
 
 def _head_ce(model, i, out, targets_i, ignore_index, impl):
-    hidden = model.norm(out).flatten(0, 1)  # (B*T, D)
+    """Head i's summed CE and argmax hits; vocab-parallel when ``output.weight`` is a DTensor."""
+    hidden = model.norm(out).flatten(0, 1)  # (B*T, D), replicated over the tp group
     weight = model.output.weight
+    tp_group = None
+    if isinstance(weight, DTensor):  # (V/tp, D) local shard of the vocab-parallel unembedding
+        tp_group = weight.device_mesh.get_group()
+        weight = weight.to_local()  # its gradient flows back into the sharded parameter's
     if hidden.dtype != weight.dtype:  # under autocast the norm output is low precision
         weight = weight.to(hidden.dtype)
     return fused_linear_cross_entropy(hidden, weight, targets_i.flatten(), ignore_index=ignore_index,
-                                      reduction="sum", impl=impl, return_n_correct=True)
+                                      reduction="sum", impl=impl, tp_group=tp_group,
+                                      return_n_correct=True)
 
 
 def _head_params(model, i):
