@@ -230,5 +230,6 @@ def reference_markdown() -> str:
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory()):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {f.metadata.get('doc', '')} |")
+            text = f.metadata.get("doc", "").replace("|", "\\|")  # keep the table intact
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {text} |")
     return "\n".join(lines)

@@ -64,3 +64,12 @@ def test_shipped_configs_load():
     assert len(configs) >= 13
     for path in configs:
         load_config(path)
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
+    assert section.strip() == reference_markdown().strip(), \
+        "README config reference is stale: regenerate with `megatrain config --reference`"

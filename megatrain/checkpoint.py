@@ -1,0 +1,146 @@
+"""Atomic, resharding-friendly checkpoints through torch.distributed.checkpoint (DCP).
+
+Layout under ``run.dir/checkpoints``::
+
+    step_0000050/      one DCP checkpoint (model, optimizer, scheduler, data loader, RNG, step)
+    step_0000100/
+    latest             the name of the newest complete checkpoint
+
+A save writes into ``step_N.tmp``, renames it to ``step_N`` and only then replaces ``latest``
+(``os.replace`` is atomic), so a crash at any point leaves ``latest`` on a complete checkpoint.
+Leftover ``*.tmp`` folders are removed at the next start. DCP is used even on one process so
+that the parallel trainer can load a checkpoint into any other layout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from megatrain.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class ModelAndOptimizer(Stateful):
+    """Model and optimizer state in DCP's sharding-independent form (fully qualified names)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, state):
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=True))
+
+
+class RNGState(Stateful):
+    """This rank's torch RNG states (CPU and, if present, CUDA), keyed by rank."""
+
+    def state_dict(self):
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return {f"rank{_rank()}": state}
+
+    def load_state_dict(self, state):
+        mine = state.get(f"rank{_rank()}")
+        if mine is None:  # resumed on more ranks than saved: nothing to restore for this one
+            return
+        torch.set_rng_state(mine["cpu"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def prepare(self) -> None:
+        """Create the folder and drop partial saves left by a crash."""
+        if _rank() == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable run.dir") from None
+            for leftover in self.root.glob("*.tmp"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        _barrier()
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; "
+                                  f"point it at a complete step_* folder or remove it to start fresh")
+        return path
+
+    def save(self, state: dict, step: int) -> Path:
+        name = f"step_{step:07d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        if _rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        _barrier()
+        dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()
+        if _rank() == 0:
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            pointer_tmp = self.root / "latest.tmp"
+            pointer_tmp.write_text(name + "\n")
+            os.replace(pointer_tmp, self.root / "latest")
+            _fsync_dir(self.root)
+            self._prune()
+        _barrier()
+        return final
+
+    def load(self, state: dict, path: Path) -> None:
+        try:
+            dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+        # DCP wraps rank failures in CheckpointException, which derives from BaseException.
+        except (Exception, CheckpointException) as err:
+            cause = str(err).strip().splitlines()[-1]
+            raise CheckpointError(f"cannot load checkpoint {path}: {cause}. If the model config "
+                                  f"changed, start a new run.dir") from err
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+        for old in steps[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,84 @@
+"""Command line: ``megatrain train | data prepare | config``.
+
+The library never parses argv; this module turns arguments into a Config and calls it. Errors the
+user can fix (``UserError``) are printed as one message without a traceback, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatrain.errors import UserError
+
+
+def _train(args) -> int:
+    from megatrain.config import load_config
+    from megatrain.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    losses = " ".join(f"{x:.3f}" for x in result.head_losses)
+    print(f"done: step {result.step}, head losses [{losses}], run dir {result.run_dir}")
+    return 0
+
+
+def _config(args) -> int:
+    from megatrain.config import load_config, reference_markdown, to_yaml
+
+    if args.reference:
+        print(reference_markdown())
+    else:
+        print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from megatrain.data_pipelines.prepare import run_prepare
+
+    run_prepare(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatrain", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (default: the embedded tiny CPU run)")
+    train.add_argument("--config", help="YAML config file (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    train.set_defaults(func=_train)
+
+    config = commands.add_parser("config", help="print the resolved config or the reference")
+    config.add_argument("--config", help="YAML config file")
+    config.add_argument("--reference", action="store_true", help="print every key, default and meaning")
+    config.add_argument("overrides", nargs="*")
+    config.set_defaults(func=_config)
+
+    data = commands.add_parser("data", help="data preparation").add_subparsers(dest="data_command",
+                                                                              required=True)
+    prepare = data.add_parser("prepare", help="turn a folder of source files into token shards")
+    try:
+        from megatrain.data_pipelines.prepare import add_prepare_arguments
+    except ImportError:  # the [data] extra is not installed
+        add_prepare_arguments = None
+    if add_prepare_arguments:
+        add_prepare_arguments(prepare)
+    prepare.set_defaults(func=_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"megatrain: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("megatrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Checkpoints: DCP round trip, atomic 'latest' pointer, pruning, clear errors."""
+
+import pytest
+import torch
+
+from megatrain import checkpoint as ckpt_module
+from megatrain.checkpoint import CheckpointManager, ModelAndOptimizer, RNGState
+from megatrain.errors import CheckpointError
+
+
+def _model_and_optim(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optim.step()
+    return model, optim
+
+
+def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    model, optim = _model_and_optim(0)
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.prepare()
+    torch.manual_seed(123)
+    manager.save({"mo": ModelAndOptimizer(model, optim), "rng": RNGState()}, step=5)
+    expected_rand = torch.rand(3)
+
+    other, other_optim = _model_and_optim(1)
+    torch.manual_seed(999)
+    manager.load({"mo": ModelAndOptimizer(other, other_optim), "rng": RNGState()}, manager.latest())
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    state_a, state_b = optim.state_dict()["state"], other_optim.state_dict()["state"]
+    for k in state_a:
+        assert torch.equal(state_a[k]["exp_avg_sq"], state_b[k]["exp_avg_sq"])
+    assert torch.equal(torch.rand(3), expected_rand)
+
+
+def test_crash_during_save_leaves_latest_on_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, optim = _model_and_optim(0)
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.prepare()
+    state = {"mo": ModelAndOptimizer(model, optim)}
+    manager.save(state, step=1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(ckpt_module.dcp, "save", crash)
+    with pytest.raises(OSError):
+        manager.save(state, step=2)
+    assert manager.latest().name == "step_0000001"
+    manager.prepare()  # a restart removes the partial folder
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_keeps_only_the_last_k(tmp_path):
+    model, optim = _model_and_optim(0)
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.prepare()
+    for step in (1, 2, 3, 4):
+        manager.save({"mo": ModelAndOptimizer(model, optim)}, step=step)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["step_0000003", "step_0000004"]
+    assert manager.latest().name == "step_0000004"
+
+
+def test_dangling_latest_pointer_is_reported(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.prepare()
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000042\n")
+    with pytest.raises(CheckpointError, match="step_0000042"):
+        manager.latest()
+
+
+def test_loading_into_a_different_model_names_the_checkpoint(tmp_path):
+    model, optim = _model_and_optim(0)
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.prepare()
+    manager.save({"mo": ModelAndOptimizer(model, optim)}, step=1)
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
+    bigger_optim = torch.optim.AdamW(bigger.parameters())
+    with pytest.raises(CheckpointError, match="step_0000001"):
+        manager.load({"mo": ModelAndOptimizer(bigger, bigger_optim)}, manager.latest())

@@ -1,0 +1,174 @@
+"""End-to-end training on CPU: losses fall, bit-exact resume after a kill, bad input refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatrain.config import load_config
+from megatrain.errors import ConfigError, DataError, NonFiniteLossError
+
+REPO = Path(__file__).resolve().parent.parent
+
+SOURCE = '''
+def function_{i}(values, scale={i}):
+    """Return the scaled sum of values number {i}."""
+    total = 0
+    for index, value in enumerate(values):
+        if index % 2 == 0:
+            total += value * scale
+        else:
+            total -= value // (scale + 1)
+    return total
+
+
+class Widget{i}:
+    def __init__(self, name):
+        self.name = name
+        self.items = [n * {i} for n in range(10)]
+
+    def describe(self):
+        return f"{{self.name}} has {{len(self.items)}} items"
+'''
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from megatrain.data_pipelines.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"module_{i}.py").write_text(SOURCE.format(i=i) * (1 + i % 3))
+    out = root / "shards"
+    prepare_dataset(src, out, tokenizer="bytes", tasks=1, val_fraction=0.1, progress=False)
+    return out
+
+
+def _overrides(dataset, run_dir, **extra):
+    base = {"data.path": str(dataset), "run.dir": str(run_dir), "model.n_layers": 4, "model.dim": 32,
+            "model.n_heads": 2, "model.n_future": 2, "data.seq_len": 32, "train.batch_size": 4,
+            "train.steps": 8, "train.warmup_steps": 2, "train.lr": 1e-2, "train.eval_every": 4,
+            "data.val_batches": 1, "checkpoint.every": 3, "logging.progress": False,
+            "logging.tensorboard": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _metrics(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"loss"' in line]
+
+
+def _train(overrides):
+    from megatrain.trainer import train
+
+    return train(load_config(None, overrides))
+
+
+def test_losses_fall_and_run_dir_is_complete(dataset, tmp_path):
+    run = tmp_path / "run"
+    _train(_overrides(dataset, run, **{"train.steps": 30, "model.n_future": 3, "logging.tensorboard": True,
+                                      "train.micro_batch_size": 2, "checkpoint.every": 10}))
+    records = _metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    first, last = records[0]["head_losses"], records[-1]["head_losses"]
+    assert len(first) == 3
+    assert all(b < a - 0.5 for a, b in zip(first, last)), (first, last)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "head_accuracy"):
+        assert key in records[-1]
+    assert (run / "config.yaml").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000030"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert len(evals) == 7 and len(evals[0]["val_head_losses"]) == 3
+
+
+def _run_cli(args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "megatrain", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+
+
+def _final_weights(run_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(run_dir) / "checkpoints"
+    latest = path / (path / "latest").read_text().strip()
+    out = Path(run_dir) / "final.pt"
+    dcp_to_torch_save(str(latest), str(out))
+    return torch.load(out, weights_only=False)["model_optim"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_bit_exact(dataset, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["train", *_overrides(dataset, straight)]
+    assert _run_cli(args).returncode == 0
+    # Killed with SIGKILL right after step 5; the last checkpoint is step 3.
+    result = _run_cli(["train", *_overrides(dataset, killed)], {"MEGATRAIN_FAULT_KILL_AT_STEP": "5"})
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    resumed = _run_cli(["train", *_overrides(dataset, killed)])  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = _metrics(straight), _metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"] and ra["head_losses"] == rb["head_losses"], (ra, rb)
+    wa, wb = _final_weights(straight), _final_weights(killed)
+    for name, tensor in wa["model"].items():
+        assert torch.equal(tensor, wb["model"][name]), name
+
+
+def test_nan_loss_steps_are_not_applied_and_run_stops(dataset, tmp_path, monkeypatch):
+    import megatrain.trainer as trainer
+
+    real = trainer.mtp_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 4 else loss), stats
+
+    monkeypatch.setattr(trainer, "mtp_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        _train(_overrides(dataset, run, **{"train.steps": 20, "checkpoint.every": 2}))
+    records = _metrics(run)
+    assert [r["skipped"] for r in records] == [False] * 4 + [True] * 3
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+
+
+def test_vocab_smaller_than_tokenizer_is_refused(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="model.vocab_size=100"):
+        _train(_overrides(dataset, tmp_path / "run", **{"model.vocab_size": 100}))
+
+
+def test_changed_model_in_existing_run_dir_is_refused(dataset, tmp_path):
+    run = tmp_path / "run"
+    _train(_overrides(dataset, run, **{"train.steps": 3}))
+    before = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="different model"):
+        _train(_overrides(dataset, run, **{"train.steps": 3, "model.dim": 64}))
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="manifest"):
+        _train(_overrides(tmp_path / "nothing", tmp_path / "run"))
+
+
+def test_cli_reports_bad_key_and_exits_2(tmp_path):
+    result = _run_cli(["train", "train.stepz=3", f"run.dir={tmp_path}/r"])
+    assert result.returncode == 2
+    assert "unknown config key 'train.stepz'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
