@@ -1,0 +1,104 @@
+"""Tensor parallelism for MTPTransformer with DTensor (Megatron-style, applied from outside).
+
+Plan (per rank of the tp axis):
+- ``tok_embeddings``: vocabulary-parallel embedding (RowwiseParallel: each rank looks up its own
+  id range, the partial results are summed).
+- every TransformerBlock, trunk and heads alike: wq/wk/wv/w1/w3 column-parallel (a slice of the
+  attention heads / SwiGLU units per rank), wo/w2 row-parallel (partial sums all-reduced).
+  Attention views with -1 heads, so the local head count falls out of the shard shape.
+- ``output``: column-parallel, i.e. vocabulary-sharded [V/tp, D]. Training never calls it: each
+  MTP head's CE runs on the local shard with the tp group (megatrain.mtp_loss). A plain
+  ``model(tokens)`` (generation) gathers full logits.
+- ``linear_heads`` (head_type=linear) are dim x dim maps run on the replicated residual: they stay
+  replicated (plain tensors), their gradients are identical on every tp rank.
+
+Sequence parallelism (``sequence_parallel=True``) shards the trunk's residual stream and norms
+along the sequence. The heads always run on the full, replicated sequence: the last stage
+all-gathers the trunk output before the loss (MTPStage.forward), because every head and the vocab-parallel CE read the whole sequence (and
+``head_forward`` sizes RoPE from the input's length).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+
+
+def block_plan(sequence_parallel: bool) -> dict:
+    """The TP plan of one TransformerBlock. With SP its input and output are sequence shards."""
+    if not sequence_parallel:
+        return {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(),
+        }
+    return {
+        "attention_norm": SequenceParallel(),
+        # attention(x, cos, sin): gather the sequence before the projections; RoPE tables stay plain
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                        desired_input_layouts=(Replicate(), None, None)),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),  # reduce-scatter, not all-reduce
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
+    """Shard ``model`` (an MTPStage: one pipeline stage, or the whole model when pp=1) in place.
+
+    Modules a stage does not own are skipped. A bare MTPTransformer works without sequence
+    parallelism (its ``trunk()`` would hand sequence shards to the heads).
+    """
+    layers = getattr(model, "layers", None) or {}
+    trunk_keys = [k for k in _trunk_keys(model) if k in layers]
+    if getattr(model, "tok_embeddings", None) is not None:
+        parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1) if sequence_parallel else Replicate()))
+    for key in trunk_keys:
+        parallelize_module(layers[key], tp_mesh, block_plan(sequence_parallel))
+    if sequence_parallel and getattr(model, "is_last", False):
+        # The heads read the whole sequence: the last stage gathers the trunk output once.
+        model.sequence_parallel_mesh = tp_mesh
+    for head in _transformer_heads(model):
+        parallelize_module(head, tp_mesh, block_plan(sequence_parallel=False))
+    if getattr(model, "output", None) is not None:
+        parallelize_module(model.output, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    return model
+
+
+def _trunk_keys(model) -> list[str]:
+    keys = list(getattr(model, "layers", None) or {})
+    return keys if model.head_type == "linear" else [k for k in keys if k != _head1_key(model)]
+
+
+def n_layer_entries(cfg) -> int:
+    """Entries of ``model.layers`` in the whole model: trunk layers, plus head 1 unless linear."""
+    return cfg.n_layers if cfg.head_type == "linear" else cfg.n_layers - cfg.n_future + 1
+
+
+def _head1_key(model) -> str | None:
+    return None if model.head_type == "linear" else str(n_layer_entries(model.cfg) - 1)
+
+
+def _transformer_heads(model) -> list[nn.Module]:
+    if model.head_type == "linear":
+        return []
+    heads = list(getattr(model, "extra_heads", None) or [])
+    layers = getattr(model, "layers", None) or {}
+    if _head1_key(model) in layers:
+        heads.insert(0, layers[_head1_key(model)])
+    return heads

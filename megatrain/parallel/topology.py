@@ -1,0 +1,159 @@
+"""The process topology: one validated ``ParallelDims`` and the device mesh built from it.
+
+Everything about degrees is checked here, before any collective runs, so a bad layout fails on
+every rank with the same message naming the ``parallel.*`` / ``model.*`` key and the fix, instead
+of hanging in the first all-reduce.
+
+Mesh axes are ("dp", "pp", "tp"), tp innermost: tensor-parallel ranks are adjacent (same node,
+fastest links), pipeline neighbours next, data-parallel replicas outermost.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megatrain.config import ModelConfig
+from megatrain.errors import ConfigError
+from megatrain.config import ACTIVATION_CHECKPOINTING, DP_ENGINES, PP_SCHEDULES
+
+MESH_AXES = ("dp", "pp", "tp")
+
+
+def stages_per_rank(schedule: str, virtual_stages: int) -> int:
+    if schedule in ("zbv", "dualpipev"):
+        return 2
+    if schedule == "interleaved_1f1b":
+        return virtual_stages
+    return 1
+
+
+def min_microbatches(schedule: str, pp: int, n_stages: int) -> int:
+    """The fewest microbatches each schedule runs with (torch's own rules, checked up front)."""
+    return {"gpipe": 1, "1f1b": pp, "interleaved_1f1b": pp}.get(schedule, n_stages)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self):
+        for key in ("dp", "tp", "pp"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key}={getattr(self, key)} must be >= 1")
+        if self.dp * self.tp * self.pp != self.world_size:
+            raise ConfigError(
+                f"parallel.dp * parallel.tp * parallel.pp = {self.dp} * {self.tp} * {self.pp} = "
+                f"{self.dp * self.tp * self.pp}, but {self.world_size} processes were started; "
+                f"start {self.dp * self.tp * self.pp} processes (torchrun --nproc-per-node / "
+                f"srun --ntasks) or change the degrees so that their product is {self.world_size}")
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    def validate(self, model: ModelConfig, parallel=None, batch_size: int | None = None,
+                 micro_batch_size: int = 0) -> None:
+        """Check the degrees against the model (and the ``parallel`` section, if given)."""
+        n_kv = model.n_kv_heads or model.n_heads
+        for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", n_kv),
+                           ("model.vocab_size", model.vocab_size)):
+            if value % self.tp:
+                raise ConfigError(
+                    f"parallel.tp={self.tp} must divide {key}={value} (each tensor-parallel rank "
+                    f"holds an equal slice); pick parallel.tp among the divisors of {value}"
+                    + (" or pad model.vocab_size up to a multiple of parallel.tp"
+                       if key == "model.vocab_size" else ""))
+        if batch_size is not None and batch_size % self.dp:
+            raise ConfigError(f"train.batch_size={batch_size} must be a multiple of parallel.dp="
+                              f"{self.dp} (each data-parallel rank takes an equal share)")
+        if parallel is None:
+            return
+        if parallel.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"parallel.pp_schedule={parallel.pp_schedule!r} is not one of "
+                              f"{', '.join(PP_SCHEDULES)}")
+        if parallel.dp_engine not in DP_ENGINES:
+            raise ConfigError(f"parallel.dp_engine={parallel.dp_engine!r} is not one of "
+                              f"{', '.join(DP_ENGINES)}")
+        if parallel.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ConfigError(f"parallel.activation_checkpointing="
+                              f"{parallel.activation_checkpointing!r} is not one of "
+                              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+        if parallel.dp_engine == "deepspeed":
+            if self.tp > 1 or self.pp > 1:
+                raise ConfigError(
+                    f"parallel.dp_engine=deepspeed supports data parallelism only, got "
+                    f"parallel.tp={self.tp}, parallel.pp={self.pp}; use parallel.dp_engine=fsdp "
+                    f"(composes with tp and pp) or set parallel.tp=1 and parallel.pp=1")
+            if parallel.zero_stage not in (1, 2, 3):
+                raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 1, 2 or 3")
+        if parallel.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; "
+                              "set parallel.sequence_parallel=false")
+        if self.pp > 1:
+            from megatrain.parallel.pipeline import check_pipeline_layout
+            local_batch = None if batch_size is None else batch_size // self.dp
+            check_pipeline_layout(model, self.pp, parallel, local_batch, micro_batch_size)
+
+    def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
+        """The (dp, pp, tp) device mesh; needs the process group (``init_distributed``)."""
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        return init_device_mesh(device_type, (self.dp, self.pp, self.tp), mesh_dim_names=MESH_AXES)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def dist_env() -> DistEnv:
+    """Rank, world size and local rank from torchrun's or SLURM's environment (1 process if neither)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)))
+    return DistEnv(0, 1, 0)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group described by the environment (torchrun or SLURM).
+
+    gloo on CPU, nccl when CUDA is visible (the local rank picks the GPU). Under SLURM the
+    rendezvous is MASTER_ADDR (default 127.0.0.1: single node) and MASTER_PORT (default 29500);
+    multi-node SLURM jobs must export MASTER_ADDR (e.g. the first host of SLURM_JOB_NODELIST).
+    A single process without any of these variables gets no process group at all.
+    """
+    env = dist_env()
+    if dist.is_initialized():
+        return env
+    if env.world_size == 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return env
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(backend, init_method="env://", rank=env.rank,
+                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+    return env

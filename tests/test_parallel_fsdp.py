@@ -1,0 +1,79 @@
+"""FSDP2 data parallelism (dp=2), alone and with TP, and the 3-D dp2·tp2·pp2 layout.
+
+The global batch is split over dp ranks; head_scales are computed over the global batch, and
+FSDP sums (not averages) gradients, so every step must equal the single-process trainer's.
+"""
+
+import pytest
+
+from tests.parallel_harness import assert_matches, parallel_run, reference_run, run_ranks, tiny_cfg
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("head_type, micro", [("transformer", 1), ("causal", 0)])
+def test_fsdp_dp2_matches_single_process(head_type, micro):
+    cfg = tiny_cfg(head_type=head_type)
+    reference = reference_run(cfg)
+    for result in run_ranks(2, parallel_run, cfg, 2, 1, 1, None, 5, micro):
+        assert_matches(reference, result)
+
+
+def test_fsdp_heads_as_their_own_units_break_the_sequential_heads_node():
+    """Why apply_fsdp keeps every head in the root unit: a head wrapped as its own FSDP unit is
+    resharded right after its forward *inside* SequentialHeadsLoss, and the node's own CE and
+    backward then meet sharded parameters. It fails loudly (it does not silently lose grads)."""
+    def heads_as_units(rank, cfg):
+        from torch.distributed.fsdp import fully_shard
+
+        import megatrain.parallel.parallel_model as pm_module
+        from megatrain.parallel.data_parallel import apply_fsdp
+
+        def shard_heads_separately(stage, dp_mesh, **kwargs):
+            for i in range(stage.n_future):
+                fully_shard(stage.head_module(i), mesh=dp_mesh)
+            return apply_fsdp(stage, dp_mesh, **kwargs)
+        pm_module.apply_fsdp = shard_heads_separately
+        try:
+            parallel_run(rank, cfg, 2, 1, 1, steps=1)
+        except RuntimeError as err:
+            return str(err)
+        return "no error"
+    out = run_ranks(2, heads_as_units, tiny_cfg(n_future=2))
+    assert all("mixed torch.Tensor and DTensor" in o for o in out), out
+
+
+def test_fsdp_dp2_with_tp2_matches_single_process():
+    cfg = tiny_cfg()
+    reference = reference_run(cfg)
+    for result in run_ranks(4, parallel_run, cfg, 2, 2, 1, {"sequence_parallel": True}, 5, 1):
+        assert_matches(reference, result)
+
+
+@pytest.mark.slow
+def test_dp2_tp2_pp2_matches_single_process():
+    cfg = tiny_cfg(n_layers=7)
+    reference = reference_run(cfg)
+    results = run_ranks(8, parallel_run, cfg, 2, 2, 2, {"pp_schedule": "1f1b", "microbatches": 2})
+    params = {}
+    for r in results:
+        params.update(r["params"])
+    assert sorted(params) == sorted(reference["params"])
+    for r in results:
+        assert_matches(reference, {**r, "params": params})
+
+
+def _average_instead_of_sum(pm):
+    """A wrong gradient scale: what FSDP's default (average over dp) would give."""
+    for p in pm.parameters():
+        if p.grad is not None:
+            p.grad.div_(2)
+
+
+def test_fsdp_comparison_catches_averaged_gradients():
+    # AdamW is scale invariant: the loss moves only through clipping; the gradient norms always catch it.
+    cfg = tiny_cfg(n_future=2)
+    reference = reference_run(cfg)
+    result = run_ranks(2, parallel_run, cfg, 2, 1, 1, None, 5, 0, _average_instead_of_sum)[0]
+    with pytest.raises(AssertionError, match="differ"):
+        assert_matches(reference, result)
