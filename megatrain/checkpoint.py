@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.errors import CheckpointError
@@ -43,19 +42,41 @@ def _barrier() -> None:
 
 
 class ModelAndOptimizer(Stateful):
-    """Model and optimizer state in DCP's sharding-independent form (fully qualified names)."""
+    """Model parts and their optimizers in DCP's layout-independent form.
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    A rank may hold several model parts (pipeline stages; one optimizer each). Every part keeps
+    the full model's parameter names and the optimizer state is flattened to per-parameter keys
+    (``state.layers.3.attention.wq.weight.exp_avg``), so the merged dict is the same whatever the
+    pipeline, tensor or data-parallel layout, and a checkpoint loads into any other layout.
+    """
+
+    OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def __init__(self, parts, optimizers):
+        self.parts = list(parts) if isinstance(parts, (list, tuple)) else [parts]
+        self.optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
 
     def state_dict(self):
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
+        merged = {"model": {}, "optimizer": {}}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            model_sd, optim_sd = get_state_dict(part, optimizer, options=self.OPTIONS)
+            merged["model"].update(model_sd)
+            merged["optimizer"].update(optim_sd)
+        return merged
 
     def load_state_dict(self, state):
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(strict=True))
+        for part, optimizer in zip(self.parts, self.optimizers):
+            names = set(get_model_state_dict(part, options=self.OPTIONS))
+            model_sd = {k: v for k, v in state["model"].items() if k in names}
+            # flattened optimizer keys are "<state|param_groups>.<parameter name>[.<field>]"
+            optim_sd = {k: v for k, v in state["optimizer"].items() if _names_parameter_of(k, names)}
+            set_state_dict(part, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                           options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True))
+
+
+def _names_parameter_of(key: str, names: set[str]) -> bool:
+    rest = key.split(".", 1)[1]  # drop "state." / "param_groups."
+    return any(rest == n or rest.startswith(n + ".") for n in names)
 
 
 class RNGState(Stateful):
@@ -124,13 +145,26 @@ class CheckpointManager:
         return final
 
     def load(self, state: dict, path: Path) -> None:
+        """Load ``state`` (name -> Stateful) from ``path``; every key must be in the checkpoint.
+
+        The one exception is a rank's RNG entry: a run resumed on more ranks than it was saved
+        with has no RNG state for the new ranks, and they keep their fresh seeds.
+        """
+        flat = {name: obj.state_dict() for name, obj in state.items()}
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        for name, obj in state.items():
+            if isinstance(obj, RNGState):
+                flat[name] = {k: v for k, v in flat[name].items()
+                              if any(key.startswith(f"{name}.{k}.") for key in saved)}
         try:
-            dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+            dcp.load(flat, checkpoint_id=str(path))
         # DCP wraps rank failures in CheckpointException, which derives from BaseException.
         except (Exception, CheckpointException) as err:
             cause = str(err).strip().splitlines()[-1]
             raise CheckpointError(f"cannot load checkpoint {path}: {cause}. If the model config "
                                   f"changed, start a new run.dir") from err
+        for name, obj in state.items():
+            obj.load_state_dict(flat[name])
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))

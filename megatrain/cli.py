@@ -7,6 +7,7 @@ user can fix (``UserError``) are printed as one message without a traceback, exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatrain.errors import UserError
@@ -18,9 +19,25 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    losses = " ".join(f"{x:.3f}" for x in result.head_losses)
-    print(f"done: step {result.step}, head losses [{losses}], run dir {result.run_dir}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_rank() == 0:
+            _print_done(result)
+        dist.barrier()
+        dist.destroy_process_group()
+        # FSDP2 / sequence-parallel runs can abort in interpreter teardown after succeeding
+        # (measured on CPU/gloo, see shared field notes): leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    _print_done(result)
     return 0
+
+
+def _print_done(result) -> None:
+    losses = " ".join(f"{x:.3f}" for x in result.head_losses)
+    print(f"done: step {result.step}, head losses [{losses}], run dir {result.run_dir}", flush=True)
 
 
 def _config(args) -> int:

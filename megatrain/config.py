@@ -26,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 def doc(default: Any, text: str, **kwargs):
     """A dataclass field carrying its documentation."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"doc": text}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text}, **kwargs)
     return field(default=default, metadata={"doc": text}, **kwargs)
 
 
@@ -41,7 +41,8 @@ class ModelConfig:
     dim: int = doc(128, "Model width.")
     n_heads: int = doc(4, "Attention heads.")
     n_kv_heads: Optional[int] = doc(None, "Key/value heads for grouped-query attention (None = n_heads).")
-    vocab_size: int = doc(0, "Vocabulary size; 0 = take it from the dataset's tokenizer.")
+    vocab_size: int = doc(0, "Vocabulary size; 0 = the dataset tokenizer's, rounded up to a "
+                               "multiple of 64 (so tensor parallelism can split it).")
     ffn_dim_multiplier: Optional[float] = doc(None, "Scales the SwiGLU hidden size (Llama convention).")
     multiple_of: int = doc(64, "SwiGLU hidden size is rounded up to a multiple of this.")
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
@@ -110,6 +111,42 @@ class RunConfig:
     dir: str = doc("runs/default", "Run directory: config, metrics, TensorBoard, checkpoints.")
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+DP_ENGINES = ("fsdp", "deepspeed")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = doc(1, "Data-parallel degree (FSDP2 shards parameters, gradients and optimizer state "
+                     "over these ranks). dp * tp * pp must equal the number of processes.")
+    tp: int = doc(1, "Tensor-parallel degree: attention heads, SwiGLU hidden units and the "
+                     "vocabulary are split over this many ranks. Must divide model.n_heads, "
+                     "model.n_kv_heads and model.vocab_size; keep it within one node.")
+    pp: int = doc(1, "Pipeline-parallel degree: ranks that each hold a contiguous slice of the "
+                     "trunk. The last pipeline rank holds every MTP head, the norm, the unembedding "
+                     "and the loss.")
+    pp_schedule: str = doc("1f1b", "Pipeline schedule: gpipe | 1f1b | interleaved_1f1b "
+                                   "(parallel.virtual_stages per rank) | zbv | dualpipev "
+                                   "(V-shaped: 2 stages per rank).")
+    microbatches: int = doc(0, "Pipeline microbatches per step and data-parallel rank; 0 = the "
+                               "per-rank batch / train.micro_batch_size (or the number of pipeline "
+                               "stages when micro_batch_size is 0). Only used when pp > 1.")
+    virtual_stages: int = doc(2, "Stages per pipeline rank for interleaved_1f1b (zbv and dualpipev "
+                                 "always use 2; gpipe and 1f1b always 1).")
+    stage_layers: List[int] = doc([], "Trunk layers per pipeline stage, first stage first, e.g. "
+                                      "[3, 2, 1]; must sum to the trunk's layer count. Empty = "
+                                      "balanced automatically (a head costs a layer plus its "
+                                      "unembedding).")
+    sequence_parallel: bool = doc(False, "With tp > 1, also shard the trunk's norms and residual "
+                                         "stream along the sequence (less activation memory).")
+    dp_engine: str = doc("fsdp", "Data-parallel engine: fsdp (FSDP2, composes with tp and pp) | "
+                                 "deepspeed (ZeRO, dp only).")
+    zero_stage: int = doc(3, "DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.dp_engine=deepspeed only).")
+    activation_checkpointing: str = doc("none", "none | selective (every other trunk layer) | full "
+                                                "(every trunk layer).")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +156,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:

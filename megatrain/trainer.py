@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, ModelAndOptimizer, RNGState
@@ -24,8 +25,9 @@ from megatrain.data.shards import open_split
 from megatrain.errors import ConfigError, NonFiniteLossError
 from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
 from megatrain.model.mtp import MTPTransformer, count_parameters
-from megatrain.mtp_loss import build_head_targets, mtp_loss
+from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import build_optimizer, build_scheduler
+from megatrain.parallel import ParallelDims, init_distributed, parallelize
 
 
 @dataclass
@@ -48,13 +50,13 @@ class TrainResult:
     stopped_early: bool = False  # should_stop() asked for a stop; a checkpoint was saved first
 
 
-def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+def resolve_device(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
     want = cfg.train.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    device = torch.device(want)
+    device = torch.device(want, local_rank) if want == "cuda" else torch.device(want)
     dtype = cfg.train.dtype
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
@@ -87,31 +89,46 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
-def head_scales_for(targets: torch.Tensor, weights: list[float], ignore_index: int) -> torch.Tensor:
-    """weight_i / valid targets of head i in the whole (per-step) batch."""
-    counts = (targets != ignore_index).flatten(1).sum(1).clamp(min=1).double()
-    return (torch.tensor(weights, dtype=torch.float64) / counts).float()
+def head_scales(valid_counts: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """weight_i / valid targets of head i in the global batch (see docs/design.md)."""
+    return (torch.tensor(weights, dtype=torch.float64) / valid_counts.clamp(min=1).double()).float()
 
 
-def evaluate(model, val_windows, cfg: Config, device, autocast_dtype, eos_id):
+VOCAB_MULTIPLE = 64
+
+
+def resolve_vocab(cfg: Config, tokenizer_vocab: int, dataset_dir: Path) -> None:
+    """model.vocab_size=0 takes the tokenizer's size rounded up to a multiple of 64 (Megatron's
+    padding): tensor parallelism can split it and GPU matmuls stay aligned, whatever the layout."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    elif cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer_vocab} ({dataset_dir}); set model.vocab_size="
+                          f"{tokenizer_vocab} or 0 (= from the dataset)")
+
+
+def evaluate(pm, val_windows, cfg: Config, device, autocast_dtype, eos_id):
+    """Per-head validation loss and accuracy (every rank evaluates the same windows)."""
     n = cfg.model.n_future
-    loss_sum = torch.zeros(n, dtype=torch.float64)
-    correct = torch.zeros(n, dtype=torch.int64)
-    valid = torch.zeros(n, dtype=torch.int64)
-    model.eval()
+    stage = pm.stages[0]
+    stage.head_scales = torch.ones(n)
+    stats_sum = None
+    stage.eval()
     with torch.no_grad(), _autocast(device, autocast_dtype):
         for window in val_windows:
             window = window.to(device)
             targets = build_head_targets(window, n, cfg.loss.ignore_index, eos_id,
                                          cfg.loss.mask_cross_document)
-            hidden = model.trunk(window[:, :-1])
-            _, stats = mtp_loss(model, hidden, targets, torch.ones(n), cfg.loss.ignore_index, cfg.loss.impl)
-            loss_sum += stats.loss_sum
-            correct += stats.n_correct
-            valid += stats.n_valid
-    model.train()
-    valid = valid.clamp(min=1)
-    return (loss_sum / valid).tolist(), (correct / valid).tolist()
+            stage.stats = []
+            stage(window[:, :-1], targets.transpose(0, 1))
+            s = stage.stats[0]
+            stats_sum = s if stats_sum is None else HeadStats(stats_sum.loss_sum + s.loss_sum,
+                                                              stats_sum.n_correct + s.n_correct,
+                                                              stats_sum.n_valid + s.n_valid)
+    stage.train()
+    valid = stats_sum.n_valid.clamp(min=1)
+    return (stats_sum.loss_sum / valid).tolist(), (stats_sum.n_correct / valid).tolist()
 
 
 def _autocast(device, dtype):
@@ -120,14 +137,25 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce over ``group``; None means a one-rank axis: nothing to reduce (note that
+    torch.distributed would read None as the whole world)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train to ``cfg.train.steps``, resuming from ``run.dir`` if it holds a checkpoint.
 
-    ``should_stop`` is polled after every step (e.g. a flag set by a preemption signal handler);
-    when it returns True the trainer saves a checkpoint and returns with ``stopped_early``.
+    Runs as one process or as one rank of a torchrun / SLURM job (``parallel.*`` picks the
+    layout). ``should_stop`` is polled after every step (e.g. a flag set by a preemption signal
+    handler); when any rank says stop, the trainer saves a checkpoint and returns early.
     """
-    device, autocast_dtype = resolve_device(cfg)
-    t = cfg.train
+    t, p = cfg.train, cfg.parallel
+    env = init_distributed()
+    is_main = env.rank == 0
+    device, autocast_dtype = resolve_device(cfg, env.local_rank)
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -137,89 +165,94 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
 
     dataset_dir = resolve_dataset(cfg)
     train_shards = open_split(dataset_dir, "train")
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = train_shards.vocab_size
-    elif cfg.model.vocab_size < train_shards.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{train_shards.vocab_size} ({dataset_dir}); set model.vocab_size="
-                          f"{train_shards.vocab_size} or 0 (= from the dataset)")
+    resolve_vocab(cfg, train_shards.vocab_size, dataset_dir)
     eos_id = train_shards.eos_id
-
+    dims = ParallelDims(p.dp, p.tp, p.pp, env.world_size)
+    dims.validate(cfg.model, p, t.batch_size, t.micro_batch_size)  # before any collective
+    if p.dp_engine == "deepspeed":
+        raise ConfigError("parallel.dp_engine=deepspeed is not available yet; use "
+                          "parallel.dp_engine=fsdp (FSDP2, composes with tp and pp)")
     run_dir = Path(cfg.run.dir).expanduser()
-    run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(run_dir, cfg)
-    write_config(run_dir, cfg)
+    mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg)
 
     model = MTPTransformer(cfg.model, max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len).to(device)
-    optimizer = build_optimizer(model, t, device.type)
-    scheduler = build_scheduler(optimizer, t)
-    loader = WindowLoader(train_shards, cfg.data.seq_len, t.batch_size, seed=t.seed,
-                          vocab_size=cfg.model.vocab_size)
+    n_params = count_parameters(model)
+    fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
+    pm = parallelize(model, dims, mesh, p, device=device, local_batch=t.batch_size // p.dp,
+                     micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
+                     impl=cfg.loss.impl, param_dtype=fsdp_dtype)
+    del model  # this rank keeps only its stages
+    optimizers = [build_optimizer(stage, t, device.type) for stage in pm.stages]
+    schedulers = [build_scheduler(optimizer, t) for optimizer in optimizers]
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    loader = WindowLoader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,
+                          dp_size=p.dp, seed=t.seed, vocab_size=cfg.model.vocab_size)
     state = TrainState()
-    checkpointable = {"model_optim": ModelAndOptimizer(model, optimizer), "scheduler": scheduler,
-                      "dataloader": loader, "train_state": state, "rng": RNGState()}
+    checkpointable = {"model_optim": ModelAndOptimizer(pm.stages, optimizers),
+                      "scheduler": schedulers[0], "dataloader": loader, "train_state": state,
+                      "rng": RNGState()}
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
     checkpoints.prepare()
     latest = checkpoints.latest() if cfg.checkpoint.resume else None
     if latest is not None:
         checkpoints.load(checkpointable, latest)
-        print(f"resumed from {latest} at step {state.step}", flush=True)
-    truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        for scheduler in schedulers[1:]:  # every stage's optimizer follows one schedule
+            scheduler.load_state_dict(schedulers[0].state_dict())
+        if is_main:
+            print(f"resumed from {latest} at step {state.step}", flush=True)
+    if is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", state.step)
 
     val_windows = None
-    if t.eval_every and cfg.data.val_batches:
+    if t.eval_every and cfg.data.val_batches and not dims.pp_enabled:
         val_windows = list(val_batches(open_split(dataset_dir, "val"), cfg.data.seq_len,
-                                       t.micro_batch_size or t.batch_size, cfg.data.val_batches))
+                                       t.micro_batch_size or t.batch_size // p.dp, cfg.data.val_batches))
+    elif t.eval_every and dims.pp_enabled and is_main:
+        print("note: validation is not run under pipeline parallelism yet (parallel.pp > 1)")
 
     n = cfg.model.n_future
     weights = list(cfg.loss.head_weights) or [1.0] * n
-    micro = t.micro_batch_size or t.batch_size
-    print(f"model: {count_parameters(model) / 1e6:.2f}M parameters, n_future={n} "
-          f"({cfg.model.head_type} heads), vocab {cfg.model.vocab_size}, device {device}; "
-          f"run dir {run_dir}", flush=True)
+    if is_main:
+        print(f"model: {n_params / 1e6:.2f}M parameters, n_future={n} ({cfg.model.head_type} heads), "
+              f"vocab {cfg.model.vocab_size}, device {device}, layout dp{p.dp} tp{p.tp} pp{p.pp}; "
+              f"run dir {run_dir}", flush=True)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                           total_steps=t.steps, start_step=state.step)
+                           total_steps=t.steps, start_step=state.step, enabled=is_main)
     fault_step = int(os.environ.get("MEGATRAIN_FAULT_KILL_AT_STEP", "0"))  # tests: die mid-run
     bad_steps, last = 0, None
     try:
         while state.step < t.steps:
             started = time.perf_counter()
-            batch = loader.next_batch().to(device)  # (B, T+1)
+            batch = loader.next_batch().to(device)  # this dp rank's rows (B / dp, T + 1)
             targets = build_head_targets(batch, n, cfg.loss.ignore_index, eos_id,
-                                         cfg.loss.mask_cross_document)  # (n, B, T)
-            scales = head_scales_for(targets, weights, cfg.loss.ignore_index)
-            loss_sum = torch.zeros(n, dtype=torch.float64)
-            correct = torch.zeros(n, dtype=torch.int64)
-            valid = torch.zeros(n, dtype=torch.int64)
-            total = 0.0
-            for start in range(0, batch.shape[0], micro):
-                with _autocast(device, autocast_dtype):
-                    hidden = model.trunk(batch[start:start + micro, :-1])
-                    loss, stats = mtp_loss(model, hidden, targets[:, start:start + micro], scales,
-                                           cfg.loss.ignore_index, cfg.loss.impl)
-                loss.backward()
-                total += loss.item()
-                loss_sum += stats.loss_sum
-                correct += stats.n_correct
-                valid += stats.n_valid
-            grad_norm = _clip(model, t.grad_clip)
-            lr = scheduler.get_last_lr()[0]
+                                         cfg.loss.mask_cross_document)  # (n, B / dp, T)
+            counts = _all_reduce((targets != cfg.loss.ignore_index).flatten(1).sum(1).cpu(),
+                                 pm.group("dp"))  # valid targets per head in the global batch
+            scales = head_scales(counts, weights)
+            with _autocast(device, autocast_dtype):
+                total, stats = pm.forward_backward(batch[:, :-1], targets, scales, t.micro_batch_size)
+            grad_norm = pm.clip_grad_norm_(t.grad_clip)
+            lr = schedulers[0].get_last_lr()[0]
             finite = math.isfinite(total) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            bad_steps = 0 if finite else bad_steps + 1
             state.step += 1
-            state.tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
-            valid_f = valid.clamp(min=1)
+            tokens = t.batch_size * cfg.data.seq_len
+            state.tokens_seen += tokens
+            valid = stats.n_valid.clamp(min=1)
             last = {"step": state.step, "loss": total,
-                    "head_losses": (loss_sum / valid_f).tolist(),
-                    "head_accuracy": (correct / valid_f).tolist(),
+                    "head_losses": (stats.loss_sum / valid).tolist(),
+                    "head_accuracy": (stats.n_correct / valid).tolist(),
                     "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
-                    "tokens_per_s": batch.shape[0] * (batch.shape[1] - 1) / (time.perf_counter() - started),
+                    "tokens_per_s": tokens / (time.perf_counter() - started),
                     "peak_mem_bytes": peak_memory_bytes(device), "tokens_seen": state.tokens_seen}
             if state.step % cfg.logging.every == 0 or state.step == t.steps:
                 logger.log_train(last)
@@ -230,8 +263,12 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
                     f"{state.step}); no such step was applied and the last good checkpoint in "
                     f"{checkpoints.root} is intact. Lower train.lr or check the data.")
             if val_windows and state.step % t.eval_every == 0:
-                logger.log_eval(state.step, *evaluate(model, val_windows, cfg, device, autocast_dtype, eos_id))
+                logger.log_eval(state.step, *evaluate(pm, val_windows, cfg, device, autocast_dtype,
+                                                      eos_id))
             stop = should_stop is not None and should_stop()
+            if dist.is_initialized() and should_stop is not None:  # stop together or not at all
+                stop = bool(_all_reduce(torch.tensor([int(stop)]), dist.group.WORLD,
+                                        op=dist.ReduceOp.MAX).item())
             if finite and (stop or state.step == t.steps or
                            (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0)):
                 checkpoints.save(checkpointable, state.step)
@@ -243,10 +280,3 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
         logger.close()
     return TrainResult(run_dir, state.step, last["head_losses"] if last else [],
                        stopped_early=state.step < t.steps)
-
-
-def _clip(model: torch.nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))

@@ -128,9 +128,9 @@ def test_resume_after_kill_is_bit_exact(dataset, tmp_path):
 
 
 def test_nan_loss_steps_are_not_applied_and_run_stops(dataset, tmp_path, monkeypatch):
-    import megatrain.trainer as trainer
+    import megatrain.parallel.pipeline as pipeline
 
-    real = trainer.mtp_loss
+    real = pipeline.mtp_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_nan_loss_steps_are_not_applied_and_run_stops(dataset, tmp_path, monkeyp
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 4 else loss), stats
 
-    monkeypatch.setattr(trainer, "mtp_loss", poisoned)
+    monkeypatch.setattr(pipeline, "mtp_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
         _train(_overrides(dataset, run, **{"train.steps": 20, "checkpoint.every": 2}))

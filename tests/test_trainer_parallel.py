@@ -1,0 +1,91 @@
+"""The trainer under torchrun: every layout matches one process; checkpoints reshard."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_trainer import REPO, _overrides, dataset  # noqa: F401  (module-scoped fixture)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+LAYOUTS = {  # name: (processes, overrides)
+    "dp2": (2, ["parallel.dp=2"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2_1f1b": (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    "tp2_pp2_sp": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=gpipe",
+                       "parallel.sequence_parallel=true"]),
+}
+
+
+def _base(dataset, run_dir, **extra):
+    settings = {"model.n_layers": 5, "model.n_future": 3, "model.n_heads": 4, "train.steps": 4,
+                "train.eval_every": 0, "checkpoint.every": 0, "train.micro_batch_size": 2}
+    settings.update(extra)
+    return _overrides(dataset, run_dir, **settings)
+
+
+def _launch(nproc, args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatrain", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "megatrain", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def _losses(run_dir):
+    records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["head_losses"]) for r in records if "loss" in r]
+
+
+def _assert_close(got, want, rel):
+    assert [s for s, *_ in got] == [s for s, *_ in want]
+    for (step, loss, heads), (_, ref_loss, ref_heads) in zip(got, want):
+        assert abs(loss - ref_loss) <= rel * abs(ref_loss), (step, loss, ref_loss)
+        for h, r in zip(heads, ref_heads):
+            assert abs(h - r) <= rel * abs(r), (step, heads, ref_heads)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(dataset, tmp_path_factory):  # noqa: F811
+    run = tmp_path_factory.mktemp("single")
+    result = _launch(1, _base(dataset, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(run)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, dataset, single_process_run, tmp_path):  # noqa: F811
+    nproc, extra = LAYOUTS[layout]
+    result = _launch(nproc, _base(dataset, tmp_path / "run") + extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_close(_losses(tmp_path / "run"), single_process_run, rel=1e-6)
+
+
+def test_bad_layout_is_refused_on_every_rank_before_any_collective(dataset, tmp_path):  # noqa: F811
+    result = _launch(2, _base(dataset, tmp_path / "run") + ["parallel.tp=3"])
+    assert result.returncode != 0
+    assert result.stderr.count("parallel.dp * parallel.tp * parallel.pp") >= 2, result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_reshard_across_layouts(dataset, tmp_path):  # noqa: F811
+    """tp2*pp2 (killed after step 3) -> dp2 (killed after 5) -> 1 process, vs. one straight run."""
+    settings = {"train.steps": 7, "checkpoint.every": 2}
+    straight = tmp_path / "straight"
+    assert _launch(1, _base(dataset, straight, **settings)).returncode == 0
+    run = tmp_path / "resharded"
+    args = _base(dataset, run, **settings)
+    first = _launch(4, args + ["parallel.tp=2", "parallel.pp=2"], {"MEGATRAIN_FAULT_KILL_AT_STEP": "3"})
+    assert first.returncode != 0 and (run / "checkpoints/latest").read_text().strip() == "step_0000002"
+    second = _launch(2, args + ["parallel.dp=2"], {"MEGATRAIN_FAULT_KILL_AT_STEP": "5"})
+    assert "resumed from" in second.stdout, second.stderr[-3000:]
+    assert (run / "checkpoints/latest").read_text().strip() == "step_0000004"
+    third = _launch(1, args)
+    assert third.returncode == 0, third.stderr[-3000:]
+    _assert_close(_losses(run), _losses(straight), rel=1e-5)
