@@ -62,8 +62,23 @@ def run_one(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return {"n_future": args.n_future, "mode": args.mode, "params": count_parameters(model),
+            "flops": step_flops(model, args),
             "peak_bytes": peak_memory_bytes(device), "step_s": statistics.median(times[1:] or times),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"}
+
+
+def step_flops(model, args) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward; PaLM-style attention).
+
+    The shared unembedding is used once per head, so it counts n_future times: that is the extra
+    arithmetic multi-token prediction pays, and the lower bound of its step-time ratio.
+    """
+    tokens = args.batch * args.seq_len
+    blocks = sum(p.numel() for n, p in model.named_parameters()
+                 if p.dim() == 2 and not n.startswith(("tok_embeddings", "output")))
+    unembedding = args.n_future * args.dim * args.vocab
+    attention = 2 * args.layers * args.seq_len * args.dim  # QK^T and AV, causal-unmasked count
+    return 6.0 * tokens * (blocks + unembedding + attention)
 
 
 def main() -> None:
@@ -116,13 +131,13 @@ def format_table(rows: list[dict], args) -> str:
              f"layers (trunk L-n), dim {args.dim}, vocab {args.vocab}, {args.batch}x{args.seq_len} "
              f"tokens, AdamW, median of {args.steps - 1} steps.",
              "",
-             "| loss mode | n_future | params | peak memory (MiB) | vs n=1 | step (s) | vs n=1 |",
-             "|---|---|---|---|---|---|---|"]
+             "| loss mode | n_future | params | peak memory (MiB) | vs n=1 | step (s) | vs n=1 | FLOPs vs n=1 (lower bound) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base[r["mode"]]
         lines.append(f"| {r['mode']} | {r['n_future']} | {r['params'] / 1e6:.2f}M | "
                      f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / b['peak_bytes']:.3f} | "
-                     f"{r['step_s']:.3f} | {r['step_s'] / b['step_s']:.3f} |")
+                     f"{r['step_s']:.3f} | {r['step_s'] / b['step_s']:.3f} | {r['flops'] / b['flops']:.3f} |")
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 Same signature and semantics as the Triton path (``impl="torch"``). Logits are formed a chunk of
 rows at a time, so no [N, V] tensor ever exists: the forward keeps only per-row statistics
 (log-sum-exp, target logit, argmax), and the backward recomputes each chunk's logits to build
-grad_hidden and grad_weight. A chunk holds at most ``CHUNK_ELEMENTS`` logits.
+grad_hidden and grad_weight. Without a TP group and when gradients are wanted, the forward
+builds them in the same pass instead (no recompute) and the backward only scales them. A chunk
+holds at most ``CHUNK_ELEMENTS`` logits.
 
 With ``tp_group`` the weight (and bias) is this rank's vocabulary shard; the per-row partials
 are combined across the group (``vocab_parallel.py``) and grad_hidden is summed across it.
@@ -43,9 +45,32 @@ def _local_targets(targets, valid, vocab_start, vocab_local):
     return torch.where(here, local, torch.zeros_like(local)), here
 
 
+class _GradBuffers:
+    """grad_hidden / grad_weight / grad_bias accumulated chunk by chunk in the forward pass."""
+
+    def __init__(self, hidden, weight, bias, acc, needs):
+        need_h, need_w, need_b = needs
+        self.hidden = torch.zeros_like(hidden, dtype=acc) if need_h else None
+        self.weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+
+    def add_chunk(self, dlogits, hidden, weight_acc, start, end):
+        if self.hidden is not None:
+            self.hidden[start:end] = dlogits @ weight_acc
+        if self.weight is not None:
+            self.weight.addmm_(dlogits.t(), hidden[start:end].to(dlogits.dtype))
+        if self.bias is not None:
+            self.bias += dlogits.sum(0)
+
+    def scaled(self, grad_loss, hidden, weight, bias):
+        def out(buf, like):
+            return None if buf is None else buf.mul_(grad_loss.to(buf.dtype)).to(like.dtype)
+        return out(self.hidden, hidden), out(self.weight, weight), out(self.bias, bias)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, tp_group):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, tp_group, grads_wanted):
         n_rows, vocab_local = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden)
         vocab_start = shard_start(vocab_local, tp_group)
@@ -56,14 +81,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         target_logit = torch.empty(n_rows, dtype=acc, device=hidden.device)
         arg = torch.empty(n_rows, dtype=torch.int64, device=hidden.device)
         weight_acc = weight.to(acc)
+        # Without a TP group each chunk holds whole rows, so when a backward will follow the
+        # gradients are formed in this same pass (3 matmuls instead of 4: no recompute); they are
+        # kept for a row gradient of 1 (sum) or 1/n_valid (mean) and scaled in backward.
+        eager = tp_group is None and reduction != "none" and grads_wanted
+        if eager:
+            grads = _GradBuffers(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
+            unit = valid.to(acc) / (valid.sum().clamp(min=1) if reduction == "mean" else 1)
         for start, end in _row_chunks(n_rows, vocab_local):
             logits = _chunk_logits(hidden, weight_acc, bias, start, end)
             target_logit[start:end] = logits.gather(1, local_t[start:end, None]).squeeze(1)
             chunk_max, chunk_arg = logits.max(dim=-1)
             row_max[start:end] = chunk_max
             arg[start:end] = chunk_arg + vocab_start
-            sum_exp[start:end] = logits.sub_(chunk_max[:, None]).exp_().sum(dim=-1)
-            del logits
+            exp = logits.sub_(chunk_max[:, None]).exp_()  # in place: logits are gone from here
+            sum_exp[start:end] = exp.sum(dim=-1)
+            if eager:
+                dlogits = exp.div_(sum_exp[start:end, None])  # softmax
+                rows = torch.arange(end - start, device=hidden.device)
+                dlogits[rows, local_t[start:end]] -= here[start:end].to(acc)
+                grads.add_chunk(dlogits.mul_(unit[start:end, None]), hidden, weight_acc, start, end)
+            del logits, exp
         target_logit = torch.where(here, target_logit, torch.zeros_like(target_logit))
         if tp_group is not None:
             row_max, sum_exp, target_logit, arg = all_reduce_partials(
@@ -74,12 +112,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_correct = ((arg == targets) & valid).sum()
         ctx.save_for_backward(hidden, weight, bias, local_t, here, valid, lse, n_valid)
         ctx.reduction, ctx.tp_group = reduction, tp_group
+        ctx.eager_grads = grads if eager else None
         ctx.mark_non_differentiable(n_correct)
         return (loss.to(hidden.dtype) if reduction == "none" else loss), n_correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_n_correct):
         hidden, weight, bias, local_t, here, valid, lse, n_valid = ctx.saved_tensors
+        if ctx.eager_grads is not None:  # formed in forward for a unit incoming gradient
+            return (*ctx.eager_grads.scaled(grad_loss, hidden, weight, bias), None, None, None, None,
+                    None)
         n_rows, vocab_local = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden)
         row_grad = row_grads(grad_loss, valid, n_valid, ctx.reduction, acc)
@@ -109,7 +151,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden.to(hidden.dtype) if need_h else None,
             grad_weight.to(weight.dtype) if need_w else None,
             grad_bias.to(bias.dtype) if need_b else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -120,6 +162,10 @@ def linear_cross_entropy_torch(hidden, weight, targets, *, bias=None, ignore_ind
     Returns the loss, and with ``return_n_correct`` also the number of non-ignored rows whose
     argmax equals the target (a 0-dim int64 tensor from the same pass, for accuracy logging).
     """
+    # Read grad mode here: inside Function.forward it is always off, and needs_input_grad stays
+    # True under a caller's no_grad.
+    grads_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, n_correct = _LinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index,
-                                                reduction, tp_group)
+                                                reduction, tp_group, grads_wanted)
     return (loss, n_correct) if return_n_correct else loss
