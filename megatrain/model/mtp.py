@@ -22,7 +22,33 @@ from megatrain.config import ModelConfig
 from megatrain.model.transformer import TransformerBlock, rope_tables
 
 
-class MTPTransformer(nn.Module):
+class MTPHeads:
+    """The heads' interface the sequential-heads loss uses, shared by the whole model and the
+    last pipeline stage. Needs ``head_type``, ``n_future``, ``head_module(i)`` and the RoPE
+    buffers ``rope_cos`` / ``rope_sin``."""
+
+    @property
+    def head_order(self) -> list[int]:
+        """The order heads are evaluated in; chained types feed each head the previous output."""
+        order = list(range(self.n_future))
+        return order[::-1] if self.head_type == "anticausal" else order
+
+    @property
+    def heads_are_chained(self) -> bool:
+        return self.head_type in ("causal", "anticausal")
+
+    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+
+    def head_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Head i's output before the shared norm: (B, T, D) -> (B, T, D)."""
+        head = self.head_module(i)
+        if self.head_type == "linear":
+            return head(x)
+        return head(x, *self.rope(x.shape[1]))
+
+
+class MTPTransformer(MTPHeads, nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int):
         super().__init__()
         if cfg.vocab_size < 1:
@@ -58,16 +84,6 @@ class MTPTransformer(nn.Module):
             return self.linear_heads[i]
         return self.layers[str(len(self.layers) - 1)] if i == 0 else self.extra_heads[i - 1]
 
-    @property
-    def head_order(self) -> list[int]:
-        """The order heads are evaluated in; chained types feed each head the previous output."""
-        order = list(range(self.n_future))
-        return order[::-1] if self.head_type == "anticausal" else order
-
-    @property
-    def heads_are_chained(self) -> bool:
-        return self.head_type in ("causal", "anticausal")
-
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         # Residual-branch outputs are scaled down with depth (GPT-2 / Megatron convention).
@@ -81,9 +97,6 @@ class MTPTransformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     # ---- forward ---------------------------------------------------------------------------
-    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-
     def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embedding and trunk layers: tokens (B, T) -> hidden (B, T, D)."""
         h = self.tok_embeddings(tokens)
@@ -91,14 +104,6 @@ class MTPTransformer(nn.Module):
         for key in self.trunk_layer_keys:
             h = self.layers[key](h, cos, sin)
         return h
-
-    def head_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Head i's output before the shared norm: (B, T, D) -> (B, T, D)."""
-        head = self.head_module(i)
-        if self.head_type == "linear":
-            return head(x)
-        cos, sin = self.rope(x.shape[1])
-        return head(x, cos, sin)
 
     def head_outputs(self, trunk_hidden: torch.Tensor) -> list[torch.Tensor]:
         """Every head's pre-norm output, head 0 first."""

@@ -30,6 +30,7 @@ from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleDualPi
 
 from megatrain.config import ModelConfig
 from megatrain.errors import ConfigError
+from megatrain.model.mtp import MTPHeads
 from megatrain.model.transformer import ffn_hidden_dim
 from megatrain.mtp_loss import mtp_loss
 from megatrain.parallel.tensor_parallel import n_layer_entries
@@ -146,7 +147,7 @@ def local_stage_ids(pp_rank: int, pp: int, schedule: str, virtual_stages: int) -
 
 
 # ---- the stage module ----------------------------------------------------------------------------
-class MTPStage(nn.Module):
+class MTPStage(MTPHeads, nn.Module):
     """One pipeline stage of an MTPTransformer, with the model's parameter names.
 
     ``forward(x, targets)``: x is tokens (B, T) on the first stage, the hidden state (B, T, D)
@@ -182,29 +183,10 @@ class MTPStage(nn.Module):
         self.head_scales: torch.Tensor | None = None
         self.stats: list = []
 
-    # the interface megatrain.mtp_loss expects of a model (same as MTPTransformer's)
-    @property
-    def head_order(self) -> list[int]:
-        order = list(range(self.n_future))
-        return order[::-1] if self.head_type == "anticausal" else order
-
-    @property
-    def heads_are_chained(self) -> bool:
-        return self.head_type in ("causal", "anticausal")
-
-    def head_module(self, i: int) -> nn.Module:
+    def head_module(self, i: int) -> nn.Module:  # with it, MTPHeads gives the loss's interface
         if self.head_type == "linear":
             return self.linear_heads[i]
         return self.layers[self._head1_key] if i == 0 else self.extra_heads[i - 1]
-
-    def rope(self, seq_len: int):
-        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-
-    def head_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        head = self.head_module(i)
-        if self.head_type == "linear":
-            return head(x)
-        return head(x, *self.rope(x.shape[1]))
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The sequence length comes from the targets: under sequence parallelism the hidden state
