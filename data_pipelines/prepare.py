@@ -111,10 +111,13 @@ def prepare_dataset(
     extensions: tuple[str, ...] = (".py",),
     exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
     progress: bool = True,
+    run_stage=None,
 ) -> dict:
     """Prepare ``input_dir``'s source files into a megatrain dataset in ``output_dir``; returns the
     manifest. If ``output_dir`` already holds a completed dataset with the same config, returns its
-    manifest without doing any work; a folder holding anything else is never overwritten."""
+    manifest without doing any work; a folder holding anything else is never overwritten.
+    ``run_stage`` runs one pipeline stage (default: datatrove's LocalPipelineExecutor here; the
+    CLI passes megatrain.slurm.data.SlurmStageRunner for ``--executor slurm``)."""
     input_path = Path(input_dir).expanduser().resolve()
     output_path = Path(output_dir).expanduser().resolve()
     config = PrepareConfig(
@@ -137,10 +140,12 @@ def prepare_dataset(
     # several processes may prepare the same folder at once (e.g. every rank of a job calling
     # ensure_default_dataset): the first builds, the others wait and then reuse its result
     with _folder_lock(output_path):
-        return _prepare_locked(config, input_path, output_path, tasks=tasks, progress=progress)
+        return _prepare_locked(config, input_path, output_path, tasks=tasks, progress=progress,
+                               run_stage=run_stage)
 
 
-def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, *, tasks: int, progress: bool) -> dict:
+def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, *, tasks: int,
+                    progress: bool, run_stage=None) -> dict:
     cached = _check_output_dir(output_path, config)
     if cached is not None:
         if progress:
@@ -166,7 +171,8 @@ def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, 
     if not progress:
         logger.disable("datatrove")
     try:
-        manifest = _run_pipeline(config, output_path, tasks=tasks, progress=progress)
+        manifest = _run_pipeline(config, output_path, tasks=tasks, progress=progress,
+                                 run_stage=run_stage or _run_stage)
     finally:
         if not progress:
             logger.enable("datatrove")
@@ -226,7 +232,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
-def run_prepare(args: argparse.Namespace) -> dict:
+def run_prepare(args: argparse.Namespace, run_stage=None) -> dict:
     extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
     return prepare_dataset(
         args.input,
@@ -243,6 +249,7 @@ def run_prepare(args: argparse.Namespace) -> dict:
         extensions=extensions,
         exclude_dirs=DEFAULT_EXCLUDE_DIRS + tuple(args.exclude_dir),
         progress=not args.no_progress,
+        run_stage=run_stage,
     )
 
 
@@ -378,7 +385,7 @@ def _val_threshold(hashes, val_fraction: float) -> int:
     return threshold
 
 
-def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: bool) -> dict:
+def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: bool, run_stage) -> dict:
     import numpy as np
     import orjson
     from datatrove.pipeline.dedup import (
@@ -405,14 +412,14 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
     length = steps.LengthFilter(config.min_chars, config.max_chars)
     longest_line = steps.LongestLineFilter(config.max_line_length)
     alnum = steps.AlnumFractionFilter(config.min_alnum_fraction)
-    st1 = _run_stage(
+    st1 = run_stage(
         "1_read_filter",
         [reader, length, longest_line, alnum, jsonl_writer("filtered"), steps.ContentHashWriter(str(work / "hashes"))],
         tasks=K, workers=K, logs=logs,
     )  # fmt: skip
 
     # 2-3. exact dedup, then MinHash signatures of the unique documents
-    _run_stage(
+    run_stage(
         "2_exact_find",
         [steps.ExactDedupFind(str(work / "hashes"), str(work / "exact_remove"), n_tasks=K)],
         tasks=1, workers=1, logs=logs,
@@ -427,7 +434,7 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
         ),
     )
     exact_filter = steps.ExactDedupFilter(str(work / "exact_remove"))
-    st3 = _run_stage(
+    st3 = run_stage(
         "3_exact_filter_minhash_sigs",
         [
             steps.RankJsonlReader(str(work / "filtered")),
@@ -439,12 +446,12 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
     )  # fmt: skip
 
     # 4-5. MinHash buckets and clusters
-    _run_stage(
+    run_stage(
         "4_minhash_buckets",
         [MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
         tasks=minhash.num_buckets, workers=K, logs=logs,
     )  # fmt: skip
-    _run_stage(
+    run_stage(
         "5_minhash_cluster",
         [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)],
         tasks=1, workers=1, logs=logs,
@@ -452,7 +459,7 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
 
     # 6. drop near duplicates; record each survivor's split hash
     near_filter = MinhashDedupFilter(str(work / "mh_remove"))
-    st6 = _run_stage(
+    st6 = run_stage(
         "6_minhash_filter",
         [
             steps.RankJsonlReader(str(work / "unique")),
@@ -501,7 +508,7 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
     # 7-8. tokenize each split
     splits = {}
     for i, split in enumerate(("train", "val")):
-        _run_stage(
+        run_stage(
             f"{7 + i}_tokenize_{split}",
             [
                 steps.RankJsonlReader(str(work / "final")),

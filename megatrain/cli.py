@@ -1,4 +1,6 @@
-"""Command line: ``megatrain train | data prepare | config``.
+"""megatrain: train, prepare data for, submit and inspect multi-token prediction runs.
+
+Subcommands: ``train``, ``data prepare``, ``config``, ``submit`` and ``status`` (SLURM).
 
 The library never parses argv; this module turns arguments into a Config and calls it. Errors the
 user can fix (``UserError``) are printed as one message without a traceback, exit status 2.
@@ -53,8 +55,26 @@ def _config(args) -> int:
 def _data_prepare(args) -> int:
     from megatrain.data_pipelines.prepare import run_prepare
 
-    run_prepare(args)
+    run_stage = None
+    if getattr(args, "executor", "local") == "slurm":  # each stage an array job, run in order
+        from megatrain.slurm.data import SlurmStageRunner, options_from_args
+        run_stage = SlurmStageRunner(options_from_args(args))
+    run_prepare(args, run_stage=run_stage)
     return 0
+
+
+def _slurm_commands(commands) -> None:
+    try:
+        from megatrain.slurm.cli import (add_status_arguments, add_submit_arguments, run_status,
+                                         run_submit)
+    except ImportError:  # the [slurm] extra (submitit) is not installed
+        return
+    submit = commands.add_parser("submit", help="submit a training run to SLURM (submitit)")
+    add_submit_arguments(submit)
+    submit.set_defaults(func=run_submit)
+    status = commands.add_parser("status", help="jobs, states and progress of a run directory")
+    add_status_arguments(status)
+    status.set_defaults(func=run_status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_prepare_arguments = None
     if add_prepare_arguments:
         add_prepare_arguments(prepare)
+        try:
+            from megatrain.slurm.data import add_slurm_data_arguments
+        except ImportError:  # the [slurm] extra is not installed: local executor only
+            add_slurm_data_arguments = None
+        if add_slurm_data_arguments:
+            add_slurm_data_arguments(prepare)
     prepare.set_defaults(func=_data_prepare)
+    _slurm_commands(commands)
     return parser
 
 

@@ -1,0 +1,246 @@
+"""What a job asks SLURM for, and whether the cluster can ever give it.
+
+``Resources`` holds the request (one field per ``megatrain submit`` flag). ``check_fits`` reads the
+partition and its nodes from ``scontrol show partition|node -o`` and refuses, before anything is
+queued, a request that would pend forever: an unknown partition, more nodes than the partition
+has, more CPUs/GPUs/memory per node than any node has, a time above the partition's limit. Each
+error names the flag to change.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+
+from megatrain.errors import UserError
+
+
+class SlurmRequestError(UserError):
+    """A resource request the cluster cannot satisfy, or SLURM cannot be reached."""
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # None: gpus_per_node (one process per GPU), or 1 on CPU
+    cpus_per_task: int | None = None  # None: the partition's default
+    mem_gb: float | None = None  # per node; None: the partition's default; 0: all of it
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 60
+    exclusive: bool = False
+    max_requeues: int = 3
+    signal_delay_s: int | None = None  # None: 120 s, or half the time limit if that is shorter
+    job_name: str = "megatrain"
+
+    @property
+    def ntasks_per_node(self) -> int:
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node or 1
+
+    @property
+    def checkpoint_signal_s(self) -> int:
+        """Seconds before the time limit at which SLURM sends the checkpoint signal."""
+        if self.signal_delay_s is not None:
+            return self.signal_delay_s
+        return min(120, self.time_min * 30)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+    def validate(self) -> None:
+        """Rules that need no cluster; each failure names the flag."""
+        for flag, value, low in (("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
+                                 ("--time", self.time_min, 1), ("--max-requeues", self.max_requeues, 0),
+                                 ("--signal-delay-s", self.checkpoint_signal_s, 1)):
+            if value < low:
+                raise SlurmRequestError(f"{flag}={value} must be at least {low}")
+        for flag, value in (("--tasks-per-node", self.tasks_per_node),
+                            ("--cpus-per-task", self.cpus_per_task)):
+            if value is not None and value < 1:
+                raise SlurmRequestError(f"{flag}={value} must be at least 1")
+        if self.mem_gb is not None and self.mem_gb < 0:
+            raise SlurmRequestError(f"--mem-gb={self.mem_gb} must be >= 0 (0 = all of each node's memory)")
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise SlurmRequestError(
+                f"--tasks-per-node={self.tasks_per_node} with --gpus-per-node={self.gpus_per_node}: "
+                f"training runs one process per GPU; leave --tasks-per-node out (it defaults to "
+                f"--gpus-per-node)")
+        if self.checkpoint_signal_s >= self.time_min * 60:
+            raise SlurmRequestError(
+                f"--signal-delay-s={self.signal_delay_s} must be shorter than --time={self.time_min} "
+                f"min ({self.time_min * 60} s): the job is told that long before its time limit to "
+                f"checkpoint and requeue")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ntasks_per_node": self.ntasks_per_node, "world_size": self.world_size,
+                "checkpoint_signal_s": self.checkpoint_signal_s}
+
+    def describe(self) -> str:
+        """The request in words, for --dry-run and the submit summary."""
+        per_node = [f"{self.ntasks_per_node} task(s)"]
+        if self.gpus_per_node:
+            per_node.append(f"{self.gpus_per_node} GPU(s)")
+        if self.cpus_per_task:
+            per_node.append(f"{self.cpus_per_task} CPU(s) per task")
+        if self.mem_gb is None:
+            per_node.append("default memory")
+        else:
+            per_node.append(f"{self.mem_gb:g} GB memory" if self.mem_gb else "all memory")
+        extra = [f"{k} {v}" for k, v in (("account", self.account), ("qos", self.qos),
+                                          ("constraint", self.constraint)) if v]
+        if self.exclusive:
+            extra.append("exclusive nodes")
+        return (f"{self.nodes} node(s) x [{', '.join(per_node)}] = {self.world_size} process(es); "
+                f"partition {self.partition or '(cluster default)'}; time limit {self.time_min} min; "
+                f"checkpoint signal {self.checkpoint_signal_s} s before it; at most {self.max_requeues} "
+                f"requeue(s)" + (f"; {', '.join(extra)}" if extra else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the cluster
+
+def _scontrol(*args: str) -> str:
+    if shutil.which("scontrol") is None:
+        raise SlurmRequestError("scontrol not found: run `megatrain submit` where the SLURM client "
+                                "commands are installed (a login node), or set PATH/SLURM_CONF")
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise SlurmRequestError(f"`scontrol {' '.join(args)}` failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def parse_records(text: str) -> list[dict[str, str]]:
+    """``scontrol show ... -o`` output: one record per line, ``Key=value`` pairs.
+
+    Values with spaces (a node's ``Reason=...``) leave their extra words unparsed; no key the
+    checks use can hold a space.
+    """
+    return [dict(re.findall(r"(?:^|\s)([A-Za-z][\w/:]*)=(\S*)", line)) for line in text.splitlines()
+            if "=" in line]
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """``node[1-3,5],gpu01`` -> ``[node1, node2, node3, node5, gpu01]`` (one bracket group per name)."""
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?([^,\[]*)", hostlist):
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            for n in range(int(low), int(high or low) + 1):
+                hosts.append(f"{prefix}{n:0{len(low)}d}{suffix}")
+    return hosts
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a node's ``Gres`` field: ``gpu:8``, ``gpu:a100:4(S:0-1),gpu:h100:4``, ``(null)``."""
+    total = 0
+    for item in gres.split(","):
+        item = re.sub(r"\(.*?\)", "", item)
+        parts = item.split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def parse_minutes(limit: str) -> int | None:
+    """A SLURM time limit (``UNLIMITED``, ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in
+    minutes; None when unlimited."""
+    if limit in ("UNLIMITED", "INFINITE", "NONE", ""):
+        return None
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))
+        hours, minutes, seconds = parts
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    elif len(parts) == 2:
+        hours, (minutes, seconds) = 0, parts
+    else:
+        hours, minutes, seconds = 0, parts[0], 0
+    return (int(days or 0) * 24 + hours) * 60 + minutes + (1 if seconds else 0)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+    state: str
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    name: str
+    default: bool
+    state: str
+    nodes: tuple[NodeInfo, ...]
+    max_nodes: int | None
+    max_time_min: int | None
+
+
+def read_partitions() -> dict[str, PartitionInfo]:
+    node_records = {r["NodeName"]: r for r in parse_records(_scontrol("show", "node", "-o"))
+                    if "NodeName" in r}
+    partitions = {}
+    for r in parse_records(_scontrol("show", "partition", "-o")):
+        nodes = []
+        for name in expand_hostlist(r.get("Nodes", "")) if r.get("Nodes", "(null)") != "(null)" else []:
+            n = node_records.get(name, {})
+            nodes.append(NodeInfo(name, int(n.get("CPUTot", 0) or 0), int(n.get("RealMemory", 0) or 0),
+                                  gpu_count(n.get("Gres", "")), n.get("State", "UNKNOWN")))
+        max_nodes = r.get("MaxNodes", "UNLIMITED")
+        partitions[r["PartitionName"]] = PartitionInfo(
+            r["PartitionName"], r.get("Default") == "YES", r.get("State", "UP"), tuple(nodes),
+            None if max_nodes == "UNLIMITED" else int(max_nodes), parse_minutes(r.get("MaxTime", "")))
+    return partitions
+
+
+def check_fits(res: Resources, partitions: dict[str, PartitionInfo]) -> PartitionInfo:
+    """Refuse a request the partition can never run; return the partition used."""
+    if res.partition is None:
+        default = [p for p in partitions.values() if p.default]
+        if not default:
+            raise SlurmRequestError(f"the cluster has no default partition: pass --partition (one of "
+                                    f"{', '.join(sorted(partitions))})")
+        part = default[0]
+    elif res.partition not in partitions:
+        raise SlurmRequestError(f"--partition={res.partition}: no such partition; this cluster has "
+                                f"{', '.join(sorted(partitions)) or 'none'}")
+    else:
+        part = partitions[res.partition]
+    where = f"partition {part.name}"
+    if res.nodes > len(part.nodes):
+        raise SlurmRequestError(f"--nodes={res.nodes}: {where} has only {len(part.nodes)} node(s)")
+    if part.max_nodes is not None and res.nodes > part.max_nodes:
+        raise SlurmRequestError(f"--nodes={res.nodes}: {where} allows at most {part.max_nodes} "
+                                f"node(s) per job (MaxNodes)")
+    if part.max_time_min is not None and res.time_min > part.max_time_min:
+        raise SlurmRequestError(f"--time={res.time_min}: {where} allows at most {part.max_time_min} "
+                                f"min per job (MaxTime); lower --time and rely on requeues")
+    cpus = res.ntasks_per_node * (res.cpus_per_task or 1)
+    need = [("--gpus-per-node", res.gpus_per_node, lambda n: n.gpus, "GPU(s)"),
+            ("--tasks-per-node/--cpus-per-task" if res.cpus_per_task else "--tasks-per-node", cpus,
+             lambda n: n.cpus, "CPU(s)"),
+            ("--mem-gb", int((res.mem_gb or 0) * 1024), lambda n: n.mem_mb, "MB of memory")]
+    for flag, amount, have, unit in need:
+        most = max((have(n) for n in part.nodes), default=0)
+        if amount > most:
+            raise SlurmRequestError(f"{flag}: the job needs {amount} {unit} per node but the largest "
+                                    f"node of {where} has {most}")
+    fitting = [n for n in part.nodes if all(have(n) >= amount for _, amount, have, _ in need)]
+    if len(fitting) < res.nodes:
+        raise SlurmRequestError(f"--nodes={res.nodes}: only {len(fitting)} node(s) of {where} have "
+                                f"{res.gpus_per_node} GPU(s), {cpus} CPU(s) and the memory asked for")
+    return part
