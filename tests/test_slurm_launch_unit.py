@@ -191,7 +191,7 @@ def test_code_snapshot_holds_every_installed_part_without_caches(tmp_path):
     ("13b_n4.yaml", 16, dict(dp=8, tp=8, pp=2, pp_schedule="1f1b", sequence_parallel="true")),
 ])
 def test_paper_runs_render_the_documented_sbatch_script(monkeypatch, tmp_path, config, nodes, parallel):
-    """The requests of SUBMIT.md, on a described 16 x 8-GPU cluster: layout accepted, script right."""
+    """The README's SLURM requests, on a described 16 x 8-GPU cluster: layout accepted, script right."""
     import megatrain.slurm.submit as submit_mod
 
     monkeypatch.setattr(submit_mod, "read_partitions", lambda: _gpu_cluster())
