@@ -172,3 +172,19 @@ def test_cli_reports_bad_key_and_exits_2(tmp_path):
     assert "unknown config key 'train.stepz'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_embedded_default_trains_and_every_head_loss_falls(tmp_path):
+    """`megatrain train` with no config: the stdlib corpus is built, cached and trained on."""
+    run = tmp_path / "run"
+    result = _run_cli(["train", f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}",
+                       "train.steps=40", "train.eval_every=0", "checkpoint.every=0",
+                       "logging.progress=false"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _metrics(run)
+    first = records[0]["head_losses"]
+    last = [sum(r["head_losses"][i] for r in records[-5:]) / 5 for i in range(4)]
+    assert len(first) == 4  # the default is n_future=4
+    assert all(b < a - 1.0 for a, b in zip(first, last)), (first, last)
+    assert "done: step 40" in result.stdout
