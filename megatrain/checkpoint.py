@@ -36,9 +36,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 class ModelAndOptimizer(Stateful):
@@ -98,9 +98,21 @@ class RNGState(Stateful):
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep: int):
+    """Saves and finds checkpoints of one run directory.
+
+    With ``async_save`` a save only stages the state (a copy in host memory) and the files are
+    written by a background thread on a process group of its own (training collectives running
+    meanwhile would otherwise interleave with the checkpoint's on the same group). The rename to
+    ``step_N`` and the ``latest`` pointer follow once every rank's writes are done: at the next
+    save or at ``finish()``, so ``latest`` never names a checkpoint still being written.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.async_save = async_save
+        self._group = None
+        self._pending = None  # (future, step) of an async save not yet finalised
 
     def prepare(self) -> None:
         """Create the folder and drop partial saves left by a crash."""
@@ -111,6 +123,8 @@ class CheckpointManager:
                 raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable run.dir") from None
             for leftover in self.root.glob("*.tmp"):
                 shutil.rmtree(leftover, ignore_errors=True)
+        if self.async_save and dist.is_initialized() and self._group is None:
+            self._group = dist.new_group(backend="gloo")  # collective: every rank calls prepare
         _barrier()
 
     def latest(self) -> Path | None:
@@ -123,26 +137,57 @@ class CheckpointManager:
                                   f"point it at a complete step_* folder or remove it to start fresh")
         return path
 
-    def save(self, state: dict, step: int) -> Path:
-        name = f"step_{step:07d}"
-        final, tmp = self.root / name, self.root / f"{name}.tmp"
+    def save(self, state: dict, step: int) -> None:
+        self.finish()  # one save in flight at a time
+        tmp = self._tmp(step)
         if _rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
-        _barrier()
+        if self.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group),
+                             step)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._publish(step)
+
+    def poll(self) -> None:
+        """Publish an async save as soon as every rank has written it (call once per step)."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending[0].done())])
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._group)
+        if done.item():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for an async save in flight and publish it as ``latest``."""
+        if self._pending is None:
+            return
+        future, step = self._pending
+        self._pending = None
+        future.result()
+        self._publish(step)
+
+    def _tmp(self, step: int) -> Path:
+        return self.root / f"step_{step:07d}.tmp"
+
+    def _publish(self, step: int) -> None:
+        """Every rank has written step's files: rename the folder, then move ``latest``."""
+        _barrier(self._group)
+        name = f"step_{step:07d}"
+        final = self.root / name
         if _rank() == 0:
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
-            os.replace(tmp, final)
+            os.replace(self._tmp(step), final)
             _fsync_dir(self.root)
             pointer_tmp = self.root / "latest.tmp"
             pointer_tmp.write_text(name + "\n")
             os.replace(pointer_tmp, self.root / "latest")
             _fsync_dir(self.root)
             self._prune()
-        _barrier()
-        return final
+        _barrier(self._group)
 
     def load(self, state: dict, path: Path) -> None:
         """Load ``state`` (name -> Stateful) from ``path``; every key must be in the checkpoint.

@@ -97,6 +97,8 @@ class CheckpointConfig:
     every: int = doc(50, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
     keep: int = doc(2, "How many checkpoints to keep.")
     resume: bool = doc(True, "Resume from the latest checkpoint in run.dir if there is one.")
+    async_save: bool = doc(False, "Write checkpoints in a background thread on a process group of "
+                                  "their own; 'latest' moves once every rank has written.")
 
 
 @dataclass
@@ -143,6 +145,9 @@ class ParallelConfig:
     dp_engine: str = doc("fsdp", "Data-parallel engine: fsdp (FSDP2, composes with tp and pp) | "
                                  "deepspeed (ZeRO, dp only).")
     zero_stage: int = doc(3, "DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.dp_engine=deepspeed only).")
+    offload_optimizer: bool = doc(False, "DeepSpeed ZeRO-Offload: keep the fp32 master weights and "
+                                         "AdamW state in CPU memory and step them there "
+                                         "(parallel.dp_engine=deepspeed with zero_stage 2 or 3).")
     activation_checkpointing: str = doc("none", "none | selective (every other trunk layer) | full "
                                                 "(every trunk layer).")
 

@@ -82,3 +82,23 @@ def test_loading_into_a_different_model_names_the_checkpoint(tmp_path):
     bigger_optim = torch.optim.AdamW(bigger.parameters())
     with pytest.raises(CheckpointError, match="step_0000001"):
         manager.load({"mo": ModelAndOptimizer(bigger, bigger_optim)}, manager.latest())
+
+
+def test_async_save_publishes_latest_only_when_written(tmp_path):
+    model, optim = _model_and_optim(0)
+    manager = CheckpointManager(tmp_path, keep=2, async_save=True)
+    manager.prepare()
+    state = {"mo": ModelAndOptimizer(model, optim)}
+    manager.save(state, step=1)
+    assert manager.latest() is None or manager.latest().name == "step_0000001"
+    manager.finish()
+    assert manager.latest().name == "step_0000001"
+    manager.save(state, step=2)
+    manager.save(state, step=3)  # finishes step 2 first
+    assert manager.latest().name in ("step_0000002", "step_0000003")
+    manager.finish()
+    assert manager.latest().name == "step_0000003"
+    other, other_optim = _model_and_optim(1)
+    manager.load({"mo": ModelAndOptimizer(other, other_optim)}, manager.latest())
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
