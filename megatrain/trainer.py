@@ -28,6 +28,8 @@ from megatrain.model.mtp import MTPTransformer, count_parameters
 from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel import ParallelDims, init_distributed, parallelize
+from megatrain.parallel.comm import all_reduce_host
+from megatrain.parallel.deepspeed_engine import DeepSpeedModelAndOptimizer, parallelize_deepspeed
 
 
 @dataclass
@@ -137,14 +139,6 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """All-reduce over ``group``; None means a one-rank axis: nothing to reduce (note that
-    torch.distributed would read None as the whole world)."""
-    if group is not None:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
-
-
 def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train to ``cfg.train.steps``, resuming from ``run.dir`` if it holds a checkpoint.
 
@@ -169,9 +163,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
     eos_id = train_shards.eos_id
     dims = ParallelDims(p.dp, p.tp, p.pp, env.world_size)
     dims.validate(cfg.model, p, t.batch_size, t.micro_batch_size)  # before any collective
-    if p.dp_engine == "deepspeed":
-        raise ConfigError("parallel.dp_engine=deepspeed is not available yet; use "
-                          "parallel.dp_engine=fsdp (FSDP2, composes with tp and pp)")
+    deepspeed = p.dp_engine == "deepspeed"
     run_dir = Path(cfg.run.dir).expanduser()
     check_run_dir(run_dir, cfg)
     mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
@@ -181,21 +173,29 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
 
     model = MTPTransformer(cfg.model, max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len).to(device)
     n_params = count_parameters(model)
-    fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
-    pm = parallelize(model, dims, mesh, p, device=device, local_batch=t.batch_size // p.dp,
-                     micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
-                     impl=cfg.loss.impl, param_dtype=fsdp_dtype)
+    if deepspeed:  # ZeRO over dp; its AdamW is built inside (see parallel/deepspeed_engine.py)
+        pm = parallelize_deepspeed(model, t, p, device=device, local_batch=t.batch_size // p.dp,
+                                   micro_batch_size=t.micro_batch_size,
+                                   ignore_index=cfg.loss.ignore_index, impl=cfg.loss.impl,
+                                   bf16=autocast_dtype == torch.bfloat16)
+        optimizers = [pm.optimizer]
+    else:
+        fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
+        pm = parallelize(model, dims, mesh, p, device=device, local_batch=t.batch_size // p.dp,
+                         micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
+                         impl=cfg.loss.impl, param_dtype=fsdp_dtype)
+        optimizers = [build_optimizer(stage, t, device.type) for stage in pm.stages]
     del model  # this rank keeps only its stages
-    optimizers = [build_optimizer(stage, t, device.type) for stage in pm.stages]
     schedulers = [build_scheduler(optimizer, t) for optimizer in optimizers]
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = WindowLoader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,
                           dp_size=p.dp, seed=t.seed, vocab_size=cfg.model.vocab_size)
     state = TrainState()
-    checkpointable = {"model_optim": ModelAndOptimizer(pm.stages, optimizers),
+    checkpointable = {"model_optim": DeepSpeedModelAndOptimizer(pm) if deepspeed
+                      else ModelAndOptimizer(pm.stages, optimizers),
                       "scheduler": schedulers[0], "dataloader": loader, "train_state": state,
                       "rng": RNGState()}
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     checkpoints.prepare()
     latest = checkpoints.latest() if cfg.checkpoint.resume else None
     if latest is not None:
@@ -230,18 +230,23 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
             batch = loader.next_batch().to(device)  # this dp rank's rows (B / dp, T + 1)
             targets = build_head_targets(batch, n, cfg.loss.ignore_index, eos_id,
                                          cfg.loss.mask_cross_document)  # (n, B / dp, T)
-            counts = _all_reduce((targets != cfg.loss.ignore_index).flatten(1).sum(1).cpu(),
+            counts = all_reduce_host((targets != cfg.loss.ignore_index).flatten(1).sum(1).cpu(),
                                  pm.group("dp"))  # valid targets per head in the global batch
             scales = head_scales(counts, weights)
             with _autocast(device, autocast_dtype):
                 total, stats = pm.forward_backward(batch[:, :-1], targets, scales, t.micro_batch_size)
-            grad_norm = pm.clip_grad_norm_(t.grad_clip)
             lr = schedulers[0].get_last_lr()[0]
-            finite = math.isfinite(total) and math.isfinite(grad_norm)
-            for optimizer, scheduler in zip(optimizers, schedulers):
-                if finite:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if deepspeed:  # DeepSpeed clips, steps and skips a NaN/inf gradient norm itself
+                grad_norm, applied = pm.step()
+                finite = math.isfinite(total) and applied
+            else:
+                grad_norm = pm.clip_grad_norm_(t.grad_clip)
+                finite = math.isfinite(total) and math.isfinite(grad_norm)
+                for optimizer in optimizers:
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            for scheduler in schedulers:
                 scheduler.step()
             bad_steps = 0 if finite else bad_steps + 1
             state.step += 1
@@ -258,6 +263,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
                 logger.log_train(last)
             logger.advance()
             if not finite and bad_steps >= t.max_bad_steps:
+                checkpoints.finish()  # an async save of the last good step still counts
                 raise NonFiniteLossError(
                     f"loss or gradient norm was NaN/inf for {bad_steps} steps in a row (last at step "
                     f"{state.step}); no such step was applied and the last good checkpoint in "
@@ -267,15 +273,17 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
                                                       eos_id))
             stop = should_stop is not None and should_stop()
             if dist.is_initialized() and should_stop is not None:  # stop together or not at all
-                stop = bool(_all_reduce(torch.tensor([int(stop)]), dist.group.WORLD,
+                stop = bool(all_reduce_host(torch.tensor([int(stop)]), dist.group.WORLD,
                                         op=dist.ReduceOp.MAX).item())
             if finite and (stop or state.step == t.steps or
                            (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0)):
                 checkpoints.save(checkpointable, state.step)
+            checkpoints.poll()
             if fault_step and state.step == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop:
                 break
+        checkpoints.finish()
     finally:
         logger.close()
     return TrainResult(run_dir, state.step, last["head_losses"] if last else [],

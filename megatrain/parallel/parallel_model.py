@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from megatrain.mtp_loss import HeadStats
+from megatrain.parallel.comm import all_reduce_host
 from megatrain.config import ParallelConfig
 from megatrain.parallel.data_parallel import apply_fsdp
 from megatrain.parallel.pipeline import (MTPStage, build_schedule, check_pipeline_layout,
@@ -98,20 +99,25 @@ class ParallelModel:
         # inputs): only the last n_microbatches records of a stage are this step's microbatches.
         keep = self.n_microbatches if self.schedule is not None else None
         stats = [s for stage in self.stages if stage.is_last for s in stage.stats[-keep if keep else 0:]]
-        packed = torch.zeros(4, n, dtype=torch.float64)
-        packed[0, 0] = local_loss
-        for s in stats:
-            packed[1] += s.loss_sum
-            packed[2] += s.n_correct.double()
-            packed[3] += s.n_valid.double()
-        for axis in ("pp", "dp"):  # only the last pipeline stage holds loss and stats
-            if self.group(axis) is not None:
-                dist.all_reduce(packed, group=self.group(axis))
-        return float(packed[0, 0]), HeadStats(packed[1], packed[2].round().long(),
-                                              packed[3].round().long())
+        # only the last pipeline stage holds loss and stats
+        return reduce_step_stats(local_loss, stats, n, [self.group("pp"), self.group("dp")])
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         return clip_grad_norm_(list(self.parameters()), max_norm, self.group("pp"))
+
+
+def reduce_step_stats(local_loss: torch.Tensor, stats: list[HeadStats], n_future: int,
+                      groups: list) -> tuple[float, HeadStats]:
+    """Sum this rank's loss and micro-batch HeadStats, then over each group (None: one rank)."""
+    packed = torch.zeros(4, n_future, dtype=torch.float64)
+    packed[0, 0] = local_loss
+    for s in stats:
+        packed[1] += s.loss_sum
+        packed[2] += s.n_correct.double()
+        packed[3] += s.n_valid.double()
+    for group in groups:
+        all_reduce_host(packed, group)
+    return float(packed[0, 0]), HeadStats(packed[1], packed[2].round().long(), packed[3].round().long())
 
 
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, pp_group=None) -> float:
@@ -129,8 +135,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, pp_group=None) 
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares += norm.double().cpu() ** 2
-    if pp_group is not None:
-        dist.all_reduce(squares, group=pp_group)
+    all_reduce_host(squares, pp_group)
     total = squares.sqrt().float()
     if max_norm > 0:
         coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))

@@ -103,6 +103,12 @@ class ParallelDims:
                     f"(composes with tp and pp) or set parallel.tp=1 and parallel.pp=1")
             if parallel.zero_stage not in (1, 2, 3):
                 raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 1, 2 or 3")
+            if parallel.offload_optimizer and parallel.zero_stage == 1:
+                raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage=2 or 3 "
+                                  "(ZeRO-Offload partitions gradients); raise parallel.zero_stage")
+        elif parallel.offload_optimizer:
+            raise ConfigError("parallel.offload_optimizer=true is a DeepSpeed option; set "
+                              "parallel.dp_engine=deepspeed or parallel.offload_optimizer=false")
         if parallel.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; "
                               "set parallel.sequence_parallel=false")
