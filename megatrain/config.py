@@ -90,6 +90,8 @@ class TrainConfig:
     eval_every: int = doc(50, "Validation every this many steps; 0 = never.")
     max_bad_steps: int = doc(3, "Stop after this many consecutive NaN/inf steps (none applied).")
     threads: int = doc(0, "CPU threads for torch; 0 = torch's default.")
+    compile: bool = doc(False, "torch.compile every transformer block (trunk and heads); not "
+                               "with parallel.sequence_parallel.")
 
 
 @dataclass
@@ -257,6 +259,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0.")
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1.")
+    if t.compile and cfg.parallel.sequence_parallel:
+        raise ConfigError("train.compile=true with parallel.sequence_parallel=true is not supported "
+                          "(per-block compiled backward fails under sequence parallelism in torch "
+                          "2.13); set one of them to false")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1.")
     if not cfg.run.dir:

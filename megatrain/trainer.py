@@ -177,13 +177,13 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
         pm = parallelize_deepspeed(model, t, p, device=device, local_batch=t.batch_size // p.dp,
                                    micro_batch_size=t.micro_batch_size,
                                    ignore_index=cfg.loss.ignore_index, impl=cfg.loss.impl,
-                                   bf16=autocast_dtype == torch.bfloat16)
+                                   bf16=autocast_dtype == torch.bfloat16, compile_blocks=t.compile)
         optimizers = [pm.optimizer]
     else:
         fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
         pm = parallelize(model, dims, mesh, p, device=device, local_batch=t.batch_size // p.dp,
                          micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
-                         impl=cfg.loss.impl, param_dtype=fsdp_dtype)
+                         impl=cfg.loss.impl, param_dtype=fsdp_dtype, compile_blocks=t.compile)
         optimizers = [build_optimizer(stage, t, device.type) for stage in pm.stages]
     del model  # this rank keeps only its stages
     schedulers = [build_scheduler(optimizer, t) for optimizer in optimizers]

@@ -2,6 +2,9 @@ import os
 
 # One thread per process: the CI machine has 2 cores and multi-process tests oversubscribe fast.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.compile's cache inside the repo's ignored .cache/, shared by tests and their subprocesses.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "inductor"))
 
 import pytest
 import torch

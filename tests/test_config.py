@@ -33,6 +33,7 @@ def test_yaml_then_overrides(tmp_path):
     (["loss.head_weights=[1,2]"], "loss.head_weights"),
     (["train.batch_size=10", "train.micro_batch_size=4"], "train.micro_batch_size"),
     (["model.vocab_size=-1"], "model.vocab_size"),
+    (["train.compile=true", "parallel.sequence_parallel=true"], "train.compile"),
 ])
 def test_bad_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):

@@ -188,3 +188,20 @@ def test_embedded_default_trains_and_every_head_loss_falls(tmp_path):
     assert len(first) == 4  # the default is n_future=4
     assert all(b < a - 1.0 for a, b in zip(first, last)), (first, last)
     assert "done: step 40" in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(dataset, tmp_path):
+    """train.compile=true compiles every block in place: same names, same losses (fp32)."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    settings = {"train.steps": 3, "train.eval_every": 0, "checkpoint.every": 0,
+                "model.head_type": "causal"}
+    _train(_overrides(dataset, eager, **settings))
+    _train(_overrides(dataset, compiled, **settings, **{"train.compile": True}))
+    for a, b in zip(_metrics(eager), _metrics(compiled)):
+        for x, y in zip(a["head_losses"], b["head_losses"]):
+            assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    wa, wb = _final_weights(eager), _final_weights(compiled)
+    assert wa["model"].keys() == wb["model"].keys()
+    for name, tensor in wa["model"].items():
+        torch.testing.assert_close(wb["model"][name], tensor, rtol=1e-4, atol=1e-6)

@@ -41,7 +41,8 @@ from megatrain.config import ParallelConfig, TrainConfig
 from megatrain.errors import ConfigError
 from megatrain.mtp_loss import HeadStats
 from megatrain.optim import build_optimizer
-from megatrain.parallel.parallel_model import apply_activation_checkpointing, reduce_step_stats
+from megatrain.parallel.parallel_model import (apply_activation_checkpointing, apply_compile,
+                                               reduce_step_stats)
 from megatrain.parallel.pipeline import MTPStage, n_trunk_layers, split_model
 from megatrain.parallel.topology import dist_env
 
@@ -175,11 +176,14 @@ class DeepSpeedModel:
 def parallelize_deepspeed(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, *,
                           device: torch.device, local_batch: int, micro_batch_size: int = 0,
                           ignore_index: int = -100, impl: str = "auto", bf16: bool = False,
-                          extra_config: dict | None = None) -> DeepSpeedModel:
+                          extra_config: dict | None = None,
+                          compile_blocks: bool = False) -> DeepSpeedModel:
     """``parallelize``'s counterpart for ``parallel.dp_engine=deepspeed``: the whole model as one
     MTPStage (dp only), activation checkpointing, then ZeRO."""
     stage = split_model(model, [n_trunk_layers(model.cfg)], [0], ignore_index, impl)[0]
     apply_activation_checkpointing(stage, parallel.activation_checkpointing)
+    if compile_blocks:
+        apply_compile(stage)
     return build_deepspeed_model(stage, train, parallel, device=device, local_batch=local_batch,
                                  micro_batch_size=micro_batch_size, bf16=bf16,
                                  extra_config=extra_config)

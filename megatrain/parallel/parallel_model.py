@@ -5,7 +5,7 @@
     0. pipeline split   this rank keeps only its stages (MTPStage, original parameter names)
     1. tensor parallel  DTensor plans per block, vocab-parallel embedding and unembedding
     2. activation checkpointing   trunk layers (selective: every other one; full: all)
-    3. compile          (not wired yet: see PARALLEL.md)
+    3. compile          each transformer block in place (train.compile)
     4. FSDP2            trunk layers as units, heads + norm + unembedding in the root unit
 
 ``ParallelModel.forward_backward`` runs one optimizer step's forward and backward over this
@@ -158,11 +158,22 @@ def apply_activation_checkpointing(stage: MTPStage, mode: str) -> None:
             stage.layers[key] = checkpoint_wrapper(stage.layers[key], preserve_rng_state=False)
 
 
+def apply_compile(stage: MTPStage) -> None:
+    """Compile every transformer block (trunk layers and heads) in place, one at a time.
+
+    Per block, torchtitan style: the blocks share one compiled graph (same code, same shapes),
+    parameter names stay unchanged, and the sequential-heads node - a custom autograd.Function
+    calling autograd.grad inside its forward - stays eager around the compiled heads.
+    """
+    for block in list(stage.layers.values()) + list(getattr(stage, "extra_heads", [])):
+        block.compile()
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
                 parallel: ParallelConfig, *, device: torch.device | None = None,
                 local_batch: int | None = None, micro_batch_size: int = 0,
                 ignore_index: int = -100, impl: str = "auto",
-                param_dtype: torch.dtype | None = None) -> ParallelModel:
+                param_dtype: torch.dtype | None = None, compile_blocks: bool = False) -> ParallelModel:
     """Turn a freshly initialised MTPTransformer (same seed on every rank) into this rank's parts.
 
     ``mesh`` is ``dims.build_mesh()`` (None for a single process). ``local_batch`` is
@@ -185,7 +196,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
             apply_tp(stage, mesh["tp"], parallel.sequence_parallel)
         # 2. Activation checkpointing of trunk layers.
         apply_activation_checkpointing(stage, parallel.activation_checkpointing)
-        # 3. torch.compile: not applied here yet (whole-stage compile is the safe option under SP).
+        # 3. torch.compile, per block (config validation refuses it with sequence parallelism,
+        #    where per-block compiled backward fails in torch 2.13).
+        if compile_blocks:
+            apply_compile(stage)
         # 4. FSDP2 over dp: trunk layers as units, heads/norm/unembedding in the root unit.
         if dims.dp_enabled:
             apply_fsdp(stage, mesh["dp"], param_dtype=param_dtype,
