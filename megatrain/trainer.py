@@ -111,26 +111,20 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int, dataset_dir: Path) -> None:
 
 
 def evaluate(pm, val_windows, cfg: Config, device, autocast_dtype, eos_id):
-    """Per-head validation loss and accuracy (every rank evaluates the same windows)."""
+    """Per-head validation loss and accuracy over ``val_windows`` (the same on every dp rank)."""
     n = cfg.model.n_future
-    stage = pm.stages[0]
-    stage.head_scales = torch.ones(n)
-    stats_sum = None
-    stage.eval()
-    with torch.no_grad(), _autocast(device, autocast_dtype):
+    totals = None
+    with _autocast(device, autocast_dtype):
         for window in val_windows:
             window = window.to(device)
             targets = build_head_targets(window, n, cfg.loss.ignore_index, eos_id,
                                          cfg.loss.mask_cross_document)
-            stage.stats = []
-            stage(window[:, :-1], targets.transpose(0, 1))
-            s = stage.stats[0]
-            stats_sum = s if stats_sum is None else HeadStats(stats_sum.loss_sum + s.loss_sum,
-                                                              stats_sum.n_correct + s.n_correct,
-                                                              stats_sum.n_valid + s.n_valid)
-    stage.train()
-    valid = stats_sum.n_valid.clamp(min=1)
-    return (stats_sum.loss_sum / valid).tolist(), (stats_sum.n_correct / valid).tolist()
+            s = pm.evaluate(window[:, :-1], targets)
+            totals = s if totals is None else HeadStats(totals.loss_sum + s.loss_sum,
+                                                        totals.n_correct + s.n_correct,
+                                                        totals.n_valid + s.n_valid)
+    valid = totals.n_valid.clamp(min=1)
+    return (totals.loss_sum / valid).tolist(), (totals.n_correct / valid).tolist()
 
 
 def _autocast(device, dtype):
@@ -208,11 +202,12 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
         truncate_metrics(run_dir / "metrics.jsonl", state.step)
 
     val_windows = None
-    if t.eval_every and cfg.data.val_batches and not dims.pp_enabled:
-        val_windows = list(val_batches(open_split(dataset_dir, "val"), cfg.data.seq_len,
-                                       t.micro_batch_size or t.batch_size // p.dp, cfg.data.val_batches))
-    elif t.eval_every and dims.pp_enabled and is_main:
-        print("note: validation is not run under pipeline parallelism yet (parallel.pp > 1)")
+    if t.eval_every and cfg.data.val_batches:
+        # Whole local batches, so that a pipeline schedule can split them into its microbatches.
+        local_batch = t.batch_size // p.dp
+        val_windows = [w for w in val_batches(open_split(dataset_dir, "val"), cfg.data.seq_len,
+                                              local_batch, cfg.data.val_batches)
+                       if w.shape[0] == local_batch]
 
     n = cfg.model.n_future
     weights = list(cfg.loss.head_weights) or [1.0] * n

@@ -92,3 +92,21 @@ def test_checkpoints_reshard_across_layouts(dataset, tmp_path):  # noqa: F811
     third = _launch(1, args)
     assert third.returncode == 0, third.stderr[-3000:]
     _assert_close(_losses(run), _losses(straight), rel=1e-5)
+
+
+def test_validation_runs_under_pipeline_parallelism(dataset, single_process_run, tmp_path):  # noqa: F811
+    """Validation through the schedule's forward-only step equals the single-process one."""
+    args = ["train.eval_every=2", "data.val_batches=2"]
+    ref, run = tmp_path / "ref", tmp_path / "pp"
+    assert _launch(1, _base(dataset, ref) + args).returncode == 0
+    result = _launch(2, _base(dataset, run) + args + ["parallel.pp=2", "parallel.pp_schedule=gpipe"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def evals(path):
+        return [json.loads(x)["val_head_losses"] for x in (path / "metrics.jsonl").read_text().splitlines()
+                if "val_head_losses" in x]
+
+    got, want = evals(run), evals(ref)
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(g, w)), (g, w)

@@ -118,6 +118,18 @@ class DeepSpeedModel:
         """The dp process group (the whole world: DeepSpeed runs dp only); None for one rank."""
         return dist.group.WORLD if axis == "dp" and self.dp > 1 else None
 
+    def evaluate(self, tokens: torch.Tensor, targets: torch.Tensor) -> HeadStats:
+        """Forward only (ZeRO-3 gathers through the module's hooks); same windows on every rank."""
+        stage = self.engine.module
+        stage.head_scales, stage.stats = torch.ones(stage.n_future), []
+        stage.eval()
+        try:
+            with torch.no_grad():
+                stage(tokens, targets.transpose(0, 1))
+        finally:
+            stage.train()
+        return stage.stats[0]
+
     def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor, head_scales: torch.Tensor,
                          micro_batch_size: int = 0) -> tuple[float, HeadStats]:
         """Forward + backward of this dp rank's rows, like ``ParallelModel.forward_backward``.

@@ -105,6 +105,33 @@ class ParallelModel:
     def clip_grad_norm_(self, max_norm: float) -> float:
         return clip_grad_norm_(list(self.parameters()), max_norm, self.group("pp"))
 
+    def evaluate(self, tokens: torch.Tensor, targets: torch.Tensor) -> HeadStats:
+        """Forward only, no gradients: per-head summed CE, hits and valid targets of this batch.
+
+        Every data-parallel rank evaluates the same windows, so only the pipeline axis (where
+        the last stage holds the stats) is reduced. Under a pipeline the batch is split into the
+        schedule's microbatches, like a training step.
+        """
+        n = self.stages[0].n_future
+        for stage in self.stages:
+            stage.head_scales, stage.stats = torch.ones(n), []
+            stage.eval()
+        try:
+            with torch.no_grad():
+                if self.schedule is None:
+                    self.stages[0](tokens, targets.transpose(0, 1))
+                else:
+                    args = (tokens,) if any(s.is_first for s in self.stages) else ()
+                    self.schedule.eval(*args, target=torch.zeros(tokens.shape[0]), losses=[],
+                                       return_outputs=False,
+                                       targets=targets.transpose(0, 1).contiguous())
+        finally:
+            for stage in self.stages:
+                stage.train()
+        keep = self.n_microbatches if self.schedule is not None else None
+        stats = [s for stage in self.stages if stage.is_last for s in stage.stats[-keep if keep else 0:]]
+        return reduce_step_stats(torch.zeros((), dtype=torch.float64), stats, n, [self.group("pp")])[1]
+
 
 def reduce_step_stats(local_loss: torch.Tensor, stats: list[HeadStats], n_future: int,
                       groups: list) -> tuple[float, HeadStats]:
