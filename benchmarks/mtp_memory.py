@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_name  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +65,7 @@ def run_one(args) -> dict:
     return {"n_future": args.n_future, "mode": args.mode, "params": count_parameters(model),
             "flops": step_flops(model, args),
             "peak_bytes": peak_memory_bytes(device), "step_s": statistics.median(times[1:] or times),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"}
+            "device": machine_name()}
 
 
 def step_flops(model, args) -> float:

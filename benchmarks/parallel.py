@@ -46,7 +46,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -54,6 +53,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_name  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parent.parent
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -162,21 +163,11 @@ def cpu_main(args) -> None:
     append(table, args)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores"
-
-
 def format_cpu_table(rows: list[dict], args, load: float) -> str:
     base = {r["n_future"]: r for r in rows if r["layout"] == "single"}
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     lines = [f"### Parallel layouts: throughput and peak memory per rank, CPU ({datetime.date.today()}, "
-             f"{cpu_name()})",
+             f"{machine_name()})",
              "",
              f"Command: `{' '.join(['python benchmarks/parallel.py', *sys.argv[1:]])}`; `megatrain train`, "
              f"{args.layers} layers (trunk L-n + n heads), dim {args.dim}, {args.heads} attention heads, "

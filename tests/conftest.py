@@ -25,3 +25,40 @@ def tiny_model_cfg():
         return ModelConfig(**base)
 
     return make
+
+
+SOURCE = '''
+def function_{i}(values, scale={i}):
+    """Return the scaled sum of values number {i}."""
+    total = 0
+    for index, value in enumerate(values):
+        if index % 2 == 0:
+            total += value * scale
+        else:
+            total -= value // (scale + 1)
+    return total
+
+
+class Widget{i}:
+    def __init__(self, name):
+        self.name = name
+        self.items = [n * {i} for n in range(10)]
+
+    def describe(self):
+        return f"{{self.name}} has {{len(self.items)}} items"
+'''
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A tiny byte-level dataset (60 generated modules), prepared once per test session."""
+    from megatrain.data_pipelines.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"module_{i}.py").write_text(SOURCE.format(i=i) * (1 + i % 3))
+    out = root / "shards"
+    prepare_dataset(src, out, tokenizer="bytes", tasks=1, val_fraction=0.1, progress=False)
+    return out

@@ -19,14 +19,13 @@ from tests.test_trainer import REPO
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-import deepspeed  # noqa: E402,F401  install.sh installs it: a broken install must fail, not skip
+import deepspeed  # noqa: E402,F401  installed by install.sh: a broken install fails, not skips
 
 from megatrain.config import ParallelConfig  # noqa: E402
 from megatrain.errors import ConfigError  # noqa: E402
 from megatrain.parallel import ParallelDims  # noqa: E402
 from tests.parallel_harness import (BATCH, STEPS, _targets, _train_cfg, assert_matches,  # noqa: E402
                                     batches, build_model, reference_run, run_ranks, tiny_cfg)
-from tests.test_trainer import dataset  # noqa: E402,F401  (module-scoped fixture)
 from tests.test_trainer_parallel import _assert_close, _base, _launch, _losses  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -175,7 +174,7 @@ def _checkpoint(run_dir):
     return state["model_optim"]
 
 
-def test_trainer_zero3_matches_single_process_checkpoint_included(dataset, tmp_path):  # noqa: F811
+def test_trainer_zero3_matches_single_process_checkpoint_included(dataset, tmp_path):
     """ZeRO-3 (causal heads, n_future=4, eval on) vs one process: losses, validation, and the
     final checkpoints: same keys, parameters and AdamW state (the DCP layout is shared)."""
     settings = {"model.head_type": "causal", "model.n_future": 4, "train.eval_every": 2}
@@ -195,7 +194,7 @@ def test_trainer_zero3_matches_single_process_checkpoint_included(dataset, tmp_p
                 assert got[section][key] == value, (key, got[section][key], value)
 
 
-def test_trainer_deepspeed_resumes_and_reshards(dataset, tmp_path):  # noqa: F811
+def test_trainer_deepspeed_resumes_and_reshards(dataset, tmp_path):
     """ZeRO-2 (killed after step 3) -> ZeRO-2 resumes its own checkpoint (killed after 5) ->
     one process finishes, vs. one straight run."""
     settings = {"train.steps": 7, "checkpoint.every": 2}

@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megatrain.errors import ConfigError
 from megatrain.parallel import ParallelConfig, ParallelDims, dist_env
 from megatrain.parallel.topology import DistEnv
 from megatrain.parallel.pipeline import balanced_stage_layers, check_pipeline_layout, local_stage_ids
-from tests.parallel_harness import assert_matches, parallel_run, reference_run, tiny_cfg
+from tests.parallel_harness import assert_matches, reference_run, tiny_cfg
 
 
 def test_degrees_must_multiply_to_world_size_and_message_names_keys():

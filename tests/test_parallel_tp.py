@@ -5,7 +5,6 @@ norms and every gathered parameter are compared (parallel_harness.assert_matches
 """
 
 import pytest
-import torch
 
 from tests.parallel_harness import assert_matches, parallel_run, reference_run, run_ranks, tiny_cfg
 

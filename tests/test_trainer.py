@@ -14,42 +14,6 @@ from megatrain.errors import ConfigError, DataError, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parent.parent
 
-SOURCE = '''
-def function_{i}(values, scale={i}):
-    """Return the scaled sum of values number {i}."""
-    total = 0
-    for index, value in enumerate(values):
-        if index % 2 == 0:
-            total += value * scale
-        else:
-            total -= value // (scale + 1)
-    return total
-
-
-class Widget{i}:
-    def __init__(self, name):
-        self.name = name
-        self.items = [n * {i} for n in range(10)]
-
-    def describe(self):
-        return f"{{self.name}} has {{len(self.items)}} items"
-'''
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from megatrain.data_pipelines.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "src"
-    src.mkdir()
-    for i in range(60):
-        (src / f"module_{i}.py").write_text(SOURCE.format(i=i) * (1 + i % 3))
-    out = root / "shards"
-    prepare_dataset(src, out, tokenizer="bytes", tasks=1, val_fraction=0.1, progress=False)
-    return out
-
-
 def _overrides(dataset, run_dir, **extra):
     base = {"data.path": str(dataset), "run.dir": str(run_dir), "model.n_layers": 4, "model.dim": 32,
             "model.n_heads": 2, "model.n_future": 2, "data.seq_len": 32, "train.batch_size": 4,
@@ -96,7 +60,6 @@ def _run_cli(args, env_extra=None):
 
 
 def _final_weights(run_dir):
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = Path(run_dir) / "checkpoints"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_trainer import REPO, _overrides, dataset  # noqa: F401  (module-scoped fixture)
+from tests.test_trainer import REPO, _overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -52,7 +52,7 @@ def _assert_close(got, want, rel):
 
 
 @pytest.fixture(scope="module")
-def single_process_run(dataset, tmp_path_factory):  # noqa: F811
+def single_process_run(dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("single")
     result = _launch(1, _base(dataset, run))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,21 +60,21 @@ def single_process_run(dataset, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, dataset, single_process_run, tmp_path):  # noqa: F811
+def test_layout_matches_single_process(layout, dataset, single_process_run, tmp_path):
     nproc, extra = LAYOUTS[layout]
     result = _launch(nproc, _base(dataset, tmp_path / "run") + extra)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_close(_losses(tmp_path / "run"), single_process_run, rel=1e-6)
 
 
-def test_bad_layout_is_refused_on_every_rank_before_any_collective(dataset, tmp_path):  # noqa: F811
+def test_bad_layout_is_refused_on_every_rank_before_any_collective(dataset, tmp_path):
     result = _launch(2, _base(dataset, tmp_path / "run") + ["parallel.tp=3"])
     assert result.returncode != 0
     assert result.stderr.count("parallel.dp * parallel.tp * parallel.pp") >= 2, result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpoints_reshard_across_layouts(dataset, tmp_path):  # noqa: F811
+def test_checkpoints_reshard_across_layouts(dataset, tmp_path):
     """tp2*pp2 (killed after step 3) -> dp2 (killed after 5) -> 1 process, vs. one straight run."""
     settings = {"train.steps": 7, "checkpoint.every": 2}
     straight = tmp_path / "straight"
@@ -94,7 +94,7 @@ def test_checkpoints_reshard_across_layouts(dataset, tmp_path):  # noqa: F811
     _assert_close(_losses(run), _losses(straight), rel=1e-5)
 
 
-def test_validation_runs_under_pipeline_parallelism(dataset, single_process_run, tmp_path):  # noqa: F811
+def test_validation_runs_under_pipeline_parallelism(dataset, single_process_run, tmp_path):
     """Validation through the schedule's forward-only step equals the single-process one."""
     args = ["train.eval_every=2", "data.val_batches=2"]
     ref, run = tmp_path / "ref", tmp_path / "pp"
