@@ -31,6 +31,7 @@ from megatrain.slurm.cli import main as slurm_cli  # noqa: E402
 from megatrain.slurm.resources import Resources  # noqa: E402
 from megatrain.slurm.status import collect, format_status  # noqa: E402
 from megatrain.slurm.submit import submit  # noqa: E402
+from tests.test_trainer_parallel import _launch  # noqa: E402
 
 # stand_in_train travels to the job by value: the job's interpreter cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -359,12 +360,17 @@ def test_two_rank_job_matches_a_local_run(slurm_cluster, dataset, tmp_path, monk
     overrides = _tiny(dataset, job_dir, **{"parallel.dp": 2})
     result = submit(load_config(None, overrides),
                     Resources(nodes=nodes, tasks_per_node=tasks_per_node, time_min=5))
-    _train_here(_tiny(dataset, local_dir))
+    # the same config started by torchrun on this machine, and as one process
+    torchrun = _launch(2, _tiny(dataset, local_dir / "torchrun", **{"parallel.dp": 2}))
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    _train_here(_tiny(dataset, local_dir / "single"))
     record = slurm_cluster.wait_job(result.job_id, timeout=JOB_TIMEOUT_S)
     assert record["State"] == "COMPLETED", record
     if nodes == 2:
         assert record["NodeList"] == "node[1-2]", record
-    job_records, local_records = _train_records(job_dir), _train_records(local_dir)
+    job_records = _train_records(job_dir)
     assert [r["step"] for r in job_records] == list(range(1, 9))
-    for a, b in zip(job_records, local_records):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+    for reference, rel in (("torchrun", 1e-6), ("single", 1e-5)):
+        for a, b in zip(job_records, _train_records(local_dir / reference)):
+            assert a["loss"] == pytest.approx(b["loss"], rel=rel), (reference, a, b)
+            assert a["head_losses"] == pytest.approx(b["head_losses"], rel=rel), (reference, a, b)
