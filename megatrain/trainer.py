@@ -27,7 +27,7 @@ from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
 from megatrain.model.mtp import MTPTransformer, count_parameters
 from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import build_optimizer, build_scheduler
-from megatrain.parallel import ParallelDims, init_distributed, parallelize
+from megatrain.parallel import ParallelDims, init_distributed, materialize, parallelize
 from megatrain.parallel.comm import all_reduce_host
 from megatrain.parallel.deepspeed_engine import DeepSpeedModelAndOptimizer, parallelize_deepspeed
 
@@ -165,7 +165,14 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
 
-    model = MTPTransformer(cfg.model, max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len).to(device)
+    max_seq_len = cfg.model.max_seq_len or cfg.data.seq_len
+    # FSDP/TP/PP: build on the meta device, shard, then materialise only this rank's shards (no
+    # rank ever holds the whole model). DeepSpeed partitions a materialised module itself.
+    on_meta = not deepspeed
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed)
+    if not on_meta:
+        model.to(device)
     n_params = count_parameters(model)
     if deepspeed:  # ZeRO over dp; its AdamW is built inside (see parallel/deepspeed_engine.py)
         pm = parallelize_deepspeed(model, t, p, device=device, local_batch=t.batch_size // p.dp,
@@ -178,6 +185,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
         pm = parallelize(model, dims, mesh, p, device=device, local_batch=t.batch_size // p.dp,
                          micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
                          impl=cfg.loss.impl, param_dtype=fsdp_dtype, compile_blocks=t.compile)
+        materialize(pm.stages, device, t.seed, max_seq_len)
         optimizers = [build_optimizer(stage, t, device.type) for stage in pm.stages]
     del model  # this rank keeps only its stages
     schedulers = [build_scheduler(optimizer, t) for optimizer in optimizers]

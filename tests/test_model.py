@@ -70,3 +70,24 @@ def test_xformers_backend_on_cpu_fails_clearly(tiny_model_cfg):
     model = MTPTransformer(tiny_model_cfg(attention="xformers"), 16)
     with pytest.raises(RuntimeError, match="model.attention"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+def test_meta_build_then_materialize_equals_eager_init(tiny_model_cfg, head_type):
+    """What every rank does for FSDP/TP/PP: build on meta, then fill from parameter names."""
+    from megatrain.parallel import materialize
+    from megatrain.parallel.pipeline import n_trunk_layers, split_model
+
+    cfg = tiny_model_cfg(n_layers=5, n_future=3, head_type=head_type)
+    eager = MTPTransformer(cfg, 16, seed=7)
+    with torch.device("meta"):
+        meta = MTPTransformer(cfg, 16, seed=7)
+    stages = split_model(meta, [n_trunk_layers(cfg)], [0])
+    materialize(stages, torch.device("cpu"), seed=7, max_seq_len=16)
+    got = dict(stages[0].named_parameters())
+    assert got.keys() == dict(eager.named_parameters()).keys()
+    for name, p in eager.named_parameters():
+        assert torch.equal(got[name], p), name
+    assert torch.equal(stages[0].rope_cos, eager.rope_cos)
+    other_seed = MTPTransformer(cfg, 16, seed=8)
+    assert not torch.equal(other_seed.output.weight, eager.output.weight)

@@ -167,4 +167,6 @@ def test_compiled_blocks_train_like_eager(dataset, tmp_path):
     wa, wb = _final_weights(eager), _final_weights(compiled)
     assert wa["model"].keys() == wb["model"].keys()
     for name, tensor in wa["model"].items():
-        torch.testing.assert_close(wb["model"][name], tensor, rtol=1e-4, atol=1e-6)
+        # AdamW normalises tiny gradients, amplifying inductor's fp32 reordering; a wrong
+        # gradient would show at the lr scale (1e-2)
+        torch.testing.assert_close(wb["model"][name], tensor, rtol=1e-4, atol=1e-5)

@@ -15,11 +15,30 @@ Head types (``model.head_type``):
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
 from megatrain.config import ModelConfig
 from megatrain.model.transformer import TransformerBlock, rope_tables
+
+
+def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """Parameter ``name``'s initial value (float32, CPU), a function of its name and the seed only.
+
+    Any rank can therefore produce any parameter, or the shard of it that it holds, whatever the
+    parallel layout: a model built on the meta device, sharded, then materialised starts from
+    exactly the weights of a single-process run. Norm gains are 1; residual-branch outputs (wo,
+    w2) get std / sqrt(2 * n_layers) (GPT-2 / Megatron), every other matrix ``init_std``.
+    """
+    if len(shape) == 1:
+        return torch.ones(shape)
+    std = cfg.init_std
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        std = std / (2 * cfg.n_layers) ** 0.5
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
 class MTPHeads:
@@ -49,8 +68,9 @@ class MTPHeads:
 
 
 class MTPTransformer(MTPHeads, nn.Module):
-    def __init__(self, cfg: ModelConfig, max_seq_len: int):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, seed: int = 0):
         super().__init__()
+        self.seed = seed
         if cfg.vocab_size < 1:
             raise ValueError("model.vocab_size must be resolved (from the dataset) before building")
         self.cfg = cfg
@@ -85,16 +105,10 @@ class MTPTransformer(MTPHeads, nn.Module):
         return self.layers[str(len(self.layers) - 1)] if i == 0 else self.extra_heads[i - 1]
 
     def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        # Residual-branch outputs are scaled down with depth (GPT-2 / Megatron convention).
-        out_std = std / (2 * self.cfg.n_layers) ** 0.5
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-                nn.init.normal_(p, std=out_std)
-            else:
-                nn.init.normal_(p, std=std)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if not p.is_meta:  # built on the meta device: materialize() fills it later
+                    p.copy_(initial_value(name, p.shape, self.cfg, self.seed))
 
     # ---- forward ---------------------------------------------------------------------------
     def trunk(self, tokens: torch.Tensor) -> torch.Tensor:

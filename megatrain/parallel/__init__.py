@@ -1,8 +1,9 @@
 """Parallelism applied from outside the model: topology, TP, PP, FSDP2 (see PARALLEL.md)."""
 
 from megatrain.config import ParallelConfig
-from megatrain.parallel.parallel_model import ParallelModel, clip_grad_norm_, parallelize
+from megatrain.parallel.parallel_model import (ParallelModel, clip_grad_norm_, materialize,
+                                               parallelize)
 from megatrain.parallel.topology import ParallelDims, dist_env, init_distributed
 
 __all__ = ["ParallelConfig", "ParallelDims", "ParallelModel", "clip_grad_norm_", "dist_env",
-           "init_distributed", "parallelize"]
+           "init_distributed", "materialize", "parallelize"]

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
+from megatrain.model.mtp import initial_value
+from megatrain.model.transformer import rope_tables
 from megatrain.mtp_loss import HeadStats
 from megatrain.parallel.comm import all_reduce_host
 from megatrain.config import ParallelConfig
@@ -193,6 +195,33 @@ def apply_compile(stage: MTPStage) -> None:
     """
     for block in list(stage.layers.values()) + list(getattr(stage, "extra_heads", [])):
         block.compile()
+
+
+def materialize(stages: list[MTPStage], device: torch.device, seed: int, max_seq_len: int) -> None:
+    """Allocate stages built on the meta device and fill them with the model's initial weights.
+
+    Each rank computes every parameter it holds from the parameter's name (``initial_value``) and
+    keeps its shard of it, so no rank ever holds the whole model and every layout starts from
+    the single-process weights. Memory: one full parameter at a time, on the CPU.
+    """
+    # Wrappers applied from outside add these to parameter names; the model's names lack them.
+    wrappers = ("_checkpoint_wrapped_module.", "_orig_mod.")
+    for stage in stages:
+        stage.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in stage.named_parameters():
+                for wrapper in wrappers:
+                    name = name.replace(wrapper, "")
+                full = initial_value(name, param.shape, stage.cfg, seed)
+                if isinstance(param, DTensor):  # this rank's shard (TP and/or FSDP), no comms
+                    shard = distribute_tensor(full, param.device_mesh, param.placements,
+                                              src_data_rank=None).to_local()
+                    param.to_local().copy_(shard)
+                else:
+                    param.copy_(full)
+            cos, sin = rope_tables(stage.cfg.dim // stage.cfg.n_heads, max_seq_len, stage.cfg.rope_theta)
+            stage.rope_cos.copy_(cos)
+            stage.rope_sin.copy_(sin)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
