@@ -110,3 +110,26 @@ def test_validation_runs_under_pipeline_parallelism(dataset, single_process_run,
     assert len(got) == len(want) == 2
     for g, w in zip(got, want):
         assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(g, w)), (g, w)
+
+
+def test_two_stages_per_rank_match_and_their_checkpoints_reshard(dataset, tmp_path):
+    """ZB-V and interleaved 1F1B hold 2 stages per rank: losses match one process, and a ZB-V
+    checkpoint (two model parts, two optimizers per rank) resumes on one process."""
+    settings = {"model.n_layers": 7, "train.steps": 6, "train.micro_batch_size": 1,
+                "checkpoint.every": 2}
+    ref = tmp_path / "ref"
+    assert _launch(1, _base(dataset, ref, **settings)).returncode == 0
+    for schedule in ("zbv", "interleaved_1f1b"):
+        run = tmp_path / schedule
+        result = _launch(2, _base(dataset, run, **settings) + [
+            "parallel.pp=2", f"parallel.pp_schedule={schedule}", "parallel.microbatches=4"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        _assert_close(_losses(run), _losses(ref), rel=1e-6)
+    resumed = tmp_path / "zbv_then_single"
+    args = _base(dataset, resumed, **settings)
+    first = _launch(2, args + ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.microbatches=4"],
+                    {"MEGATRAIN_FAULT_KILL_AT_STEP": "3"})
+    assert first.returncode != 0 and (resumed / "checkpoints/latest").read_text().strip() == "step_0000002"
+    second = _launch(1, args)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    _assert_close(_losses(resumed), _losses(ref), rel=1e-5)
