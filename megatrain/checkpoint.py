@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.errors import CheckpointError
+from megatrain.parallel.comm import all_reduce_host
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
@@ -36,9 +37,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier(group=None) -> None:
+def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier(group=group)
+        dist.barrier()
 
 
 class ModelAndOptimizer(Stateful):
@@ -101,8 +102,8 @@ class CheckpointManager:
     """Saves and finds checkpoints of one run directory.
 
     With ``async_save`` a save only stages the state (a copy in host memory) and the files are
-    written by a background thread on a process group of its own (training collectives running
-    meanwhile would otherwise interleave with the checkpoint's on the same group). The rename to
+    written by a background thread on a process group of its own, used by that thread alone
+    (collectives from two threads on one group can be ordered differently on each rank). The rename to
     ``step_N`` and the ``latest`` pointer follow once every rank's writes are done: at the next
     save or at ``finish()``, so ``latest`` never names a checkpoint still being written.
     """
@@ -156,7 +157,10 @@ class CheckpointManager:
             return
         done = torch.tensor([int(self._pending[0].done())])
         if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._group)
+            # On the default group, from the main thread at the same point on every rank: the
+            # checkpoint group belongs to the writer threads, and a second thread's collective on
+            # it could interleave differently on each rank and deadlock.
+            all_reduce_host(done, dist.group.WORLD, op=dist.ReduceOp.MIN)
         if done.item():
             self.finish()
 
@@ -174,7 +178,7 @@ class CheckpointManager:
 
     def _publish(self, step: int) -> None:
         """Every rank has written step's files: rename the folder, then move ``latest``."""
-        _barrier(self._group)
+        _barrier()  # main-thread agreement on the default group (see poll)
         name = f"step_{step:07d}"
         final = self.root / name
         if _rank() == 0:
@@ -187,7 +191,7 @@ class CheckpointManager:
             os.replace(pointer_tmp, self.root / "latest")
             _fsync_dir(self.root)
             self._prune()
-        _barrier(self._group)
+        _barrier()
 
     def load(self, state: dict, path: Path) -> None:
         """Load ``state`` (name -> Stateful) from ``path``; every key must be in the checkpoint.

@@ -133,6 +133,45 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device, autocast_dtype):
+    """This rank's model parts and their optimizers, for FSDP/TP/PP or DeepSpeed.
+
+    FSDP/TP/PP build on the meta device, shard, then materialise only this rank's shards (no rank
+    ever holds the whole model); DeepSpeed partitions a materialised module itself.
+    """
+    t, p = cfg.train, cfg.parallel
+    max_seq_len = cfg.model.max_seq_len or cfg.data.seq_len
+    common = dict(device=device, local_batch=t.batch_size // p.dp,
+                  micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
+                  impl=cfg.loss.impl, compile_blocks=t.compile)
+    if p.dp_engine == "deepspeed":  # its AdamW is built inside (parallel/deepspeed_engine.py)
+        model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed).to(device)
+        pm = parallelize_deepspeed(model, t, p, bf16=autocast_dtype == torch.bfloat16, **common)
+        return pm, [pm.optimizer], count_parameters(model)
+    with torch.device("meta"):
+        model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed)
+    fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
+    pm = parallelize(model, dims, mesh, p, param_dtype=fsdp_dtype, **common)
+    materialize(pm.stages, device, t.seed, max_seq_len)
+    return pm, [build_optimizer(stage, t, device.type) for stage in pm.stages], count_parameters(model)
+
+
+def optimizer_step(pm, optimizers, loss: float, grad_clip: float, deepspeed: bool):
+    """Clip and apply the step unless the loss or the gradient norm is NaN/inf; zero the grads.
+
+    Returns (grad_norm, applied)."""
+    if deepspeed:  # DeepSpeed clips, steps and skips a NaN/inf gradient norm itself
+        grad_norm, applied = pm.step()
+        return grad_norm, math.isfinite(loss) and applied
+    grad_norm = pm.clip_grad_norm_(grad_clip)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    for optimizer in optimizers:
+        if finite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
 def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train to ``cfg.train.steps``, resuming from ``run.dir`` if it holds a checkpoint.
 
@@ -165,29 +204,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
 
-    max_seq_len = cfg.model.max_seq_len or cfg.data.seq_len
-    # FSDP/TP/PP: build on the meta device, shard, then materialise only this rank's shards (no
-    # rank ever holds the whole model). DeepSpeed partitions a materialised module itself.
-    on_meta = not deepspeed
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed)
-    if not on_meta:
-        model.to(device)
-    n_params = count_parameters(model)
-    if deepspeed:  # ZeRO over dp; its AdamW is built inside (see parallel/deepspeed_engine.py)
-        pm = parallelize_deepspeed(model, t, p, device=device, local_batch=t.batch_size // p.dp,
-                                   micro_batch_size=t.micro_batch_size,
-                                   ignore_index=cfg.loss.ignore_index, impl=cfg.loss.impl,
-                                   bf16=autocast_dtype == torch.bfloat16, compile_blocks=t.compile)
-        optimizers = [pm.optimizer]
-    else:
-        fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
-        pm = parallelize(model, dims, mesh, p, device=device, local_batch=t.batch_size // p.dp,
-                         micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
-                         impl=cfg.loss.impl, param_dtype=fsdp_dtype, compile_blocks=t.compile)
-        materialize(pm.stages, device, t.seed, max_seq_len)
-        optimizers = [build_optimizer(stage, t, device.type) for stage in pm.stages]
-    del model  # this rank keeps only its stages
+    pm, optimizers, n_params = build_parallel_model(cfg, dims, mesh, device, autocast_dtype)
     schedulers = [build_scheduler(optimizer, t) for optimizer in optimizers]
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = WindowLoader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,
@@ -234,21 +251,12 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
             targets = build_head_targets(batch, n, cfg.loss.ignore_index, eos_id,
                                          cfg.loss.mask_cross_document)  # (n, B / dp, T)
             counts = all_reduce_host((targets != cfg.loss.ignore_index).flatten(1).sum(1).cpu(),
-                                 pm.group("dp"))  # valid targets per head in the global batch
+                                     pm.group("dp"))  # valid targets per head in the global batch
             scales = head_scales(counts, weights)
             with _autocast(device, autocast_dtype):
                 total, stats = pm.forward_backward(batch[:, :-1], targets, scales, t.micro_batch_size)
             lr = schedulers[0].get_last_lr()[0]
-            if deepspeed:  # DeepSpeed clips, steps and skips a NaN/inf gradient norm itself
-                grad_norm, applied = pm.step()
-                finite = math.isfinite(total) and applied
-            else:
-                grad_norm = pm.clip_grad_norm_(t.grad_clip)
-                finite = math.isfinite(total) and math.isfinite(grad_norm)
-                for optimizer in optimizers:
-                    if finite:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            grad_norm, finite = optimizer_step(pm, optimizers, total, t.grad_clip, deepspeed)
             for scheduler in schedulers:
                 scheduler.step()
             bad_steps = 0 if finite else bad_steps + 1
@@ -277,7 +285,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
             stop = should_stop is not None and should_stop()
             if dist.is_initialized() and should_stop is not None:  # stop together or not at all
                 stop = bool(all_reduce_host(torch.tensor([int(stop)]), dist.group.WORLD,
-                                        op=dist.ReduceOp.MAX).item())
+                                            op=dist.ReduceOp.MAX).item())
             if finite and (stop or state.step == t.steps or
                            (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0)):
                 checkpoints.save(checkpointable, state.step)
