@@ -31,6 +31,7 @@ from megatrain.slurm.cli import main as slurm_cli  # noqa: E402
 from megatrain.slurm.resources import Resources  # noqa: E402
 from megatrain.slurm.status import collect, format_status  # noqa: E402
 from megatrain.slurm.submit import submit  # noqa: E402
+from tests.test_trainer import _overrides  # noqa: E402
 from tests.test_trainer_parallel import _launch  # noqa: E402
 
 # stand_in_train travels to the job by value: the job's interpreter cannot import this test module.
@@ -249,44 +250,7 @@ def test_failing_job_is_reported_with_exit_code_error_and_log_path(slurm_cluster
     assert f"log: {run_dir}/slurm_logs/{job_id}/{job_id}_0_log.err" in out, out
 
 
-SOURCE = '''
-def function_{i}(values, scale={i}):
-    """Return the scaled sum of values number {i}."""
-    total = 0
-    for index, value in enumerate(values):
-        if index % 2 == 0:
-            total += value * scale
-        else:
-            total -= value // (scale + 1)
-    return total
-'''
-
 COMPARED = ("step", "loss", "head_losses", "head_accuracy", "lr", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from megatrain.data_pipelines.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "src"
-    src.mkdir()
-    for i in range(60):
-        (src / f"module_{i}.py").write_text(SOURCE.format(i=i) * (1 + i % 3))
-    out = root / "shards"
-    prepare_dataset(src, out, tokenizer="bytes", tasks=1, val_fraction=0.1, progress=False)
-    return out
-
-
-def _tiny(dataset, run_dir, **extra):
-    """The trainer test's seconds-long CPU run (tests/test_trainer.py)."""
-    base = {"data.path": str(dataset), "run.dir": str(run_dir), "model.n_layers": 4, "model.dim": 32,
-            "model.n_heads": 2, "model.n_future": 2, "data.seq_len": 32, "train.batch_size": 4,
-            "train.steps": 8, "train.warmup_steps": 2, "train.lr": 1e-2, "train.eval_every": 4,
-            "data.val_batches": 1, "checkpoint.every": 3, "logging.progress": False,
-            "logging.tensorboard": False}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def _train_records(run_dir):
@@ -304,11 +268,11 @@ def _train_here(overrides):
 def test_one_task_job_trains_exactly_like_a_local_run(slurm_cluster, dataset, tmp_path, capsys):
     job_dir, local_dir = tmp_path / "job", tmp_path / "local"
     assert slurm_cli(["submit", "--time", "5", "--partition", slurm_cluster.second_partition,
-                      *_tiny(dataset, job_dir)]) == 0
+                      *_overrides(dataset, job_dir)]) == 0
     out = capsys.readouterr().out
     job_id = registry.read_jobs(job_dir)[0]["job_id"]
     assert f"submitted job {job_id}" in out
-    _train_here(_tiny(dataset, local_dir))  # meanwhile, the same run in this process
+    _train_here(_overrides(dataset, local_dir))  # meanwhile, the same run in this process
     record = slurm_cluster.wait_job(job_id, timeout=JOB_TIMEOUT_S)
     assert (record["State"], record["Partition"]) == ("COMPLETED", "cpu"), record
     assert _train_records(job_dir) == _train_records(local_dir)
@@ -327,14 +291,14 @@ def test_preempted_training_resumes_and_ends_with_the_uninterrupted_losses(slurm
     steps = 300 if nodes == 1 else 100  # a 2-rank step costs ~5x more on the 2 shared cores
     extra = {"train.steps": steps, "checkpoint.every": 20, "train.eval_every": 50, "parallel.dp": nodes}
     res = Resources(nodes=nodes, time_min=10)
-    result = submit(load_config(None, _tiny(dataset, job_dir, **extra)), res)
+    result = submit(load_config(None, _overrides(dataset, job_dir, **extra)), res)
     reference = None
     if nodes > 1:
-        reference = submit(load_config(None, _tiny(dataset, reference_dir, **extra)), res)
+        reference = submit(load_config(None, _overrides(dataset, reference_dir, **extra)), res)
     _wait_for(lambda: (job_dir / "checkpoints" / "latest").is_file(), "the first checkpoint")
     result.job._interrupt()
     if reference is None:
-        _train_here(_tiny(dataset, reference_dir, **extra))
+        _train_here(_overrides(dataset, reference_dir, **extra))
     else:
         _wait_done(reference.job)
     _wait_done(result.job)
@@ -357,13 +321,13 @@ def test_two_rank_job_matches_a_local_run(slurm_cluster, dataset, tmp_path, monk
                                          tasks_per_node):
     monkeypatch.setenv("MEGATRAIN_MASTER_ADDR", "127.0.0.1")  # emulated nodes do not resolve
     job_dir, local_dir = tmp_path / "job", tmp_path / "local"
-    overrides = _tiny(dataset, job_dir, **{"parallel.dp": 2})
+    overrides = _overrides(dataset, job_dir, **{"parallel.dp": 2})
     result = submit(load_config(None, overrides),
                     Resources(nodes=nodes, tasks_per_node=tasks_per_node, time_min=5))
     # the same config started by torchrun on this machine, and as one process
-    torchrun = _launch(2, _tiny(dataset, local_dir / "torchrun", **{"parallel.dp": 2}))
+    torchrun = _launch(2, _overrides(dataset, local_dir / "torchrun", **{"parallel.dp": 2}))
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
-    _train_here(_tiny(dataset, local_dir / "single"))
+    _train_here(_overrides(dataset, local_dir / "single"))
     record = slurm_cluster.wait_job(result.job_id, timeout=JOB_TIMEOUT_S)
     assert record["State"] == "COMPLETED", record
     if nodes == 2:
