@@ -14,9 +14,11 @@ that the parallel trainer can load a checkpoint into any other layout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +37,14 @@ STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; one process is a normal run here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def _barrier() -> None:
@@ -144,11 +154,13 @@ class CheckpointManager:
         if _rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        if self.async_save:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group),
-                             step)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp))
+        with _quiet_single_process():
+            if self.async_save:
+                self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),
+                                                process_group=self._group), step)
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
+        if not self.async_save:
             self._publish(step)
 
     def poll(self) -> None:
@@ -206,7 +218,8 @@ class CheckpointManager:
                 flat[name] = {k: v for k, v in flat[name].items()
                               if any(key.startswith(f"{name}.{k}.") for key in saved)}
         try:
-            dcp.load(flat, checkpoint_id=str(path))
+            with _quiet_single_process():
+                dcp.load(flat, checkpoint_id=str(path))
         # DCP wraps rank failures in CheckpointException, which derives from BaseException.
         except (Exception, CheckpointException) as err:
             cause = str(err).strip().splitlines()[-1]
