@@ -29,10 +29,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+from megatrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from megatrain.errors import DataError
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "megatrain-shards-v1"
 TOKENIZER_FILE = "tokenizer.json"
 IN_PROGRESS_MARKER = ".prepare-in-progress.json"
 WORK_DIR = ".work"
@@ -45,7 +44,8 @@ STDLIB_TEST_DIRS = ("test", "tests", "idle_test")
 DEFAULT_CORPUS_VOCAB_SIZE = 4096
 
 # names this module may delete when it restarts an unfinished prepare in the same folder
-_OWN_OUTPUTS = (WORK_DIR, "train", "val", "logs", TOKENIZER_FILE, MANIFEST_NAME + ".tmp", IN_PROGRESS_MARKER)
+_OWN_OUTPUTS = (WORK_DIR, "train", "val", "logs", TOKENIZER_FILE, MANIFEST_NAME + ".tmp", IN_PROGRESS_MARKER,
+                IN_PROGRESS_MARKER + ".tmp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,9 +372,12 @@ def _run_stage(name: str, pipeline: list, *, tasks: int, workers: int, logs: Pat
 
 
 def _val_threshold(hashes, val_fraction: float) -> int:
-    """Documents with split hash < threshold go to val. With >= 2 documents each split gets >= 1."""
+    """Documents with split hash < threshold go to val. With >= 2 documents each split gets >= 1;
+    a single document always goes to train (a dataset must have training data)."""
     import numpy as np
 
+    if len(hashes) == 1:
+        return 0
     threshold = int(val_fraction * 2**64)
     if len(hashes) >= 2:
         n_val = int(np.count_nonzero(hashes < np.uint64(threshold)))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, ModelAndOptimizer, RNGState
-from megatrain.config import Config, to_yaml
+from megatrain.config import Config
 from megatrain.data.loader import WindowLoader, val_batches
 from megatrain.data.shards import open_split
 from megatrain.errors import ConfigError, NonFiniteLossError
@@ -29,6 +29,7 @@ from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import build_optimizer, build_scheduler
 from megatrain.parallel import ParallelDims, init_distributed, materialize, parallelize
 from megatrain.parallel.comm import all_reduce_host
+from megatrain.run_dir import check_same_model, write_config
 from megatrain.parallel.deepspeed_engine import DeepSpeedModelAndOptimizer, parallelize_deepspeed
 
 
@@ -70,25 +71,6 @@ def resolve_dataset(cfg: Config) -> Path:
         return Path(cfg.data.path).expanduser()
     from megatrain.data_pipelines.prepare import ensure_default_dataset
     return Path(ensure_default_dataset(Path(cfg.data.cache_dir).expanduser()))
-
-
-def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Refuse to resume a run whose model differs; never overwrite another run's config."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "checkpoints" / "latest").is_file():
-        return
-    from omegaconf import OmegaConf
-    old = OmegaConf.load(saved).get("model")
-    new = OmegaConf.structured(cfg).model
-    if old != new:
-        raise ConfigError(f"{run_dir} holds checkpoints of a different model (model.* differs from "
-                          f"{saved}); use a new run.dir or the same model settings to resume")
-
-
-def write_config(run_dir: Path, cfg: Config) -> None:
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
 
 
 def head_scales(valid_counts: torch.Tensor, weights: list[float]) -> torch.Tensor:
@@ -198,7 +180,7 @@ def train(cfg: Config, should_stop: Callable[[], bool] | None = None) -> TrainRe
     dims.validate(cfg.model, p, t.batch_size, t.micro_batch_size)  # before any collective
     deepspeed = p.dp_engine == "deepspeed"
     run_dir = Path(cfg.run.dir).expanduser()
-    check_run_dir(run_dir, cfg)
+    check_same_model(run_dir, cfg)
     mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -209,17 +209,23 @@ class TrainJob(submitit.helpers.Checkpointable):
             log(run_dir, job_id, "failed", state="FAILED", restart=restart, step=result.step,
                 reason=reason, error=message)
             raise RequeueBudgetExhausted(message)
-        log(run_dir, job_id, "requeued", state="REQUEUED", restart=restart, step=result.step,
-            reason=reason)
         print(f"[megatrain.slurm] {reason}: checkpointed step {result.step}, requeueing job "
               f"{job_id} ({restart + 1} of {self.max_requeues} requeues used)", flush=True)
-        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                              timeout=60)
-        if done.returncode != 0:
+        try:
+            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
+                                  timeout=60)
+            error = done.stderr.strip() if done.returncode != 0 else None
+        except (OSError, subprocess.TimeoutExpired) as err:  # no scontrol here, or it hung
+            error = str(err)
+        if error is not None:
             message = (f"`scontrol requeue {job_id}` failed after checkpointing step "
-                       f"{result.step}: {done.stderr.strip()}; resubmit with the same command")
-            log(run_dir, job_id, "failed", state="FAILED", error=message)
+                       f"{result.step}: {error}; resubmit with the same command")
+            log(run_dir, job_id, "failed", state="FAILED", restart=restart, step=result.step,
+                error=message)
             raise RuntimeError(message)
+        # recorded once SLURM has accepted it, so jobs.json never shows a requeue that failed
+        log(run_dir, job_id, "requeued", state="REQUEUED", restart=restart, step=result.step,
+            reason=reason)
         raise SystemExit(EXIT_STOPPED)  # no result file: the job is not over
 
     def _stop_reason(self, signalled_at: float, started: float) -> str:

@@ -144,8 +144,8 @@ def expand_hostlist(hostlist: str) -> list[str]:
 def gpu_count(gres: str) -> int:
     """GPUs in a node's ``Gres`` field: ``gpu:8``, ``gpu:a100:4(S:0-1),gpu:h100:4``, ``(null)``."""
     total = 0
-    for item in gres.split(","):
-        item = re.sub(r"\(.*?\)", "", item)
+    # the socket part "(S:0,2)" holds commas itself: drop it before splitting the items
+    for item in re.sub(r"\(.*?\)", "", gres).split(","):
         parts = item.split(":")
         if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
             total += int(parts[-1])

@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from megatrain.config import Config, to_yaml
+from megatrain.config import Config
 from megatrain.errors import ConfigError
+from megatrain.run_dir import check_same_model, has_checkpoints, write_config
 from megatrain.slurm import registry
 from megatrain.slurm.resources import PartitionInfo, Resources, check_fits, read_partitions
 from megatrain.slurm.snapshot import git_revision, write_snapshot
@@ -66,19 +67,6 @@ def check_run_dir_writable(run_dir: Path, create: bool) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir={run_dir} cannot be created or written ({existing} is not a "
                           f"writable directory); choose another run.dir")
-
-
-def check_same_model(run_dir: Path, cfg: Config) -> None:
-    """A run directory holding checkpoints of another model cannot be resumed: refuse it now, not
-    after the job waited in the queue (the same rule as ``megatrain.trainer.check_run_dir``)."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "checkpoints" / "latest").is_file():
-        return
-    from omegaconf import OmegaConf
-
-    if OmegaConf.load(saved).get("model") != OmegaConf.structured(cfg).model:
-        raise ConfigError(f"run.dir={run_dir} holds checkpoints of a different model (model.* differs "
-                          f"from {saved}); use a new run.dir or the same model settings to resume")
 
 
 def check_process_layout(cfg: Config, res: Resources) -> None:
@@ -156,9 +144,8 @@ def submit(cfg: Config, res: Resources, *, dry_run: bool = False, command: list[
         return SubmitResult(None, run_dir, res, sbatch_text(executor))
 
     check_run_dir_writable(run_dir, create=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    if not has_checkpoints(run_dir):  # a resumed run keeps its config.yaml (vocabulary resolved)
+        write_config(run_dir, cfg)
     write_snapshot(snapshot)
     from megatrain.slurm.job import TrainJob
 

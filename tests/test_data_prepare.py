@@ -256,3 +256,14 @@ def test_pipeline_and_loader_agree_on_the_manifest_format():
     assert (prepare_module.MANIFEST_FORMAT, prepare_module.MANIFEST_NAME) == (
         shards.MANIFEST_FORMAT, shards.MANIFEST_NAME,
     )  # fmt: skip
+
+
+def test_a_single_document_always_goes_to_train():
+    import numpy as np
+
+    from megatrain.data_pipelines.prepare import _val_threshold
+
+    one = np.array([2**63], dtype=np.uint64)
+    assert _val_threshold(one, val_fraction=0.99) == 0  # nothing is below 0: all train
+    two = np.array([1, 2**63], dtype=np.uint64)
+    assert 1 < _val_threshold(two, val_fraction=0.99) <= 2**63  # one each

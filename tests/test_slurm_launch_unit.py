@@ -42,6 +42,9 @@ def test_scontrol_records_hostlists_gres_and_time_limits_are_read():
     assert records[0]["State"] == "IDLE" and records[0]["Partitions"] == "gpu"  # after a spaced Reason
     assert [gpu_count(r["Gres"]) for r in records] == [8, 8, 0]
     assert gpu_count("gpu:a100:4(S:0),gpu:h100:4,shard:8") == 8
+    # socket lists hold commas of their own
+    assert gpu_count("gpu:4(S:0,2)") == 4
+    assert gpu_count("gpu:a100:2(S:0,1),gpu:2(S:0,1)") == 4
     assert expand_hostlist("node[1-3,5],gpu[001-002],login") == [
         "node1", "node2", "node3", "node5", "gpu001", "gpu002", "login"]
     assert [parse_minutes(x) for x in ("UNLIMITED", "30", "10:30", "2:00:00", "1-00:00:00", "2-12")] == [
@@ -164,15 +167,30 @@ def test_processes_asked_for_must_match_the_parallel_layout():
 
 def test_run_dir_of_another_model_is_refused_before_queueing(tmp_path):
     from megatrain.config import to_yaml
-    from megatrain.slurm.submit import check_same_model
+    from megatrain.run_dir import check_same_model
 
     old = load_config(None, [f"run.dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(to_yaml(old))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_0000050\n")
     check_same_model(tmp_path, old)
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match="model.dim differ"):
         check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}", "model.dim=256"]))
+
+
+def test_resubmitting_a_run_whose_vocabulary_was_taken_from_the_dataset_is_accepted(tmp_path):
+    """The trainer saves the resolved vocabulary (0 -> the tokenizer's); the same command, with
+    model.vocab_size=0 again, must resume - an explicit different size must not."""
+    from megatrain.config import to_yaml
+    from megatrain.run_dir import check_same_model
+
+    saved = load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=4096"])
+    (tmp_path / "config.yaml").write_text(to_yaml(saved))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000050\n")
+    check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}"]))  # vocab_size=0
+    with pytest.raises(ConfigError, match="model.vocab_size differ"):
+        check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=8192"]))
 
 
 def test_code_snapshot_holds_every_installed_part_without_caches(tmp_path):
