@@ -69,7 +69,8 @@ def _sacct(job_ids: list[str]) -> tuple[dict[str, list[dict[str, str]]], str]:
     return rows, ""
 
 
-def _squeue_state(job_id: str) -> str | None:
+def queue_state(job_id: str) -> str | None:
+    """The job's state while slurmctld still knows it (squeue), else None."""
     if shutil.which("squeue") is None:
         return None
     done = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
@@ -130,7 +131,7 @@ def collect(run_dir: str | Path) -> RunStatus:
             job.exit_code, job.elapsed, job.nodes = final["ExitCode"], final["Elapsed"], final["NodeList"]
             job.runs = [r["State"].split()[0] for r in rows]
         else:
-            job.state = _squeue_state(job_id) or job.state
+            job.state = queue_state(job_id) or job.state
         if job.failed:
             reported = [e.get("error") for e in events if e.get("event") == "failed" and e.get("error")]
             job.error = reported[-1] if reported else _error_line(Path(job.stderr))

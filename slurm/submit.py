@@ -69,6 +69,23 @@ def check_run_dir_writable(run_dir: Path, create: bool) -> None:
                           f"writable directory); choose another run.dir")
 
 
+# states of a job that may still write into its run directory
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+                 "REQUEUE_FED", "RESIZING", "STOPPED"}
+
+
+def check_no_active_job(run_dir: Path) -> None:
+    """Two jobs training into one run directory would overwrite each other's checkpoints."""
+    from megatrain.slurm.status import queue_state
+
+    for record in registry.read_jobs(run_dir):
+        state = queue_state(str(record["job_id"]))
+        if state in ACTIVE_STATES:
+            raise ConfigError(f"run.dir={run_dir} already has job {record['job_id']} {state}; wait "
+                              f"for it (`megatrain status {run_dir}`), cancel it (scancel "
+                              f"{record['job_id']}) or choose another run.dir")
+
+
 def check_process_layout(cfg: Config, res: Resources) -> None:
     """The processes asked for must match what the trainer will build from the config."""
     layout = (f"--nodes={res.nodes} x {res.ntasks_per_node} task(s) per node = "
@@ -131,6 +148,7 @@ def submit(cfg: Config, res: Resources, *, dry_run: bool = False, command: list[
     run_dir = Path(cfg.run.dir)
     check_run_dir_writable(run_dir, create=False)
     check_same_model(run_dir, cfg)
+    check_no_active_job(run_dir)
     partition = check_fits(res, read_partitions())
     check_process_layout(cfg, res)
     res = dataclasses.replace(res, partition=partition.name)

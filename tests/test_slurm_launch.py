@@ -147,6 +147,19 @@ def test_bad_requests_are_refused_before_anything_is_queued(slurm_cluster, tmp_p
     assert not run_dir.exists()
 
 
+def test_a_second_job_into_a_run_dir_with_an_active_job_is_refused(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    first = submit(_cfg(run_dir), Resources(time_min=10), train_fn=stand_in_train)
+    try:
+        queued = _queue(slurm_cluster)
+        with pytest.raises(ConfigError, match=f"already has job {first.job_id}"):
+            submit(_cfg(run_dir), Resources(time_min=10), train_fn=stand_in_train)
+        assert _queue(slurm_cluster) == queued, "the refused job was queued"
+    finally:
+        slurm_cluster.run("scancel", str(first.job_id))
+        slurm_cluster.wait_job(first.job_id, timeout=JOB_TIMEOUT_S)
+
+
 def test_dry_run_prints_request_and_sbatch_script_and_submits_nothing(slurm_cluster, tmp_path, capsys):
     queued_before = _queue(slurm_cluster)
     run_dir = tmp_path / "run"
