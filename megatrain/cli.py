@@ -9,7 +9,6 @@ user can fix (``UserError``) are printed as one message without a traceback, exi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatrain.errors import UserError
@@ -23,17 +22,14 @@ def _train(args) -> int:
     result = train(cfg)
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        if dist.get_rank() == 0:
-            _print_done(result)
-        dist.barrier()
-        dist.destroy_process_group()
-        # FSDP2 / sequence-parallel runs can abort in interpreter teardown after succeeding
-        # (measured on CPU/gloo, see shared field notes): leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    _print_done(result)
+    if not dist.is_initialized():
+        _print_done(result)
+        return 0
+    if dist.get_rank() == 0:
+        _print_done(result)
+    from megatrain.parallel import shutdown_distributed
+
+    shutdown_distributed()  # exits the process
     return 0
 
 

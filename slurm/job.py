@@ -8,7 +8,6 @@ the next run of the same job id resumes from that checkpoint.
 
 from __future__ import annotations
 
-import atexit
 import os
 import signal
 import socket
@@ -22,6 +21,8 @@ import submitit
 
 import megatrain
 from megatrain.errors import UserError
+from megatrain.parallel.comm import all_reduce_host
+from megatrain.parallel.process_group import shutdown_distributed
 from megatrain.slurm import registry
 
 # Exit status of a run that stopped on a signal after checkpointing (128 + SIGTERM, as if killed):
@@ -72,19 +73,18 @@ class StopSignals:
     def stop(self) -> bool:
         return self.requeue or self.terminate
 
-    def agreed_stop(self) -> bool:
-        """``stop`` agreed by all ranks: every rank must stop after the same step, or the ranks that
-        go on hang in the next collective. One tiny all-reduce per step."""
+    def agreed_stop(self, step: int | None = None) -> bool:
+        """``stop`` agreed by all ranks (the trainer's ``should_stop``, polled after each step):
+        every rank must stop after the same step, or the ranks that go on hang in the next
+        collective. Both flags are agreed, so rank 0 knows a requeue was asked even if only
+        another rank saw the signal. This is the step's one stop collective: a tiny all-reduce."""
+        import torch
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.stop
-        import torch
-
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flags = torch.tensor([int(self.requeue), int(self.terminate)], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.requeue, self.terminate = bool(flags[0]), bool(flags[1])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flags = torch.tensor([int(self.requeue), int(self.terminate)])
+            all_reduce_host(flags, dist.group.WORLD, op=dist.ReduceOp.MAX)
+            self.requeue, self.terminate = bool(flags[0]), bool(flags[1])
         return self.stop
 
 
@@ -109,24 +109,6 @@ def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
             env.master_addr = "127.0.0.1"  # one node: every rank is on this host
     # LOCAL_RANK picks the GPU in the trainer; keep every GPU of the node visible.
     return env.export(set_cuda_visible_devices=False, overwrite=True)
-
-
-def _leave_process_group() -> None:
-    """After a successful multi-rank run: leave the process group together, and skip interpreter
-    teardown once submitit has written the result (FSDP2 / sequence-parallel runs can abort there
-    after succeeding, see the shared field notes; ``megatrain train`` does the same)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_initialized():
-        return
-    dist.barrier()
-    dist.destroy_process_group()
-    atexit.register(_exit_now)  # registered last, runs first: after the result file, before teardown
-
-
-def _exit_now() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -181,7 +163,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         if not result.stopped_early:
             log(run_dir, job_id, "completed", state="COMPLETED", restart=restart, step=result.step)
-            _leave_process_group()
+            # leave together; skip interpreter teardown once submitit has written the result
+            shutdown_distributed(at_exit=True)
             return {"job_id": job_id, "step": result.step, "head_losses": list(result.head_losses),
                     "restarts": restart, "run_dir": str(result.run_dir)}
 

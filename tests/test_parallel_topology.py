@@ -11,7 +11,7 @@ import pytest
 
 from megatrain.errors import ConfigError
 from megatrain.parallel import ParallelConfig, ParallelDims, dist_env
-from megatrain.parallel.topology import DistEnv
+from megatrain.parallel.process_group import DistEnv
 from megatrain.parallel.pipeline import balanced_stage_layers, check_pipeline_layout, local_stage_ids
 from tests.parallel_harness import assert_matches, reference_run, tiny_cfg
 

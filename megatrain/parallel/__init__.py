@@ -3,7 +3,8 @@
 from megatrain.config import ParallelConfig
 from megatrain.parallel.parallel_model import (ParallelModel, clip_grad_norm_, materialize,
                                                parallelize)
-from megatrain.parallel.topology import ParallelDims, dist_env, init_distributed
+from megatrain.parallel.process_group import dist_env, init_distributed, shutdown_distributed
+from megatrain.parallel.topology import ParallelDims
 
 __all__ = ["ParallelConfig", "ParallelDims", "ParallelModel", "clip_grad_norm_", "dist_env",
-           "init_distributed", "materialize", "parallelize"]
+           "init_distributed", "materialize", "parallelize", "shutdown_distributed"]

@@ -44,7 +44,7 @@ from megatrain.optim import build_optimizer
 from megatrain.parallel.parallel_model import (apply_activation_checkpointing, apply_compile,
                                                reduce_step_stats)
 from megatrain.parallel.pipeline import MTPStage, n_trunk_layers, split_model
-from megatrain.parallel.topology import dist_env
+from megatrain.parallel.process_group import dist_env
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."

@@ -10,12 +10,9 @@ fastest links), pipeline neighbours next, data-parallel replicas outermost.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatrain.config import ModelConfig
@@ -121,45 +118,3 @@ class ParallelDims:
         """The (dp, pp, tp) device mesh; needs the process group (``init_distributed``)."""
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         return init_device_mesh(device_type, (self.dp, self.pp, self.tp), mesh_dim_names=MESH_AXES)
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def dist_env() -> DistEnv:
-    """Rank, world size and local rank from torchrun's or SLURM's environment (1 process if neither)."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)))
-    return DistEnv(0, 1, 0)
-
-
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistEnv:
-    """Join the process group described by the environment (torchrun or SLURM).
-
-    gloo on CPU, nccl when CUDA is visible (the local rank picks the GPU). Under SLURM the
-    rendezvous is MASTER_ADDR (default 127.0.0.1: single node) and MASTER_PORT (default 29500);
-    multi-node SLURM jobs must export MASTER_ADDR (e.g. the first host of SLURM_JOB_NODELIST).
-    A single process without any of these variables gets no process group at all.
-    """
-    env = dist_env()
-    if dist.is_initialized():
-        return env
-    if env.world_size == 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        return env
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group(backend, init_method="env://", rank=env.rank,
-                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
-    return env
