@@ -8,29 +8,14 @@ grad_hidden and grad_weight with two GEMMs; see DESIGN.md for why the chunk buff
 what it costs.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
+from megatrain.kernels.autotune_configs import autotune_configs
 from megatrain.kernels.logits_tile import logits_tile
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_V": 512, "BLOCK_K": 128})]
-    return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["n_rows", "V", "D"])
+@triton.autotune(configs=autotune_configs(small_tile=False), key=["n_rows", "V", "D"])
 @triton.jit
 def linear_ce_dlogits_kernel(
     H, W, B, T, LSE, ROW_GRAD,  # hidden (N, D), weight (V, D), bias (V), targets/lse/row_grad (N)

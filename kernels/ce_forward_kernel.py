@@ -9,30 +9,14 @@ host combines exactly like the tensor-parallel ranks' partials (``vocab_parallel
 Splitting the vocabulary keeps the GPU busy when N / BLOCK_N is below the number of SMs.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
+from megatrain.kernels.autotune_configs import autotune_configs
 from megatrain.kernels.logits_tile import logits_tile
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-def _configs():
-    if INTERPRET:  # autotune with >1 config fails in the interpreter; big blocks = few steps
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_V": 512, "BLOCK_K": 128})]
-    return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    ]
-
-
-@triton.autotune(configs=_configs(), key=["N", "V", "D"])
+@triton.autotune(configs=autotune_configs(small_tile=True), key=["N", "V", "D"])
 @triton.jit
 def linear_ce_forward_kernel(
     H, W, B, T,                      # hidden (N, D), weight (V, D), bias (V) or None, targets (N)

@@ -16,8 +16,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from megatrain.kernels.autotune_configs import INTERPRET
 from megatrain.kernels.ce_backward_kernel import linear_ce_dlogits_kernel
-from megatrain.kernels.ce_forward_kernel import INTERPRET, linear_ce_forward_kernel
+from megatrain.kernels.ce_forward_kernel import linear_ce_forward_kernel
 
 _INT64_ARGS = {"row_start"}
 _UNIT_STRIDES = {"stride_hd": 1, "stride_wd": 1}

@@ -10,6 +10,14 @@ import torch.nn.functional as F
 
 IGNORE = -100
 
+# The (N, D, V, bias) shapes both implementations are judged on: an odd one (N, D, V multiples of
+# no block size) and a realistic vocabulary. Small, because the Triton interpreter's cost grows
+# with programs x loop steps.
+SHAPES = {
+    "odd": (37, 48, 1001, True),
+    "llama_vocab": (160, 128, 32000, False),
+}
+
 
 def make_case(n_rows, dim, vocab, dtype, *, bias=False, seed=0, device="cpu",
               frac_ignored=0.1, frac_argmax=0.4, logit_scale=3.0):
@@ -31,6 +39,12 @@ def make_case(n_rows, dim, vocab, dtype, *, bias=False, seed=0, device="cpu",
     return dict(hidden=hidden.to(**to), weight=weight.to(**to),
                 bias=None if b is None else b.to(**to), targets=targets.to(**to),
                 upstream=upstream.to(**to))
+
+
+def shape_case(shape, dtype, **kwargs):
+    """``make_case`` at one of ``SHAPES`` (``kwargs``: device, seed, ...)."""
+    n_rows, dim, vocab, bias = SHAPES[shape]
+    return make_case(n_rows, dim, vocab, dtype, bias=bias, **kwargs)
 
 
 def _grad_out(loss, case, reduction):
@@ -94,3 +108,14 @@ def judge(result, case, reduction, *, factor=2.0, floor_rel=None):
                             f"({factor} x native {dtype} error {nat_err[key]:.3g} + "
                             f"{floor_rel:g} x |truth| {scale:.3g})")
     return true
+
+
+def run_and_judge(fn, case, reduction, **kwargs):
+    """``run`` then ``judge``; also n_correct must be a 0-dim int64 equal to the truth's, and > 0
+    (the case makes some targets the argmax). Returns the result."""
+    result = run(fn, case, reduction, **kwargs)
+    true = judge(result, case, reduction)
+    n_correct, n_true = result["n_correct"], int(true["n_correct"])
+    assert n_correct.dtype == torch.int64 and n_correct.dim() == 0, f"n_correct: {n_correct!r}"
+    assert int(n_correct) == n_true > 0, f"n_correct {int(n_correct)} vs float64 truth {n_true}"
+    return result

@@ -14,8 +14,7 @@ are combined across the group (``vocab_parallel.py``) and grad_hidden is summed 
 import torch
 import torch.distributed as dist
 
-from megatrain.kernels.vocab_parallel import (all_reduce_partials, reduce_loss, row_grads,
-                                              shard_start)
+from megatrain.kernels.vocab_parallel import loss_from_partials, row_grads, shard_start
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits per chunk
 
@@ -45,8 +44,17 @@ def _local_targets(targets, valid, vocab_start, vocab_local):
     return torch.where(here, local, torch.zeros_like(local)), here
 
 
+def _softmax_grad_(probs, local_t, here, row_grad):
+    """d loss / d logits of a chunk, in place over its softmax: (softmax - onehot(target)) times
+    the row's incoming gradient; the one-hot only on rows whose target is in this shard."""
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    probs[rows, local_t] -= here.to(probs.dtype)
+    return probs.mul_(row_grad[:, None])
+
+
 class _GradBuffers:
-    """grad_hidden / grad_weight / grad_bias accumulated chunk by chunk in the forward pass."""
+    """grad_hidden / grad_weight / grad_bias accumulated chunk by chunk in ``acc`` precision (in
+    the forward pass when the gradients are formed there, else in the backward)."""
 
     def __init__(self, hidden, weight, bias, acc, needs):
         need_h, need_w, need_b = needs
@@ -62,9 +70,14 @@ class _GradBuffers:
         if self.bias is not None:
             self.bias += dlogits.sum(0)
 
-    def scaled(self, grad_loss, hidden, weight, bias):
+    def results(self, hidden, weight, bias, grad_loss=None):
+        """The gradients in the inputs' dtypes (None where not wanted), times ``grad_loss`` if given."""
         def out(buf, like):
-            return None if buf is None else buf.mul_(grad_loss.to(buf.dtype)).to(like.dtype)
+            if buf is None:
+                return None
+            if grad_loss is not None:
+                buf.mul_(grad_loss.to(buf.dtype))
+            return buf.to(like.dtype)
         return out(self.hidden, hidden), out(self.weight, weight), out(self.bias, bias)
 
 
@@ -97,19 +110,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             exp = logits.sub_(chunk_max[:, None]).exp_()  # in place: logits are gone from here
             sum_exp[start:end] = exp.sum(dim=-1)
             if eager:
-                dlogits = exp.div_(sum_exp[start:end, None])  # softmax
-                rows = torch.arange(end - start, device=hidden.device)
-                dlogits[rows, local_t[start:end]] -= here[start:end].to(acc)
-                grads.add_chunk(dlogits.mul_(unit[start:end, None]), hidden, weight_acc, start, end)
+                dlogits = _softmax_grad_(exp.div_(sum_exp[start:end, None]), local_t[start:end],
+                                         here[start:end], unit[start:end])
+                grads.add_chunk(dlogits, hidden, weight_acc, start, end)
             del logits, exp
         target_logit = torch.where(here, target_logit, torch.zeros_like(target_logit))
-        if tp_group is not None:
-            row_max, sum_exp, target_logit, arg = all_reduce_partials(
-                row_max, sum_exp, target_logit, arg, tp_group)
-        lse = row_max + torch.log(sum_exp)
-        per_row = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
-        loss, n_valid = reduce_loss(per_row, valid, reduction)
-        n_correct = ((arg == targets) & valid).sum()
+        loss, lse, n_valid, n_correct = loss_from_partials(row_max, sum_exp, target_logit, arg,
+                                                           targets, valid, reduction, tp_group)
         ctx.save_for_backward(hidden, weight, bias, local_t, here, valid, lse, n_valid)
         ctx.reduction, ctx.tp_group = reduction, tp_group
         ctx.eager_grads = grads if eager else None
@@ -120,39 +127,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_n_correct):
         hidden, weight, bias, local_t, here, valid, lse, n_valid = ctx.saved_tensors
         if ctx.eager_grads is not None:  # formed in forward for a unit incoming gradient
-            return (*ctx.eager_grads.scaled(grad_loss, hidden, weight, bias), None, None, None, None,
-                    None)
+            return (*ctx.eager_grads.results(hidden, weight, bias, grad_loss), None, None, None,
+                    None, None)
         n_rows, vocab_local = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden)
         row_grad = row_grads(grad_loss, valid, n_valid, ctx.reduction, acc)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden, dtype=acc) if need_h else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_bias = torch.zeros(vocab_local, dtype=acc, device=hidden.device) if need_b else None
+        grads = _GradBuffers(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
         weight_acc = weight.to(acc)
         for start, end in _row_chunks(n_rows, vocab_local):
             logits = _chunk_logits(hidden, weight_acc, bias, start, end)
-            # d loss / d logit = (softmax - onehot(target)) * the row's incoming gradient
-            dlogits = torch.exp_(logits.sub_(lse[start:end, None]))  # softmax, in place
-            rows = torch.arange(end - start, device=hidden.device)
-            dlogits[rows, local_t[start:end]] -= here[start:end].to(acc)
-            dlogits.mul_(row_grad[start:end, None])
-            if need_h:
-                grad_hidden[start:end] = dlogits @ weight_acc
-            if need_w:
-                grad_weight.addmm_(dlogits.t(), hidden[start:end].to(acc))
-            if need_b:
-                grad_bias += dlogits.sum(0)
-            del logits, dlogits
-        if need_h and ctx.tp_group is not None:
+            softmax = torch.exp_(logits.sub_(lse[start:end, None]))  # in place
+            dlogits = _softmax_grad_(softmax, local_t[start:end], here[start:end],
+                                     row_grad[start:end])
+            grads.add_chunk(dlogits, hidden, weight_acc, start, end)
+            del logits, softmax, dlogits
+        if grads.hidden is not None and ctx.tp_group is not None:
             # hidden is replicated across the group: its gradient sums every shard's part
-            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
-        return (
-            grad_hidden.to(hidden.dtype) if need_h else None,
-            grad_weight.to(weight.dtype) if need_w else None,
-            grad_bias.to(bias.dtype) if need_b else None,
-            None, None, None, None, None,
-        )
+            dist.all_reduce(grads.hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+        return (*grads.results(hidden, weight, bias), None, None, None, None, None)
 
 
 def linear_cross_entropy_torch(hidden, weight, targets, *, bias=None, ignore_index=-100,

@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 import triton
 
+from megatrain.kernels.autotune_configs import INTERPRET
 from megatrain.kernels.ce_backward_kernel import linear_ce_dlogits_kernel
-from megatrain.kernels.ce_forward_kernel import INTERPRET, linear_ce_forward_kernel
-from megatrain.kernels.vocab_parallel import (all_reduce_partials, combine_splits, reduce_loss,
-                                              row_grads, shard_start)
+from megatrain.kernels.ce_forward_kernel import linear_ce_forward_kernel
+from megatrain.kernels.vocab_parallel import (combine_splits, loss_from_partials, row_grads,
+                                              shard_start)
 
 # Backward row-chunk: the dlogits buffer is [DLOGITS_CHUNK_ROWS, V] in the weight's dtype
 # (64 MiB at V=32000 bf16). Larger chunks make the grad_weight GEMM (K = chunk rows) more
@@ -106,13 +107,9 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, tp_group):
         vocab_start = shard_start(weight.shape[0], tp_group)
         m, s, target_logit, arg = forward_statistics(hidden, weight, bias, targets, vocab_start)
-        if tp_group is not None:
-            m, s, target_logit, arg = all_reduce_partials(m, s, target_logit, arg, tp_group)
-        lse = m + torch.log(s)
         valid = targets != ignore_index
-        per_row = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
-        loss, n_valid = reduce_loss(per_row, valid, reduction)
-        n_correct = ((arg == targets) & valid).sum()
+        loss, lse, n_valid, n_correct = loss_from_partials(m, s, target_logit, arg, targets, valid,
+                                                           reduction, tp_group)
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, n_valid)
         ctx.reduction, ctx.tp_group, ctx.vocab_start = reduction, tp_group, vocab_start
         ctx.mark_non_differentiable(n_correct)

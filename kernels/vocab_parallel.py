@@ -45,6 +45,18 @@ def all_reduce_partials(m, s, target_logit, arg, tp_group):
     return m_all, sums[0], sums[1], arg_all
 
 
+def loss_from_partials(m, s, target_logit, arg, targets, valid, reduction, tp_group):
+    """Loss, lse, n_valid and n_correct from the [N] partials over this weight's vocabulary; with
+    ``tp_group`` they are first combined with the other ranks' (full-vocabulary loss everywhere)."""
+    if tp_group is not None:
+        m, s, target_logit, arg = all_reduce_partials(m, s, target_logit, arg, tp_group)
+    lse = m + torch.log(s)
+    per_row = torch.where(valid, lse - target_logit, torch.zeros_like(lse))
+    loss, n_valid = reduce_loss(per_row, valid, reduction)
+    n_correct = ((arg == targets) & valid).sum()
+    return loss, lse, n_valid, n_correct
+
+
 def reduce_loss(per_row, valid, reduction):
     """The per-row losses (zero on ignored rows) reduced as asked; also returns n_valid."""
     n_valid = valid.sum()

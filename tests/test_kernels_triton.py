@@ -25,11 +25,6 @@ RUN_HERE = DEVICE == "cuda" or INTERPRET
 here = pytest.mark.skipif(not RUN_HERE, reason="runs in the interpreter child process test")
 torch.set_num_threads(1)
 
-SHAPES = {  # (N, D, V, bias); the interpreter's cost grows with programs x loop steps
-    "odd": (37, 48, 1001, True),          # N, D, V multiples of no block size
-    "llama_vocab": (160, 128, 32000, False),
-}
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(RUN_HERE, reason="the kernels run in this process")
@@ -41,14 +36,9 @@ def test_triton_kernels_in_interpreter_child_process():
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
 
 
-def _run_and_judge(shape, dtype, reduction, **kwargs):
-    n, d, v, bias = SHAPES[shape]
-    case = kt.make_case(n, d, v, dtype, bias=bias, device=DEVICE, **kwargs)
-    result = kt.run(fused_linear_cross_entropy, case, reduction, impl="triton")
-    true = kt.judge(result, case, reduction)
-    assert result["n_correct"].dtype == torch.int64 and result["n_correct"].dim() == 0
-    assert int(result["n_correct"]) == int(true["n_correct"]) > 0
-    return result
+def _run_and_judge(shape, dtype, reduction):
+    case = kt.shape_case(shape, dtype, device=DEVICE)
+    return kt.run_and_judge(fused_linear_cross_entropy, case, reduction, impl="triton")
 
 
 @here
@@ -66,8 +56,7 @@ def test_kernel_llama_vocab_matches_float64_truth(dtype):
 
 @here
 def test_kernel_equals_torch_reference_in_fp32():
-    n, d, v, bias = SHAPES["odd"]
-    case = kt.make_case(n, d, v, torch.float32, bias=bias, device=DEVICE)
+    case = kt.shape_case("odd", torch.float32, device=DEVICE)
     kernel = kt.run(fused_linear_cross_entropy, case, "mean", impl="triton")
     reference = kt.run(fused_linear_cross_entropy, case, "mean", impl="torch")
     for key, err in kt.errors(kernel, reference).items():
@@ -101,8 +90,8 @@ def test_argmax_tie_counts_the_first_index_as_torch_does():
 
 @here
 def test_strided_hidden_is_read_through_its_strides():
-    n, d, v, bias = SHAPES["odd"]
-    case = kt.make_case(n, d, v, torch.float32, bias=bias, device=DEVICE)
+    case = kt.shape_case("odd", torch.float32, device=DEVICE)
+    n, d = case["hidden"].shape
     wide = torch.zeros(n, 2 * d, device=DEVICE)
     wide[:, 1::2] = case["hidden"]
     case["hidden"] = wide[:, 1::2]  # strides (2d, 2)
