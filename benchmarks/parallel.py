@@ -77,10 +77,9 @@ class _LastStepDone(Exception):
 
 def rank_worker(out_dir: Path, config: str | None, overrides: list[str]) -> None:
     """One rank of a benchmark run: train, recording this rank's peak memory after every step."""
-    import torch.distributed as dist
-
     from megatrain.config import load_config
     from megatrain.metrics import peak_memory_bytes
+    from megatrain.parallel import shutdown_distributed
     from megatrain.trainer import resolve_device, train
 
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -88,9 +87,9 @@ def rank_worker(out_dir: Path, config: str | None, overrides: list[str]) -> None
     device, _ = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     peaks: list[int] = []
 
-    def record_and_stop_after_last_step() -> bool:
+    def record_and_stop_after_last_step(step: int) -> bool:
         peaks.append(peak_memory_bytes(device))
-        if len(peaks) == cfg.train.steps:
+        if step == cfg.train.steps:
             raise _LastStepDone
         return False
 
@@ -102,12 +101,7 @@ def rank_worker(out_dir: Path, config: str | None, overrides: list[str]) -> None
     (out_dir / f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "peak_bytes": peaks[-1], "start_bytes": rss_after_imports,
          "device": device.type}))
-    if dist.is_initialized():  # leave as `megatrain train` does (see megatrain/cli.py)
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    shutdown_distributed()  # as `megatrain train` leaves
 
 
 def run_layout(nproc: int, config: str | None, overrides: list[str]) -> dict:

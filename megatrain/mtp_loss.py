@@ -76,15 +76,13 @@ def _head_ce(model, i, out, targets_i, ignore_index, impl):
     if isinstance(weight, DTensor):  # (V/tp, D) local shard of the vocab-parallel unembedding
         tp_group = weight.device_mesh.get_group()
         weight = weight.to_local()  # its gradient flows back into the sharded parameter's
-    if hidden.dtype != weight.dtype:  # under autocast the norm output is low precision
+    if hidden.dtype != weight.dtype:
+        # e.g. FSDP's bf16 compute copy of the weight meets the norm output, which autocast
+        # keeps in fp32 (RMSNorm runs in fp32 under autocast): compute in the hidden's dtype
         weight = weight.to(hidden.dtype)
     return fused_linear_cross_entropy(hidden, weight, targets_i.flatten(), ignore_index=ignore_index,
                                       reduction="sum", impl=impl, tp_group=tp_group,
                                       return_n_correct=True)
-
-
-def _head_params(model, i):
-    return list(model.head_module(i).parameters()) + [model.norm.weight, model.output.weight]
 
 
 class SequentialHeadsLoss(torch.autograd.Function):
@@ -117,7 +115,7 @@ class SequentialHeadsLoss(torch.autograd.Function):
                 out = model.head_forward(i, x)
                 ce_sum, hits = _head_ce(model, i, out, targets[i], ignore_index, impl)
                 scaled = ce_sum.float() * head_scales[i]
-                head_params = _head_params(model, i)
+                head_params = model.head_params(i)
                 outputs, grad_outputs = [scaled], [None]
                 if grad_out is not None:  # chained: later heads' gradient w.r.t. this output
                     outputs.append(out)
@@ -171,7 +169,7 @@ def mtp_loss(model, trunk_hidden: torch.Tensor, targets: torch.Tensor, head_scal
     n_valid = (targets != ignore_index).flatten(1).sum(1).cpu()
     head_scales = head_scales.to(device=trunk_hidden.device, dtype=torch.float32)
     if torch.is_grad_enabled() and trunk_hidden.requires_grad:
-        params = list(dict.fromkeys(p for i in range(model.n_future) for p in _head_params(model, i)))
+        params = model.all_head_params()
         total, loss_sum, n_correct = SequentialHeadsLoss.apply(
             trunk_hidden, model, targets, head_scales, ignore_index, impl, *params)
     else:

@@ -1,14 +1,18 @@
 """Multi-process test harness: forked gloo workers and the single-process reference they match.
 
-``run_ranks(world_size, fn, *args)`` forks ``world_size`` workers from the (torch-importing)
-test process - much cheaper than torchrun per test - sets the torchrun environment, joins the
-process group, runs ``fn(rank, *args)`` and returns every rank's result. Workers leave with
-``os._exit(0)`` after sending their result: gloo + FSDP/SP sometimes abort at interpreter
-shutdown after succeeding (FIELD_NOTES), and a forked child must not run the parent's atexit.
+``run_ranks(world_size, fn, *args, **kwargs)`` forks ``world_size`` workers from the
+(torch-importing) test process - much cheaper than torchrun per test - sets the torchrun
+environment, joins the process group, runs ``fn(rank, *args, **kwargs)`` and returns every rank's
+result. Forked, not spawned: ``fn`` (a closure too) and its arguments reach the workers without
+being pickled; only the results are. Workers leave with ``os._exit`` after sending their result:
+on CPU/gloo 10-17% of FSDP2 / sequence-parallel runs aborted at interpreter shutdown after
+succeeding, and a forked child must not run the parent's atexit handlers.
 
 ``reference_run`` is the single-process trainer step (trunk, sequential-heads loss per
 microbatch, clip, AdamW) on the same data; ``parallel_run`` is the same through
-``megatrain.parallel``. Both return per-step losses and the full (gathered) parameters.
+``megatrain.parallel``. Both return per-step losses and the full (gathered) parameters, which
+``assert_matches`` compares; ``assert_comparison_catches`` is the negative control that shows the
+comparison rejects a deliberately wrong run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import time
 import traceback
 
+import pytest
 import torch
 
 from megatrain.config import ModelConfig, TrainConfig
@@ -91,24 +96,35 @@ def reference_run(cfg: ModelConfig, steps=STEPS, micro=0, data=None):
     return {"losses": losses, "params": full_params(model.named_parameters()), "grad_norms": grad_norms}
 
 
-def parallel_run(rank, cfg: ModelConfig, dp, tp, pp, parallel_kwargs=None, steps=STEPS, micro=0,
+def parallel_run(rank, cfg: ModelConfig, *, dp, tp, pp, parallel_kwargs=None, steps=STEPS, micro=0,
                  corrupt=None):
-    """One rank of the same training through megatrain.parallel; ``corrupt(pm)`` is called after
-    each backward (negative controls)."""
-    from megatrain.parallel import ParallelConfig, ParallelDims, parallelize
+    """One rank of the same training through megatrain.parallel on a dp x tp x pp mesh.
+
+    Keyword-only after ``cfg``: a call reads ``dp=2, tp=1, pp=1, micro=1``, not a row of bare
+    numbers. ``parallel_kwargs``: further ``ParallelConfig`` fields; ``corrupt``: see
+    ``train_parallel``.
+    """
+    from megatrain.parallel import ParallelConfig, ParallelDims, parallelize_mtp
 
     dims = ParallelDims(dp=dp, tp=tp, pp=pp, world_size=dp * tp * pp)
     mesh = dims.build_mesh("cpu")
     parallel = ParallelConfig(dp=dp, tp=tp, pp=pp, **(parallel_kwargs or {}))
-    model = build_model(cfg)
-    pm = parallelize(model, dims, mesh, parallel, local_batch=BATCH // dp, micro_batch_size=micro,
-                     impl="torch")
+    share = BATCH // dp
+    pm = parallelize_mtp(build_model(cfg), dims, mesh, parallel, local_batch=share,
+                         micro_batch_size=micro, impl="torch")
+    dp_rank = mesh["dp"].get_local_rank()
+    rows = slice(dp_rank * share, (dp_rank + 1) * share)
+    return train_parallel(pm, cfg, steps, rows=rows, micro=micro, corrupt=corrupt)
+
+
+def train_parallel(pm, cfg: ModelConfig, steps=STEPS, rows=slice(None), micro=0, corrupt=None) -> dict:
+    """The harness's training loop on a parallelized model: this rank's ``rows`` of every global
+    batch, clip 1.0, AdamW. ``corrupt(pm)``, when given, runs after each backward and before the
+    clip: a negative control's deliberately wrong gradients."""
     optimizer = build_optimizer_for(pm, steps)
-    dp_rank, share = mesh["dp"].get_local_rank(), BATCH // dp
     losses, head_losses, grad_norms = [], [], []
     for window in batches(cfg, steps):
         targets, scales = _targets(cfg, window)  # scales over the GLOBAL batch
-        rows = slice(dp_rank * share, (dp_rank + 1) * share)
         loss, stats = pm.forward_backward(window[rows, :-1], targets[:, rows], scales, micro)
         if corrupt is not None:
             corrupt(pm)
@@ -123,9 +139,30 @@ def parallel_run(rank, cfg: ModelConfig, dp, tp, pp, parallel_kwargs=None, steps
 
 
 def build_optimizer_for(pm, steps):
+    """AdamW over the parallel model's parameters, built as ``reference_run`` builds its own: the
+    loop clips and steps by hand (not ``pm.optimizer_step``) to mirror the reference step for step."""
     holder = torch.nn.Module()
     holder.params = torch.nn.ParameterList(list(pm.parameters()))
     return build_optimizer(holder, _train_cfg(steps), "cpu")
+
+
+def merged_params(results) -> dict:
+    """Every rank's parameters in one dict: under pp a rank returns only its own stages'."""
+    params = {}
+    for result in results:
+        params.update(result["params"])
+    return params
+
+
+def runtime_error_of(fn, *args, **kwargs) -> str:
+    """The message of the RuntimeError ``fn(*args, **kwargs)`` raises, or "no error": for the
+    controls showing that a run without one of megatrain's safeguards fails loudly on every rank
+    instead of silently losing gradients."""
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
 
 
 # ---- forked workers ------------------------------------------------------------------------------
@@ -135,7 +172,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, results):
+def _worker(rank, world_size, port, fn, args, kwargs, results):
     code = 0
     try:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -144,7 +181,7 @@ def _worker(rank, world_size, port, fn, args, results):
         from megatrain.parallel import init_distributed
         init_distributed(backend="gloo", timeout_s=120)
         # plain pickle: the queue's ForkingPickler would share tensors by fd, dead once we exit
-        results.put((rank, True, pickle.dumps(fn(rank, *args))))
+        results.put((rank, True, pickle.dumps(fn(rank, *args, **kwargs))))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
         code = 1
@@ -154,13 +191,18 @@ def _worker(rank, world_size, port, fn, args, results):
         os._exit(code)
 
 
-def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> list:
-    """Run ``fn(rank, *args)`` on ``world_size`` forked gloo ranks; results in rank order."""
+def run_ranks(world_size: int, fn, /, *args, timeout: float = 240.0, **kwargs) -> list:
+    """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` forked gloo ranks; results in rank order.
+
+    ``timeout`` (seconds for all ranks together) is run_ranks' own keyword and never reaches
+    ``fn``; ``world_size`` and ``fn`` are positional-only, so ``fn`` may take keywords of those
+    names.
+    """
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     out, deadline = {}, time.monotonic() + timeout
@@ -206,3 +248,11 @@ def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=
             worst, worst_name = err, name
     assert worst <= param_tol, f"parameter {worst_name} differs by {worst:.3e} > {param_tol}"
     return {"loss_rel": loss_err, "norm_rel": norm_err, "param_abs": worst}
+
+
+def assert_comparison_catches(reference, result):
+    """Negative control: ``result`` comes from a deliberately wrong run (e.g. gradients corrupted
+    after backward), and ``assert_matches``, with the very tolerances the equivalence tests pass
+    under, must reject it. A comparison that cannot fail proves nothing."""
+    with pytest.raises(AssertionError, match="differ"):
+        assert_matches(reference, result)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megatrain import checkpoint as ckpt_module
-from megatrain.checkpoint import CheckpointManager, ModelAndOptimizer, RNGState
+from megatrain.checkpoint import CheckpointManager, RNGState
+from megatrain.parallel.model_state import ModelAndOptimizer
 from megatrain.errors import CheckpointError
 
 

@@ -24,8 +24,9 @@ import deepspeed  # noqa: E402,F401  installed by install.sh: a broken install f
 from megatrain.config import ParallelConfig  # noqa: E402
 from megatrain.errors import ConfigError  # noqa: E402
 from megatrain.parallel import ParallelDims  # noqa: E402
-from tests.parallel_harness import (BATCH, STEPS, _targets, _train_cfg, assert_matches,  # noqa: E402
-                                    batches, build_model, reference_run, run_ranks, tiny_cfg)
+from tests.parallel_harness import (BATCH, STEPS, _targets, _train_cfg,  # noqa: E402
+                                    assert_comparison_catches, assert_matches, batches, build_model,
+                                    reference_run, run_ranks, runtime_error_of, tiny_cfg)
 from tests.test_trainer_parallel import _assert_close, _base, _launch, _losses  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -34,18 +35,17 @@ PARTITION_EVERYTHING = {"zero_optimization": {"stage3_param_persistence_threshol
 
 
 # ---- harness level: DeepSpeedModel on forked ranks ----------------------------------------------
-def deepspeed_run(rank, cfg, zero_stage, micro=0, offload=False, grad_reduction="sum", steps=STEPS,
+def deepspeed_run(rank, cfg, *, zero_stage, micro=0, offload=False, grad_reduction="sum", steps=STEPS,
                   checkpoint_dir=None, resume_from=None, activation_checkpointing="none"):
     """One rank of the harness's training run through DeepSpeed ZeRO (dp = world size).
 
-    ``checkpoint_dir``: save after step 2 (megatrain's DCP layout). ``resume_from``: load that
+    Keyword-only after ``cfg``, like ``parallel_run``. ``checkpoint_dir``: save after step 2 (megatrain's DCP layout). ``resume_from``: load that
     checkpoint into a fresh engine first and run the remaining steps.
     """
     import torch.distributed.checkpoint as dcp
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from megatrain.parallel.deepspeed_engine import (DeepSpeedModelAndOptimizer,
-                                                     parallelize_deepspeed)
+    from megatrain.parallel.deepspeed_engine import parallelize_deepspeed
     dp = torch.distributed.get_world_size()
     parallel = ParallelConfig(dp=dp, dp_engine="deepspeed", zero_stage=zero_stage,
                               offload_optimizer=offload,
@@ -58,7 +58,7 @@ def deepspeed_run(rank, cfg, zero_stage, micro=0, offload=False, grad_reduction=
         dsm.grad_scale = 1.0
     first = 0
     if resume_from is not None:
-        state = {"model_optim": DeepSpeedModelAndOptimizer(dsm)}
+        state = {"model_optim": dsm.checkpoint_state()}
         flat = {k: v.state_dict() for k, v in state.items()}
         dcp.load(flat, checkpoint_id=str(resume_from))
         state["model_optim"].load_state_dict(flat["model_optim"])
@@ -71,12 +71,12 @@ def deepspeed_run(rank, cfg, zero_stage, micro=0, offload=False, grad_reduction=
         targets, scales = _targets(cfg, window)  # scales over the GLOBAL batch
         rows = slice(rank * share, (rank + 1) * share)
         loss, _ = dsm.forward_backward(window[rows, :-1], targets[:, rows], scales, micro)
-        norm, applied = dsm.step()
+        norm, applied = dsm.optimizer_step(loss)
         assert applied
         losses.append(loss)
         grad_norms.append(norm)
         if checkpoint_dir is not None and step == 1:
-            dcp.save({"model_optim": DeepSpeedModelAndOptimizer(dsm)}, checkpoint_id=str(checkpoint_dir))
+            dcp.save({"model_optim": dsm.checkpoint_state()}, checkpoint_id=str(checkpoint_dir))
     params = {name: safe_get_full_fp32_param(p).clone() for name, p in dsm.named_parameters()}
     return {"losses": losses, "grad_norms": grad_norms, "params": params}
 
@@ -97,8 +97,9 @@ def test_zero_dp2_matches_single_process(name):
     zero_stage, model, micro, offload, checkpointing = MATRIX[name]
     cfg = tiny_cfg(**model)
     reference = reference_run(cfg, micro=micro)
-    for result in run_ranks(2, deepspeed_run, cfg, zero_stage, micro, offload, "sum", STEPS, None,
-                            None, checkpointing):
+    results = run_ranks(2, deepspeed_run, cfg, zero_stage=zero_stage, micro=micro, offload=offload,
+                        activation_checkpointing=checkpointing)
+    for result in results:
         assert_matches(reference, result)
 
 
@@ -108,9 +109,8 @@ def test_averaged_gradients_are_caught():
     half (later steps drift, clipping included)."""
     cfg = tiny_cfg(n_future=2)
     reference = reference_run(cfg)
-    result = run_ranks(2, deepspeed_run, cfg, 2, 0, False, "mean")[0]
-    with pytest.raises(AssertionError, match="differ"):
-        assert_matches(reference, result)
+    result = run_ranks(2, deepspeed_run, cfg, zero_stage=2, grad_reduction="mean")[0]
+    assert_comparison_catches(reference, result)
     ratio = reference["grad_norms"][0] / result["grad_norms"][0]  # same weights at step 1
     assert abs(ratio - 2.0) < 1e-5, ratio
 
@@ -121,12 +121,8 @@ def test_zero3_needs_the_loss_parameters_gathered_for_the_whole_stage():
     partitioned (empty) shapes and fails loudly (it does not silently lose gradients)."""
     def without_external_parameters(rank, cfg):
         import megatrain.parallel.deepspeed_engine as engine_module
-        engine_module.keep_gathered_for_the_loss = lambda deepspeed, stage: None
-        try:
-            deepspeed_run(rank, cfg, 3, steps=1)
-        except RuntimeError as err:
-            return str(err)
-        return "no error"
+        engine_module.keep_gathered_for_the_loss = lambda _deepspeed, _stage: None
+        return runtime_error_of(deepspeed_run, rank, cfg, zero_stage=3, steps=1)
     out = run_ranks(2, without_external_parameters, tiny_cfg(n_future=2))
     assert all("invalid gradient" in o for o in out), out
 
@@ -135,8 +131,8 @@ def test_zero3_checkpoint_resumes_exactly(tmp_path):
     """Save after step 2 (partitioned ZeRO-3, megatrain's DCP layout), load into fresh engines,
     and the remaining steps equal those of the uninterrupted run."""
     cfg = tiny_cfg(n_future=2, head_type="causal")
-    straight = run_ranks(2, deepspeed_run, cfg, 3, 0, False, "sum", STEPS, tmp_path / "ckpt")[0]
-    resumed = run_ranks(2, deepspeed_run, cfg, 3, 0, False, "sum", STEPS, None, tmp_path / "ckpt")[0]
+    straight = run_ranks(2, deepspeed_run, cfg, zero_stage=3, checkpoint_dir=tmp_path / "ckpt")[0]
+    resumed = run_ranks(2, deepspeed_run, cfg, zero_stage=3, resume_from=tmp_path / "ckpt")[0]
     assert resumed["losses"] == straight["losses"][2:]
     assert resumed["grad_norms"] == straight["grad_norms"][2:]
     for name, p in straight["params"].items():
@@ -203,9 +199,9 @@ def test_trainer_deepspeed_resumes_and_reshards(dataset, tmp_path):
     run = tmp_path / "resharded"
     args = _base(dataset, run, **settings)
     zero2 = args + DEEPSPEED + ["parallel.zero_stage=2"]
-    first = _launch(2, zero2, {"MEGATRAIN_FAULT_KILL_AT_STEP": "3"})
+    first = _launch(2, zero2, kill_after_step=3)
     assert first.returncode != 0 and (run / "checkpoints/latest").read_text().strip() == "step_0000002"
-    second = _launch(2, zero2, {"MEGATRAIN_FAULT_KILL_AT_STEP": "5"})
+    second = _launch(2, zero2, kill_after_step=5)
     assert "resumed from" in second.stdout, second.stderr[-3000:]
     assert (run / "checkpoints/latest").read_text().strip() == "step_0000004"
     third = _launch(1, args)

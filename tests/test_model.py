@@ -21,13 +21,38 @@ def test_parameter_names_follow_meta_mtp_checkpoints(tiny_model_cfg):
     assert "layers.3.attention.wq.weight" not in names
     assert {"extra_heads.0.feed_forward.w1.weight", "extra_heads.1.ffn_norm.weight"} <= names
     assert model.head_module(0) is model.layers["2"]
-    assert model.trunk_layer_keys == ["0", "1"]
+    assert model.layout.trunk_keys == ["0", "1"]
+    assert model.layout.head_paths == ["layers.2", "extra_heads.0", "extra_heads.1"]
 
 
 def test_linear_heads_keep_a_full_depth_trunk(tiny_model_cfg):
     model = MTPTransformer(tiny_model_cfg(n_layers=4, n_future=4, head_type="linear"), 16)
-    assert model.trunk_layer_keys == ["0", "1", "2", "3"]
+    assert model.layout.trunk_keys == ["0", "1", "2", "3"] and model.layout.head1_key is None
     assert len(model.linear_heads) == 4 and len(model.extra_heads) == 0
+    assert model.head_module(3) is model.linear_heads[3]
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal"])
+@pytest.mark.parametrize("n_future", [1, 2, 4])
+def test_layout_names_every_parameter_exactly_once(tiny_model_cfg, head_type, n_future):
+    """The layout is the one description other modules use: the embedding, its trunk keys, its
+    head paths and the shared parts together hold every parameter of the model, each once."""
+    from megatrain.model.layout import SHARED_BY_HEADS
+
+    model = MTPTransformer(tiny_model_cfg(n_layers=5, n_future=n_future, head_type=head_type), 16)
+    layout = model.layout
+    parts = (["tok_embeddings"] + [f"layers.{k}" for k in layout.trunk_keys] + layout.head_paths
+             + list(SHARED_BY_HEADS))
+    owners = {}
+    for name, _ in model.named_parameters():
+        owner = [part for part in parts if name.startswith(part + ".")]
+        assert len(owner) == 1, (name, owner)
+        owners.setdefault(owner[0], []).append(name)
+    assert set(owners) == set(parts), set(parts) - set(owners)
+    assert sorted(model.layers) == sorted(layout.layer_keys)
+    assert len(layout.trunk_keys) + n_future * (head_type != "linear") == 5
+    assert [model.get_submodule(p) for p in layout.head_paths] == [model.head_module(i)
+                                                                   for i in range(n_future)]
 
 
 @pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal"])
@@ -76,13 +101,13 @@ def test_xformers_backend_on_cpu_fails_clearly(tiny_model_cfg):
 def test_meta_build_then_materialize_equals_eager_init(tiny_model_cfg, head_type):
     """What every rank does for FSDP/TP/PP: build on meta, then fill from parameter names."""
     from megatrain.parallel import materialize
-    from megatrain.parallel.pipeline import n_trunk_layers, split_model
+    from megatrain.parallel.pipeline import split_model
 
     cfg = tiny_model_cfg(n_layers=5, n_future=3, head_type=head_type)
     eager = MTPTransformer(cfg, 16, seed=7)
     with torch.device("meta"):
         meta = MTPTransformer(cfg, 16, seed=7)
-    stages = split_model(meta, [n_trunk_layers(cfg)], [0])
+    stages = split_model(meta, [meta.layout.n_trunk_layers], [0])
     materialize(stages, torch.device("cpu"), seed=7, max_seq_len=16)
     got = dict(stages[0].named_parameters())
     assert got.keys() == dict(eager.named_parameters()).keys()

@@ -6,7 +6,8 @@ FSDP sums (not averages) gradients, so every step must equal the single-process 
 
 import pytest
 
-from tests.parallel_harness import assert_matches, parallel_run, reference_run, run_ranks, tiny_cfg
+from tests.parallel_harness import (assert_comparison_catches, assert_matches, merged_params, parallel_run,
+                                    reference_run, run_ranks, runtime_error_of, tiny_cfg)
 
 pytestmark = pytest.mark.distributed
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.distributed
 def test_fsdp_dp2_matches_single_process(head_type, micro):
     cfg = tiny_cfg(head_type=head_type)
     reference = reference_run(cfg)
-    for result in run_ranks(2, parallel_run, cfg, 2, 1, 1, None, 5, micro):
+    for result in run_ranks(2, parallel_run, cfg, dp=2, tp=1, pp=1, micro=micro):
         assert_matches(reference, result)
 
 
@@ -26,7 +27,7 @@ def test_fsdp_heads_as_their_own_units_break_the_sequential_heads_node():
     def heads_as_units(rank, cfg):
         from torch.distributed.fsdp import fully_shard
 
-        import megatrain.parallel.parallel_model as pm_module
+        import megatrain.parallel.parallelize as pm_module
         from megatrain.parallel.data_parallel import apply_fsdp
 
         def shard_heads_separately(stage, dp_mesh, **kwargs):
@@ -34,11 +35,7 @@ def test_fsdp_heads_as_their_own_units_break_the_sequential_heads_node():
                 fully_shard(stage.head_module(i), mesh=dp_mesh)
             return apply_fsdp(stage, dp_mesh, **kwargs)
         pm_module.apply_fsdp = shard_heads_separately
-        try:
-            parallel_run(rank, cfg, 2, 1, 1, steps=1)
-        except RuntimeError as err:
-            return str(err)
-        return "no error"
+        return runtime_error_of(parallel_run, rank, cfg, dp=2, tp=1, pp=1, steps=1)
     out = run_ranks(2, heads_as_units, tiny_cfg(n_future=2))
     assert all("mixed torch.Tensor and DTensor" in o for o in out), out
 
@@ -46,7 +43,9 @@ def test_fsdp_heads_as_their_own_units_break_the_sequential_heads_node():
 def test_fsdp_dp2_with_tp2_matches_single_process():
     cfg = tiny_cfg()
     reference = reference_run(cfg)
-    for result in run_ranks(4, parallel_run, cfg, 2, 2, 1, {"sequence_parallel": True}, 5, 1):
+    results = run_ranks(4, parallel_run, cfg, dp=2, tp=2, pp=1, micro=1,
+                        parallel_kwargs={"sequence_parallel": True})
+    for result in results:
         assert_matches(reference, result)
 
 
@@ -54,10 +53,9 @@ def test_fsdp_dp2_with_tp2_matches_single_process():
 def test_dp2_tp2_pp2_matches_single_process():
     cfg = tiny_cfg(n_layers=7)
     reference = reference_run(cfg)
-    results = run_ranks(8, parallel_run, cfg, 2, 2, 2, {"pp_schedule": "1f1b", "microbatches": 2})
-    params = {}
-    for r in results:
-        params.update(r["params"])
+    results = run_ranks(8, parallel_run, cfg, dp=2, tp=2, pp=2,
+                        parallel_kwargs={"pp_schedule": "1f1b", "microbatches": 2})
+    params = merged_params(results)
     assert sorted(params) == sorted(reference["params"])
     for r in results:
         assert_matches(reference, {**r, "params": params})
@@ -74,6 +72,5 @@ def test_fsdp_comparison_catches_averaged_gradients():
     # AdamW is scale invariant: the loss moves only through clipping; the gradient norms always catch it.
     cfg = tiny_cfg(n_future=2)
     reference = reference_run(cfg)
-    result = run_ranks(2, parallel_run, cfg, 2, 1, 1, None, 5, 0, _average_instead_of_sum)[0]
-    with pytest.raises(AssertionError, match="differ"):
-        assert_matches(reference, result)
+    result = run_ranks(2, parallel_run, cfg, dp=2, tp=1, pp=1, corrupt=_average_instead_of_sum)[0]
+    assert_comparison_catches(reference, result)

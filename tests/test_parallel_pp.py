@@ -6,7 +6,7 @@ The model has 3 trunk layers (n_layers=7, n_future=4) so V-shaped and interleave
 
 import pytest
 
-from tests.parallel_harness import assert_matches, parallel_run, reference_run, run_ranks, tiny_cfg
+from tests.parallel_harness import assert_matches, merged_params, parallel_run, reference_run, run_ranks, tiny_cfg
 
 pytestmark = pytest.mark.distributed
 
@@ -14,10 +14,7 @@ CFG = dict(n_layers=7, n_future=4)
 
 
 def _merged(results):
-    params = {}
-    for r in results:
-        params.update(r["params"])
-    return {**results[0], "params": params}
+    return {**results[0], "params": merged_params(results)}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +24,8 @@ def reference():
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev"])
 def test_pp2_schedule_matches_single_process(schedule, reference):
-    results = run_ranks(2, parallel_run, tiny_cfg(**CFG), 1, 1, 2,
-                        {"pp_schedule": schedule, "microbatches": 4})
+    results = run_ranks(2, parallel_run, tiny_cfg(**CFG), dp=1, tp=1, pp=2,
+                        parallel_kwargs={"pp_schedule": schedule, "microbatches": 4})
     merged = _merged(results)
     assert sorted(merged["params"]) == sorted(reference["params"])  # every parameter, once
     for r in results:  # every pp rank reports the global loss
@@ -43,8 +40,10 @@ def test_pp2_schedule_matches_single_process(schedule, reference):
 
 def test_pp2_causal_heads_with_explicit_stage_layers():
     cfg = tiny_cfg(n_layers=7, n_future=3, head_type="causal")  # 4 trunk layers
-    reference = reference_run(cfg)
-    results = run_ranks(2, parallel_run, cfg, 1, 1, 2,
-                        {"pp_schedule": "1f1b", "microbatches": 2, "stage_layers": [1, 3]})
+    # The reference accumulates the same 2 microbatches: summed in another order, the gradients
+    # differ in the last bits, which AdamW turns into parameter differences near the tolerance.
+    reference = reference_run(cfg, micro=2)
+    results = run_ranks(2, parallel_run, cfg, dp=1, tp=1, pp=2,
+                        parallel_kwargs={"pp_schedule": "1f1b", "microbatches": 2, "stage_layers": [1, 3]})
     assert [r["stage_layers"] for r in results] == [[["0"]], [["1", "2", "3"]]]
     assert_matches(reference, _merged(results))

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from megatrain.errors import ConfigError
-from megatrain.parallel import ParallelConfig, ParallelDims, dist_env
+from megatrain.parallel import ParallelConfig, ParallelDims, dist_env, parallelize_mtp
 from megatrain.parallel.process_group import DistEnv
-from megatrain.parallel.pipeline import balanced_stage_layers, check_pipeline_layout, local_stage_ids
-from tests.parallel_harness import assert_matches, reference_run, tiny_cfg
+from megatrain.parallel.pipeline_layout import balanced_stage_layers, check_pipeline_layout, local_stage_ids
+from tests.parallel_harness import BATCH, assert_matches, build_model, reference_run, tiny_cfg, train_parallel
 
 
 def test_degrees_must_multiply_to_world_size_and_message_names_keys():
@@ -117,23 +117,6 @@ def test_single_process_parallelize_with_activation_checkpointing_matches_traine
     """pp=tp=dp=1 goes through the same MTPStage runtime (and AC) and must equal the trainer."""
     cfg = tiny_cfg(n_layers=7)
     reference = reference_run(cfg, steps=3)
-    dims = ParallelDims(1, 1, 1, 1)
-    import megatrain.parallel.parallel_model as pm_module
-    result = _run_single(cfg, dims, ParallelConfig(activation_checkpointing=mode), pm_module)
-    assert_matches(reference, result)
-
-
-def _run_single(cfg, dims, parallel, pm_module):
-    from tests.parallel_harness import BATCH, _targets, batches, build_model, build_optimizer_for, full_params
-    model = build_model(cfg)
-    pm = pm_module.parallelize(model, dims, None, parallel, local_batch=BATCH, impl="torch")
-    optimizer = build_optimizer_for(pm, 3)
-    losses, norms = [], []
-    for window in batches(cfg, 3):
-        targets, scales = _targets(cfg, window)
-        loss, _ = pm.forward_backward(window[:, :-1], targets, scales)
-        norms.append(pm.clip_grad_norm_(1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-    return {"losses": losses, "grad_norms": norms, "params": full_params(pm.named_parameters())}
+    pm = parallelize_mtp(build_model(cfg), ParallelDims(1, 1, 1, 1), None,
+                         ParallelConfig(activation_checkpointing=mode), local_batch=BATCH, impl="torch")
+    assert_matches(reference, train_parallel(pm, cfg, steps=3))

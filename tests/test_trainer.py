@@ -53,9 +53,11 @@ def test_losses_fall_and_run_dir_is_complete(dataset, tmp_path):
     assert len(evals) == 7 and len(evals[0]["val_head_losses"]) == 3
 
 
-def _run_cli(args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "megatrain", *args], capture_output=True, text=True,
+def _run_cli(args, kill_after_step=None):
+    """``python -m megatrain ARGS``; SIGKILLed once ``kill_after_step`` is done, if set."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = ["megatrain"] if kill_after_step is None else ["tests.kill_after_step", str(kill_after_step)]
+    return subprocess.run([sys.executable, "-m", *entry, *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
 
 
@@ -75,7 +77,7 @@ def test_resume_after_kill_is_bit_exact(dataset, tmp_path):
     args = ["train", *_overrides(dataset, straight)]
     assert _run_cli(args).returncode == 0
     # Killed with SIGKILL right after step 5; the last checkpoint is step 3.
-    result = _run_cli(["train", *_overrides(dataset, killed)], {"MEGATRAIN_FAULT_KILL_AT_STEP": "5"})
+    result = _run_cli(["train", *_overrides(dataset, killed)], kill_after_step=5)
     assert result.returncode == -9, result.stderr[-2000:]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     resumed = _run_cli(["train", *_overrides(dataset, killed)])  # the same command again

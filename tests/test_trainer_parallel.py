@@ -28,13 +28,15 @@ def _base(dataset, run_dir, **extra):
     return _overrides(dataset, run_dir, **settings)
 
 
-def _launch(nproc, args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+def _launch(nproc, args, kill_after_step=None):
+    """``megatrain train`` on ``nproc`` ranks; SIGKILLed once ``kill_after_step`` is done, if set."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = ["megatrain"] if kill_after_step is None else ["tests.kill_after_step", str(kill_after_step)]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "megatrain", "train", *args]
+        cmd = [sys.executable, "-m", *entry, "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "megatrain", "train", *args]
+               f"--nproc-per-node={nproc}", "-m", *entry, "train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
@@ -81,12 +83,12 @@ def test_checkpoints_reshard_across_layouts(dataset, tmp_path):
     assert _launch(1, _base(dataset, straight, **settings)).returncode == 0
     run = tmp_path / "resharded"
     args = _base(dataset, run, **settings)
-    first = _launch(4, args + ["parallel.tp=2", "parallel.pp=2"], {"MEGATRAIN_FAULT_KILL_AT_STEP": "3"})
+    first = _launch(4, args + ["parallel.tp=2", "parallel.pp=2"], kill_after_step=3)
     assert first.returncode != 0 and (run / "checkpoints/latest").read_text().strip() == "step_0000002"
     # async checkpoints here: step 4's save is published once written (normally before the
     # kill at step 5; if the write is slower, the resume starts from step 2 instead)
     second = _launch(2, args + ["parallel.dp=2", "checkpoint.async_save=true"],
-                     {"MEGATRAIN_FAULT_KILL_AT_STEP": "5"})
+                     kill_after_step=5)
     assert "resumed from" in second.stdout, second.stderr[-3000:]
     assert (run / "checkpoints/latest").read_text().strip() in ("step_0000002", "step_0000004")
     third = _launch(1, args)
@@ -128,7 +130,7 @@ def test_two_stages_per_rank_match_and_their_checkpoints_reshard(dataset, tmp_pa
     resumed = tmp_path / "zbv_then_single"
     args = _base(dataset, resumed, **settings)
     first = _launch(2, args + ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.microbatches=4"],
-                    {"MEGATRAIN_FAULT_KILL_AT_STEP": "3"})
+                    kill_after_step=3)
     assert first.returncode != 0 and (resumed / "checkpoints/latest").read_text().strip() == "step_0000002"
     second = _launch(1, args)
     assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]

@@ -3,9 +3,9 @@
 ``build_deepspeed_model`` wraps the single ``MTPStage`` (dp only: ``ParallelDims.validate``
 refuses tp/pp) with ``deepspeed.initialize`` and a client ``torch.optim.AdamW`` built exactly as
 ``megatrain.optim.build_optimizer`` builds it, so the update is the single-process trainer's.
-``DeepSpeedModel`` offers the trainer the ``ParallelModel`` interface it uses (``stages``,
-``group``, ``forward_backward``) plus ``step()``: DeepSpeed clips, steps and zeroes gradients
-itself and reports its global gradient norm.
+``DeepSpeedModel`` satisfies the trainer's ``TrainingEngine`` protocol (engine.py), like
+``ParallelModel``; its ``optimizer_step`` lets DeepSpeed clip, step and zero the gradients and
+report its global gradient norm.
 
 Design points (see PARALLEL.md, "DeepSpeed ZeRO"):
 
@@ -18,22 +18,24 @@ Design points (see PARALLEL.md, "DeepSpeed ZeRO"):
 * Micro-batches: ``set_gradient_accumulation_boundary`` marks the last one, and one
   ``engine.step()`` follows (DeepSpeed's documented manual-boundary style).
 * Non-finite steps: ZeRO's step computes the global gradient norm first and skips the update
-  (and zeroes the gradients) when it is NaN/inf; ``step()`` reports that as not applied. The LR
+  (and zeroes the gradients) when it is NaN/inf; ``optimizer_step`` reports that as not applied. The LR
   schedule is stepped by the trainer (not handed to DeepSpeed, which would skip it then).
 * Checkpoints: ``DeepSpeedModelAndOptimizer`` gathers full fp32 parameters and AdamW moments
   per parameter (``deepspeed.utils.safe_get_full_*``) into megatrain's layout-independent DCP
-  layout (``ModelAndOptimizer``'s), so a ZeRO checkpoint loads into FSDP/TP/PP/one process and
+  layout (``megatrain.parallel.model_state``), so a ZeRO checkpoint loads into FSDP/TP/PP/one process and
   back, at any dp degree.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -41,9 +43,9 @@ from megatrain.config import ParallelConfig, TrainConfig
 from megatrain.errors import ConfigError
 from megatrain.mtp_loss import HeadStats
 from megatrain.optim import build_optimizer
-from megatrain.parallel.parallel_model import (apply_activation_checkpointing, apply_compile,
-                                               reduce_step_stats)
-from megatrain.parallel.pipeline import MTPStage, n_trunk_layers, split_model
+from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_compile
+from megatrain.parallel.runtime import reduce_step_stats
+from megatrain.parallel.pipeline import MTPStage, split_model
 from megatrain.parallel.process_group import dist_env
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -84,15 +86,7 @@ def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, dp: int, l
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, extra or {})
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else value
-    return out
+    return OmegaConf.to_container(OmegaConf.merge(config, extra or {}))
 
 
 @dataclass
@@ -109,6 +103,13 @@ class DeepSpeedModel:
     @property
     def stages(self) -> list[MTPStage]:
         return [self.engine.module]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def checkpoint_state(self) -> Stateful:
+        return DeepSpeedModelAndOptimizer(self)
 
     def named_parameters(self):
         for name, p in self.engine.module.named_parameters():
@@ -134,7 +135,7 @@ class DeepSpeedModel:
                          micro_batch_size: int = 0) -> tuple[float, HeadStats]:
         """Forward + backward of this dp rank's rows, like ``ParallelModel.forward_backward``.
 
-        Gradients end up reduced (summed over dp) in ZeRO's partitions; ``step()`` applies them.
+        Gradients end up reduced (summed over dp) in ZeRO's partitions; ``optimizer_step`` applies them.
         """
         stage = self.engine.module
         stage.head_scales = head_scales.float()
@@ -149,16 +150,18 @@ class DeepSpeedModel:
             local_loss += loss.detach().double().cpu()
         return reduce_step_stats(local_loss, stage.stats, stage.n_future, [self.group("dp")])
 
-    def step(self) -> tuple[float, bool]:
-        """Clip (train.grad_clip), apply AdamW and zero the gradients, as one DeepSpeed step.
+    def optimizer_step(self, loss: float) -> tuple[float, bool]:
+        """Clip (train.grad_clip, from the DeepSpeed config), apply AdamW and zero the gradients,
+        as one DeepSpeed step.
 
-        Returns (global gradient norm before clipping, whether the update was applied); ZeRO
-        skips a step whose gradient norm is NaN/inf.
+        Returns (global gradient norm before clipping, whether the update was applied). ZeRO
+        computes the norm first and skips a step whose norm is NaN/inf; a non-finite loss with a
+        finite norm still counts as not applied, as in ``ParallelModel.optimizer_step``.
         """
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        return norm, bool(self.engine.was_step_applied())
+        return norm, math.isfinite(loss) and bool(self.engine.was_step_applied())
 
     # ---- ZeRO internals used by checkpoints -----------------------------------------------------
     def master_partitions(self) -> list[torch.Tensor]:
@@ -190,9 +193,9 @@ def parallelize_deepspeed(model: nn.Module, train: TrainConfig, parallel: Parall
                           ignore_index: int = -100, impl: str = "auto", bf16: bool = False,
                           extra_config: dict | None = None,
                           compile_blocks: bool = False) -> DeepSpeedModel:
-    """``parallelize``'s counterpart for ``parallel.dp_engine=deepspeed``: the whole model as one
+    """``parallelize_mtp``'s counterpart for ``parallel.dp_engine=deepspeed``: the whole model as one
     MTPStage (dp only), activation checkpointing, then ZeRO."""
-    stage = split_model(model, [n_trunk_layers(model.cfg)], [0], ignore_index, impl)[0]
+    stage = split_model(model, [model.layout.n_trunk_layers], [0], ignore_index, impl)[0]
     apply_activation_checkpointing(stage, parallel.activation_checkpointing)
     if compile_blocks:
         apply_compile(stage)
@@ -242,17 +245,12 @@ def keep_gathered_for_the_loss(deepspeed, stage: MTPStage) -> None:
     heads' own hooks come and go inside the node (the stage is still active), and are gathered
     again by the stage's pre-backward hook when the node hands out their gradients.
     """
-    from megatrain.mtp_loss import _head_params
-    seen = set()
-    for i in range(stage.n_future):
-        for p in _head_params(stage, i):
-            if id(p) not in seen:
-                seen.add(id(p))
-                deepspeed.zero.register_external_parameter(stage, p)
+    for p in stage.all_head_params():
+        deepspeed.zero.register_external_parameter(stage, p)
 
 
 class DeepSpeedModelAndOptimizer(Stateful):
-    """``ModelAndOptimizer``'s DCP layout from a ZeRO engine: full fp32 parameters under
+    """``ModelAndOptimizer``'s DCP layout (megatrain.parallel.model_state) from a ZeRO engine: full fp32 parameters under
     ``model.<name>`` and flattened AdamW state (``optimizer.state.<name>.exp_avg`` ...,
     ``optimizer.param_groups.<name>.lr`` ...), whatever the ZeRO stage or dp degree.
 

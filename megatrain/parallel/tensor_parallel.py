@@ -14,8 +14,8 @@ Plan (per rank of the tp axis):
 
 Sequence parallelism (``sequence_parallel=True``) shards the trunk's residual stream and norms
 along the sequence. The heads always run on the full, replicated sequence: the last stage
-all-gathers the trunk output before the loss (MTPStage.forward), because every head and the vocab-parallel CE read the whole sequence (and
-``head_forward`` sizes RoPE from the input's length).
+all-gathers the trunk output before the loss (MTPStage.forward), because every head and the
+vocab-parallel CE read the whole sequence (and ``head_forward`` sizes RoPE from the input's length).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
-
 
 
 def block_plan(sequence_parallel: bool) -> dict:
@@ -63,42 +62,19 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Fa
     Modules a stage does not own are skipped. A bare MTPTransformer works without sequence
     parallelism (its ``trunk()`` would hand sequence shards to the heads).
     """
-    layers = getattr(model, "layers", None) or {}
-    trunk_keys = [k for k in _trunk_keys(model) if k in layers]
     if getattr(model, "tok_embeddings", None) is not None:
         parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(
             input_layouts=Replicate(), output_layouts=Shard(1) if sequence_parallel else Replicate()))
-    for key in trunk_keys:
-        parallelize_module(layers[key], tp_mesh, block_plan(sequence_parallel))
-    if sequence_parallel and getattr(model, "is_last", False):
+    for key in model.layout.trunk_keys:
+        if key in model.layers:
+            parallelize_module(model.layers[key], tp_mesh, block_plan(sequence_parallel))
+    if not model.holds_heads:
+        return model
+    if sequence_parallel:
         # The heads read the whole sequence: the last stage gathers the trunk output once.
         model.sequence_parallel_mesh = tp_mesh
-    for head in _transformer_heads(model):
-        parallelize_module(head, tp_mesh, block_plan(sequence_parallel=False))
-    if getattr(model, "output", None) is not None:
-        parallelize_module(model.output, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    if model.layout.heads_are_blocks:
+        for i in range(model.n_future):
+            parallelize_module(model.head_module(i), tp_mesh, block_plan(sequence_parallel=False))
+    parallelize_module(model.output, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
     return model
-
-
-def _trunk_keys(model) -> list[str]:
-    keys = list(getattr(model, "layers", None) or {})
-    return keys if model.head_type == "linear" else [k for k in keys if k != _head1_key(model)]
-
-
-def n_layer_entries(cfg) -> int:
-    """Entries of ``model.layers`` in the whole model: trunk layers, plus head 1 unless linear."""
-    return cfg.n_layers if cfg.head_type == "linear" else cfg.n_layers - cfg.n_future + 1
-
-
-def _head1_key(model) -> str | None:
-    return None if model.head_type == "linear" else str(n_layer_entries(model.cfg) - 1)
-
-
-def _transformer_heads(model) -> list[nn.Module]:
-    if model.head_type == "linear":
-        return []
-    heads = list(getattr(model, "extra_heads", None) or [])
-    layers = getattr(model, "layers", None) or {}
-    if _head1_key(model) in layers:
-        heads.insert(0, layers[_head1_key(model)])
-    return heads

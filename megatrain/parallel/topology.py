@@ -15,24 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megatrain.config import ModelConfig
+from megatrain.config import ACTIVATION_CHECKPOINTING, DP_ENGINES, PP_SCHEDULES, ModelConfig
 from megatrain.errors import ConfigError
-from megatrain.config import ACTIVATION_CHECKPOINTING, DP_ENGINES, PP_SCHEDULES
+from megatrain.parallel.pipeline_layout import check_pipeline_layout
 
 MESH_AXES = ("dp", "pp", "tp")
-
-
-def stages_per_rank(schedule: str, virtual_stages: int) -> int:
-    if schedule in ("zbv", "dualpipev"):
-        return 2
-    if schedule == "interleaved_1f1b":
-        return virtual_stages
-    return 1
-
-
-def min_microbatches(schedule: str, pp: int, n_stages: int) -> int:
-    """The fewest microbatches each schedule runs with (torch's own rules, checked up front)."""
-    return {"gpipe": 1, "1f1b": pp, "interleaved_1f1b": pp}.get(schedule, n_stages)
 
 
 @dataclass(frozen=True)
@@ -110,7 +97,6 @@ class ParallelDims:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; "
                               "set parallel.sequence_parallel=false")
         if self.pp > 1:
-            from megatrain.parallel.pipeline import check_pipeline_layout
             local_batch = None if batch_size is None else batch_size // self.dp
             check_pipeline_layout(model, self.pp, parallel, local_batch, micro_batch_size)
 

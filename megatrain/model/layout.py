@@ -1,0 +1,72 @@
+"""Where each part of an MTPTransformer lives: the one description every other module asks.
+
+Names follow Meta's released multi-token-prediction checkpoints. For ``n_layers=L, n_future=n``
+(parameter-matched, Gloeckle et al. 2024) the model has L-n trunk layers and n one-layer heads:
+
+    tok_embeddings                  the embedding
+    layers.0 .. layers.{L-n-1}      the trunk
+    layers.{L-n}                    head 1 (predicts t+1): the last entry of ``layers``
+    extra_heads.0 .. .{n-2}         heads 2..n
+    norm, output                    shared by every head (SHARED_BY_HEADS)
+
+``head_type=linear`` (paper ablation) keeps a full-depth trunk of L layers and puts its heads, dim x
+dim maps, in ``linear_heads.0 .. .{n-1}``. ``layers`` is keyed "0", "1", ... so that a pipeline
+stage can hold a subset of it under the original names (and load any checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatrain.config import ModelConfig
+
+SHARED_BY_HEADS = ("norm", "output")
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    head_type: str
+    n_future: int
+    n_trunk_layers: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> LayerLayout:
+        n_trunk = cfg.n_layers if cfg.head_type == "linear" else cfg.n_layers - cfg.n_future
+        return cls(cfg.head_type, cfg.n_future, n_trunk)
+
+    @property
+    def heads_are_blocks(self) -> bool:
+        """Transformer-block heads (sharded like trunk layers), not dim x dim linear maps."""
+        return self.head_type != "linear"
+
+    @property
+    def trunk_keys(self) -> list[str]:
+        """Keys of ``layers`` that are trunk layers, first to last."""
+        return [str(k) for k in range(self.n_trunk_layers)]
+
+    @property
+    def head1_key(self) -> str | None:
+        """The key of ``layers`` that holds head 1 (None for linear heads)."""
+        return str(self.n_trunk_layers) if self.heads_are_blocks else None
+
+    @property
+    def layer_keys(self) -> list[str]:
+        """Every key of ``layers``: the trunk, then head 1."""
+        return self.trunk_keys + ([self.head1_key] if self.head1_key else [])
+
+    @property
+    def head_containers(self) -> list[str]:
+        """Top-level modules that hold heads besides ``layers`` (head 1's home)."""
+        return ["extra_heads"] if self.heads_are_blocks else ["linear_heads"]
+
+    def head_path(self, i: int) -> str:
+        """Module path of head i (0-based: head 0 predicts t+1), e.g. ``extra_heads.1``."""
+        if not 0 <= i < self.n_future:
+            raise IndexError(f"head {i} of a model with n_future={self.n_future}")
+        if not self.heads_are_blocks:
+            return f"linear_heads.{i}"
+        return f"layers.{self.head1_key}" if i == 0 else f"extra_heads.{i - 1}"
+
+    @property
+    def head_paths(self) -> list[str]:
+        return [self.head_path(i) for i in range(self.n_future)]
