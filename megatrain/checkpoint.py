@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.errors import CheckpointError
+from megatrain.files import atomic_write_text, fsync_dir
 from megatrain.parallel.comm import all_reduce_host
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -159,11 +160,8 @@ class CheckpointManager:
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.replace(self._tmp(step), final)
-            _fsync_dir(self.root)
-            pointer_tmp = self.root / "latest.tmp"
-            pointer_tmp.write_text(name + "\n")
-            os.replace(pointer_tmp, self.root / "latest")
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
+            atomic_write_text(self.root / "latest", name + "\n")
             self._prune()
         _barrier()
 
@@ -195,10 +193,3 @@ class CheckpointManager:
         for old in steps[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 
 import torch
+
+from megatrain.files import atomic_write_text
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -23,9 +24,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

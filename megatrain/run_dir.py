@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from megatrain.config import Config, to_yaml
 from megatrain.errors import ConfigError
+from megatrain.files import atomic_write_text
 
 
 def has_checkpoints(run_dir: Path) -> bool:
@@ -38,6 +38,4 @@ def check_same_model(run_dir: Path, cfg: Config) -> None:
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
