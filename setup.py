@@ -37,7 +37,7 @@ setup(
         "slurm": ["submitit>=1.5"],
         "gpu": ["triton>=3.0"],
         "deepspeed": ["deepspeed"],
-        "dev": ["pytest", "pytest-timeout", "triton>=3.0"],
+        "dev": ["pytest", "pytest-timeout", "triton>=3.0", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},
 )
