@@ -43,7 +43,7 @@ def stage_costs(cfg: ModelConfig) -> tuple[float, float]:
     n_kv = cfg.n_kv_heads or cfg.n_heads
     layer = 2 * cfg.dim * cfg.n_heads * head_dim + 2 * cfg.dim * n_kv * head_dim \
         + 3 * cfg.dim * ffn_hidden_dim(cfg)
-    head_body = cfg.dim * cfg.dim / layer if cfg.head_type == "linear" else 1.0
+    head_body = 1.0 if LayerLayout.of(cfg).heads_are_blocks else cfg.dim * cfg.dim / layer
     return EMBEDDING_COST, cfg.n_future * (head_body + cfg.dim * cfg.vocab_size / layer)
 
 
