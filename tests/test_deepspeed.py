@@ -24,9 +24,20 @@ import deepspeed  # noqa: E402,F401  installed by install.sh: a broken install f
 from megatrain.config import ParallelConfig  # noqa: E402
 from megatrain.errors import ConfigError  # noqa: E402
 from megatrain.parallel import ParallelDims  # noqa: E402
-from tests.parallel_harness import (BATCH, STEPS, _targets, _train_cfg,  # noqa: E402
-                                    assert_comparison_catches, assert_matches, batches, build_model,
-                                    reference_run, run_ranks, runtime_error_of, tiny_cfg)
+from tests.parallel_harness import (  # noqa: E402
+    BATCH,
+    STEPS,
+    _targets,
+    _train_cfg,
+    assert_comparison_catches,
+    assert_matches,
+    batches,
+    build_model,
+    reference_run,
+    run_ranks,
+    runtime_error_of,
+    tiny_cfg,
+)
 from tests.test_trainer_parallel import _assert_close, _base, _launch, _losses  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -39,8 +50,9 @@ def deepspeed_run(rank, cfg, *, zero_stage, micro=0, offload=False, grad_reducti
                   checkpoint_dir=None, resume_from=None, activation_checkpointing="none"):
     """One rank of the harness's training run through DeepSpeed ZeRO (dp = world size).
 
-    Keyword-only after ``cfg``, like ``parallel_run``. ``checkpoint_dir``: save after step 2 (megatrain's DCP layout). ``resume_from``: load that
-    checkpoint into a fresh engine first and run the remaining steps.
+    Keyword-only after ``cfg``, like ``parallel_run``. ``checkpoint_dir``: save after step 2
+    (megatrain's DCP layout). ``resume_from``: load that checkpoint into a fresh engine first and
+    run the remaining steps.
     """
     import torch.distributed.checkpoint as dcp
     from deepspeed.utils import safe_get_full_fp32_param
@@ -165,7 +177,8 @@ def _checkpoint(run_dir):
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     root = run_dir / "checkpoints"
     state = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(root / (root / "latest").read_text().strip())),
+    latest = root / (root / "latest").read_text().strip()
+    _load_state_dict(state, storage_reader=FileSystemReader(str(latest)),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state["model_optim"]
 

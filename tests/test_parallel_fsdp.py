@@ -6,8 +6,16 @@ FSDP sums (not averages) gradients, so every step must equal the single-process 
 
 import pytest
 
-from tests.parallel_harness import (assert_comparison_catches, assert_matches, merged_params, parallel_run,
-                                    reference_run, run_ranks, runtime_error_of, tiny_cfg)
+from tests.parallel_harness import (
+    assert_comparison_catches,
+    assert_matches,
+    merged_params,
+    parallel_run,
+    reference_run,
+    run_ranks,
+    runtime_error_of,
+    tiny_cfg,
+)
 
 pytestmark = pytest.mark.distributed
 

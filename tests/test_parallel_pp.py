@@ -6,7 +6,14 @@ The model has 3 trunk layers (n_layers=7, n_future=4) so V-shaped and interleave
 
 import pytest
 
-from tests.parallel_harness import assert_matches, merged_params, parallel_run, reference_run, run_ranks, tiny_cfg
+from tests.parallel_harness import (
+    assert_matches,
+    merged_params,
+    parallel_run,
+    reference_run,
+    run_ranks,
+    tiny_cfg,
+)
 
 pytestmark = pytest.mark.distributed
 

@@ -11,13 +11,14 @@ import pytest
 
 from megatrain.errors import ConfigError
 from megatrain.parallel import ParallelConfig, ParallelDims, dist_env, parallelize_mtp
-from megatrain.parallel.process_group import DistEnv
 from megatrain.parallel.pipeline_layout import balanced_stage_layers, check_pipeline_layout, local_stage_ids
+from megatrain.parallel.process_group import DistEnv
 from tests.parallel_harness import BATCH, assert_matches, build_model, reference_run, tiny_cfg, train_parallel
 
 
 def test_degrees_must_multiply_to_world_size_and_message_names_keys():
-    with pytest.raises(ConfigError, match=r"parallel.dp \* parallel.tp \* parallel.pp = 2 \* 2 \* 1 = 4.*3 processes"):
+    with pytest.raises(ConfigError, match=r"parallel.dp \* parallel.tp \* parallel.pp = 2 \* 2 \* 1 = 4"
+                                          r".*3 processes"):
         ParallelDims(dp=2, tp=2, pp=1, world_size=3)
     with pytest.raises(ConfigError, match="parallel.pp=0 must be >= 1"):
         ParallelDims(dp=1, tp=1, pp=0, world_size=1)

@@ -6,8 +6,14 @@ norms and every gathered parameter are compared (parallel_harness.assert_matches
 
 import pytest
 
-from tests.parallel_harness import (assert_comparison_catches, assert_matches, parallel_run, reference_run,
-                                    run_ranks, tiny_cfg)
+from tests.parallel_harness import (
+    assert_comparison_catches,
+    assert_matches,
+    parallel_run,
+    reference_run,
+    run_ranks,
+    tiny_cfg,
+)
 
 pytestmark = pytest.mark.distributed
 
