@@ -18,9 +18,7 @@ the first occurrence in path order, and a document's split is a function of (see
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -31,6 +29,7 @@ from pathlib import Path
 
 from megatrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
 from megatrain.errors import DataError
+from megatrain.files import atomic_write_text, exclusive_lock
 
 TOKENIZER_FILE = "tokenizer.json"
 IN_PROGRESS_MARKER = ".prepare-in-progress.json"
@@ -43,7 +42,8 @@ DEFAULT_EXCLUDE_DIRS = ("__pycache__", "site-packages", "dist-packages", "node_m
 STDLIB_TEST_DIRS = ("test", "tests", "idle_test")
 DEFAULT_CORPUS_VOCAB_SIZE = 4096
 
-# names this module may delete when it restarts an unfinished prepare in the same folder
+# names this module may delete when it restarts an unfinished prepare in the same folder; the
+# ".tmp" ones are the temporary files of megatrain.files.atomic_write_text, left by a crash mid-write
 _OWN_OUTPUTS = (WORK_DIR, "train", "val", "logs", TOKENIZER_FILE, MANIFEST_NAME + ".tmp", IN_PROGRESS_MARKER,
                 IN_PROGRESS_MARKER + ".tmp")
 
@@ -139,7 +139,8 @@ def prepare_dataset(
 
     # several processes may prepare the same folder at once (e.g. every rank of a job calling
     # ensure_default_dataset): the first builds, the others wait and then reuse its result
-    with _folder_lock(output_path):
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(output_path.parent / f".{output_path.name}.prepare-lock"):
         return _prepare_locked(config, input_path, output_path, tasks=tasks, progress=progress,
                                run_stage=run_stage)
 
@@ -164,7 +165,7 @@ def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, 
         )
 
     output_path.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(output_path / IN_PROGRESS_MARKER, {"config": config.to_json()})
+    atomic_write_text(output_path / IN_PROGRESS_MARKER, json.dumps({"config": config.to_json()}, indent=2))
     started = time.perf_counter()
     from loguru import logger
 
@@ -178,7 +179,8 @@ def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, 
             logger.enable("datatrove")
     manifest["stats"]["seconds"] = round(time.perf_counter() - started, 1)
     shutil.rmtree(output_path / WORK_DIR, ignore_errors=True)
-    _write_json_atomic(output_path / MANIFEST_NAME, manifest)  # last: the dataset is now complete
+    # last: the dataset is now complete
+    atomic_write_text(output_path / MANIFEST_NAME, json.dumps(manifest, indent=2))
     (output_path / IN_PROGRESS_MARKER).unlink(missing_ok=True)
     if progress:
         print(format_summary(manifest), file=sys.stderr)
@@ -204,7 +206,7 @@ def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, prog
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI glue (the lead wires these into ``megatrain data prepare``)
+# CLI glue (``megatrain data prepare``)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -276,27 +278,6 @@ def format_summary(manifest: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # internals
 # ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _folder_lock(output_path: Path):
-    """An exclusive lock on a hidden file beside ``output_path`` (its parent is created)."""
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path.parent / f".{output_path.name}.prepare-lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _config_diff(saved: dict, wanted: dict) -> list[str]:

@@ -29,8 +29,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from tqdm import tqdm
 
 from megatrain.data_pipelines.prepare import DEFAULT_EXCLUDE_DIRS
-
-EOS_TOKEN = "<|endoftext|>"
+from megatrain.data_pipelines.vocab import EOS_TOKEN
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,6 +185,18 @@ class AlnumFractionFilter(BaseFilter):
 # ------------------------------------------------------------------------------------------------
 
 
+def write_uint64_file(folder: DataFolderLike, filename: str, values) -> None:
+    """The per-task hash files (``.hashes``, ``.splithash``): one little-endian uint64 per document,
+    in stream order."""
+    with get_datafolder(folder).open(filename, "wb") as f:
+        f.write(np.asarray(values, dtype="<u8").tobytes())
+
+
+def read_uint64_file(folder: DataFolderLike, filename: str) -> np.ndarray:
+    with get_datafolder(folder).open(filename, "rb") as f:
+        return np.frombuffer(f.read(), dtype="<u8")
+
+
 def content_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
@@ -206,8 +217,7 @@ class ContentHashWriter(PipelineStep):
             with self.track_time():
                 hashes.append(content_hash(doc.text))
             self.stat_update(StatHints.total)
-        with self.output_folder.open(f"{rank:05d}.hashes", "wb") as f:
-            f.write(np.asarray(hashes, dtype="<u8").tobytes())
+        write_uint64_file(self.output_folder, f"{rank:05d}.hashes", hashes)
         return
         yield  # a generator that yields nothing, like the other sinks
 
@@ -227,10 +237,7 @@ class ExactDedupFind(PipelineStep):
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         assert world_size == 1, "exact dedup find runs as a single task"
-        per_task = []
-        for task in range(self.n_tasks):
-            with self.hashes_folder.open(f"{task:05d}.hashes", "rb") as f:
-                per_task.append(np.frombuffer(f.read(), dtype="<u8"))
+        per_task = [read_uint64_file(self.hashes_folder, f"{t:05d}.hashes") for t in range(self.n_tasks)]
         all_hashes = np.concatenate(per_task) if per_task else np.zeros(0, dtype="<u8")
         # np.unique returns the first index of each value: that is the global first occurrence
         _, first = np.unique(all_hashes, return_index=True)
@@ -317,8 +324,7 @@ class SplitHashWriter(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         hashes = [split_hash(doc.id, self.seed) for doc in data]
-        with self.output_folder.open(f"{rank:05d}.splithash", "wb") as f:
-            f.write(np.asarray(hashes, dtype="<u8").tobytes())
+        write_uint64_file(self.output_folder, f"{rank:05d}.splithash", hashes)
         return
         yield
 
@@ -365,12 +371,6 @@ class LiteralSpecialsDocumentTokenizer(DocumentTokenizer):
             tok.encode_special_tokens = True
             self.__dict__["_literal_tokenizer"] = tok
         return tok
-
-
-def read_uint64_file(folder: DataFolderLike, filename: str) -> np.ndarray:
-    folder = get_datafolder(folder)
-    with folder.open(filename, "rb") as f:
-        return np.frombuffer(f.read(), dtype="<u8")
 
 
 __all__ = [

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatrain.data_pipelines.prepare import add_prepare_arguments
 from megatrain.errors import UserError
+from megatrain.slurm.cli import add_status_arguments, add_submit_arguments, run_status, run_submit
+from megatrain.slurm.data import add_slurm_data_arguments
 
 
 def _train(args) -> int:
@@ -52,7 +55,7 @@ def _data_prepare(args) -> int:
     from megatrain.data_pipelines.prepare import run_prepare
 
     run_stage = None
-    if getattr(args, "executor", "local") == "slurm":  # each stage an array job, run in order
+    if args.executor == "slurm":  # each stage an array job, run in order
         from megatrain.slurm.data import SlurmStageRunner, options_from_args
         run_stage = SlurmStageRunner(options_from_args(args))
     run_prepare(args, run_stage=run_stage)
@@ -60,11 +63,6 @@ def _data_prepare(args) -> int:
 
 
 def _slurm_commands(commands) -> None:
-    try:
-        from megatrain.slurm.cli import (add_status_arguments, add_submit_arguments, run_status,
-                                         run_submit)
-    except ImportError:  # the [slurm] extra (submitit) is not installed
-        return
     submit = commands.add_parser("submit", help="submit a training run to SLURM (submitit)")
     add_submit_arguments(submit)
     submit.set_defaults(func=run_submit)
@@ -91,18 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="data preparation").add_subparsers(dest="data_command",
                                                                               required=True)
     prepare = data.add_parser("prepare", help="turn a folder of source files into token shards")
-    try:
-        from megatrain.data_pipelines.prepare import add_prepare_arguments
-    except ImportError:  # the [data] extra is not installed
-        add_prepare_arguments = None
-    if add_prepare_arguments:
-        add_prepare_arguments(prepare)
-        try:
-            from megatrain.slurm.data import add_slurm_data_arguments
-        except ImportError:  # the [slurm] extra is not installed: local executor only
-            add_slurm_data_arguments = None
-        if add_slurm_data_arguments:
-            add_slurm_data_arguments(prepare)
+    add_prepare_arguments(prepare)
+    add_slurm_data_arguments(prepare)
     prepare.set_defaults(func=_data_prepare)
     _slurm_commands(commands)
     return parser
@@ -110,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = ["megatrain", *(sys.argv[1:] if argv is None else argv)]  # submit records it
     try:
         return args.func(args)
     except UserError as err:

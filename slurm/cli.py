@@ -1,16 +1,11 @@
 """``megatrain submit`` and ``megatrain status``: argparse wiring for ``megatrain.cli``.
 
 Importing this module needs neither submitit nor a SLURM cluster; only running ``submit`` does.
-Until the commands are wired into ``megatrain.cli``, ``python -m megatrain.slurm.cli submit|status``
-runs them with the same error handling.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-from megatrain.errors import UserError
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,14 +50,10 @@ def resources_from_args(args):
 
 def run_submit(args) -> int:
     from megatrain.config import load_config
+    from megatrain.slurm.submit import submit
 
     cfg = load_config(args.config, args.overrides)  # a bad key stops here, before anything else
-    try:
-        from megatrain.slurm.submit import submit
-    except ImportError as err:
-        raise UserError(f"megatrain submit needs submitit ({err}); pip install 'megatrain[slurm]'") from None
-    command = getattr(args, "command_line", None) or ["megatrain", *sys.argv[1:]]
-    result = submit(cfg, resources_from_args(args), dry_run=args.dry_run, command=command)
+    result = submit(cfg, resources_from_args(args), dry_run=args.dry_run, command=args.command_line)
     print(f"resources: {result.resources.describe()}")
     if args.dry_run:
         print(f"run dir: {result.run_dir} (dry run: nothing written, nothing queued)")
@@ -87,28 +78,3 @@ def run_status(args) -> int:
     print(to_json(status) if args.json else format_status(status))
     return 0
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatrain")
-    commands = parser.add_subparsers(dest="command", required=True)
-    submit = commands.add_parser("submit", help="submit a training run to SLURM")
-    add_submit_arguments(submit)
-    submit.set_defaults(func=run_submit)
-    status = commands.add_parser("status", help="jobs, states and progress of a run directory")
-    add_status_arguments(status)
-    status.set_defaults(func=run_status)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.command_line = None if argv is None else ["megatrain", *argv]
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(f"megatrain: error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

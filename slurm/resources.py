@@ -1,7 +1,7 @@
 """What a job asks SLURM for, and whether the cluster can ever give it.
 
-``Resources`` holds the request (one field per ``megatrain submit`` flag). ``check_fits`` reads the
-partition and its nodes from ``scontrol show partition|node -o`` and refuses, before anything is
+``Resources`` holds the request (one field per ``megatrain submit`` flag). ``read_partitions``
+reads the partitions and their nodes from ``sinfo``; ``check_fits`` refuses, before anything is
 queued, a request that would pend forever: an unknown partition, more nodes than the partition
 has, more CPUs/GPUs/memory per node than any node has, a time above the partition's limit. Each
 error names the flag to change.
@@ -9,6 +9,7 @@ error names the flag to change.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -107,42 +108,34 @@ class Resources:
 # ------------------------------------------------------------------------------------------------
 # Reading the cluster
 
-def _scontrol(*args: str) -> str:
-    if shutil.which("scontrol") is None:
-        raise SlurmRequestError("scontrol not found: run `megatrain submit` where the SLURM client "
+# sinfo -O fields, each given as "Name:|": no width, so sinfo prints the value whole (a width cuts
+# it), and "|" after it, a character none of these values can hold.
+PARTITION_FIELDS = ("PartitionName", "Partition", "Available", "Time", "Size")
+NODE_FIELDS = ("PartitionName", "NodeList", "CPUs", "Memory", "Gres", "StateComplete")
+
+
+def _sinfo(fields: tuple[str, ...], *args: str) -> str:
+    if shutil.which("sinfo") is None:
+        raise SlurmRequestError("sinfo not found: run `megatrain submit` where the SLURM client "
                                 "commands are installed (a login node), or set PATH/SLURM_CONF")
-    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    # --noconvert: counts as plain numbers (1024 CPUs would print as "1K"). SINFO_* variables
+    # (SINFO_PARTITION, SINFO_ALL ...) would filter what is read: the request is checked against
+    # the cluster, not against the caller's sinfo defaults.
+    command = ["sinfo", "--noheader", "--noconvert", *args, "-O", ",".join(f"{f}:|" for f in fields)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SINFO_")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     if done.returncode != 0:
-        raise SlurmRequestError(f"`scontrol {' '.join(args)}` failed: {done.stderr.strip()}")
+        raise SlurmRequestError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")
     return done.stdout
 
 
-def parse_records(text: str) -> list[dict[str, str]]:
-    """``scontrol show ... -o`` output: one record per line, ``Key=value`` pairs.
-
-    Values with spaces (a node's ``Reason=...``) leave their extra words unparsed; no key the
-    checks use can hold a space.
-    """
-    return [dict(re.findall(r"(?:^|\s)([A-Za-z][\w/:]*)=(\S*)", line)) for line in text.splitlines()
-            if "=" in line]
-
-
-def expand_hostlist(hostlist: str) -> list[str]:
-    """``node[1-3,5],gpu01`` -> ``[node1, node2, node3, node5, gpu01]`` (one bracket group per name)."""
-    hosts = []
-    for prefix, ranges, suffix in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?([^,\[]*)", hostlist):
-        if not ranges:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            low, _, high = part.partition("-")
-            for n in range(int(low), int(high or low) + 1):
-                hosts.append(f"{prefix}{n:0{len(low)}d}{suffix}")
-    return hosts
+def parse_sinfo(text: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of ``sinfo --noheader -O "A:|,B:|,..."`` output, as ``{field: value}``."""
+    return [dict(zip(fields, line.split("|"))) for line in text.splitlines() if line.strip()]
 
 
 def gpu_count(gres: str) -> int:
-    """GPUs in a node's ``Gres`` field: ``gpu:8``, ``gpu:a100:4(S:0-1),gpu:h100:4``, ``(null)``."""
+    """GPUs in a node's GRES: ``gpu:8``, ``gpu:a100:4(S:0-1),gpu:h100:4``, ``(null)``."""
     total = 0
     # the socket part "(S:0,2)" holds commas itself: drop it before splitting the items
     for item in re.sub(r"\(.*?\)", "", gres).split(","):
@@ -153,9 +146,9 @@ def gpu_count(gres: str) -> int:
 
 
 def parse_minutes(limit: str) -> int | None:
-    """A SLURM time limit (``UNLIMITED``, ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in
-    minutes; None when unlimited."""
-    if limit in ("UNLIMITED", "INFINITE", "NONE", ""):
+    """A SLURM time limit (``infinite``, ``UNLIMITED``, ``MM``, ``MM:SS``, ``HH:MM:SS``,
+    ``D-HH[:MM[:SS]]``) in minutes; None when unlimited."""
+    if limit.upper() in ("UNLIMITED", "INFINITE", "NONE", ""):
         return None
     days, _, rest = limit.rpartition("-")
     parts = [int(p) for p in rest.split(":")]
@@ -191,19 +184,27 @@ class PartitionInfo:
 
 
 def read_partitions() -> dict[str, PartitionInfo]:
-    node_records = {r["NodeName"]: r for r in parse_records(_scontrol("show", "node", "-o"))
-                    if "NodeName" in r}
+    return partitions_from_sinfo(_sinfo(PARTITION_FIELDS), _sinfo(NODE_FIELDS, "--Node"))
+
+
+def partitions_from_sinfo(partition_text: str, node_text: str) -> dict[str, PartitionInfo]:
+    """The partitions in ``sinfo -O PARTITION_FIELDS`` output (a row per partition and group of
+    alike nodes, one for a partition without nodes) with their nodes from ``sinfo --Node -O
+    NODE_FIELDS`` (a row per node and partition)."""
+    nodes: dict[str, list[NodeInfo]] = {}
+    for r in parse_sinfo(node_text, NODE_FIELDS):
+        nodes.setdefault(r["PartitionName"], []).append(NodeInfo(
+            r["NodeList"], int(r["CPUs"]), int(r["Memory"]), gpu_count(r["Gres"]),
+            r["StateComplete"].upper()))
     partitions = {}
-    for r in parse_records(_scontrol("show", "partition", "-o")):
-        nodes = []
-        for name in expand_hostlist(r.get("Nodes", "")) if r.get("Nodes", "(null)") != "(null)" else []:
-            n = node_records.get(name, {})
-            nodes.append(NodeInfo(name, int(n.get("CPUTot", 0) or 0), int(n.get("RealMemory", 0) or 0),
-                                  gpu_count(n.get("Gres", "")), n.get("State", "UNKNOWN")))
-        max_nodes = r.get("MaxNodes", "UNLIMITED")
-        partitions[r["PartitionName"]] = PartitionInfo(
-            r["PartitionName"], r.get("Default") == "YES", r.get("State", "UP"), tuple(nodes),
-            None if max_nodes == "UNLIMITED" else int(max_nodes), parse_minutes(r.get("MaxTime", "")))
+    for r in parse_sinfo(partition_text, PARTITION_FIELDS):
+        name = r["PartitionName"]
+        if name in partitions:
+            continue
+        max_nodes = r["Size"].rpartition("-")[2]  # "1-infinite", "1-4", or "4" when min = max
+        partitions[name] = PartitionInfo(
+            name, r["Partition"] == name + "*", r["Available"].upper(), tuple(nodes.get(name, ())),
+            None if max_nodes == "infinite" else int(max_nodes), parse_minutes(r["Time"]))
     return partitions
 
 

@@ -135,8 +135,14 @@ def build_executor(res: Resources, partition: PartitionInfo, log_dir: Path, snap
 
 
 def sbatch_text(executor) -> str:
-    """The batch script submitit writes for this executor (its own renderer, so it is exact)."""
-    inner = executor._executor
+    """The batch script submitit writes for this executor (its own renderer, so it is exact).
+
+    submitit (1.5) has no public way to render the script without submitting: ``_submit_command``
+    writes ``_make_submission_file_text(_submitit_command_str, uid)`` to the job's submission file.
+    This is the only use of those private names; tests/test_slurm_launch.py compares the result
+    with the file submitit actually submits, so an upgrade that changes either fails there.
+    """
+    inner = executor._executor  # AutoExecutor -> its SlurmExecutor
     return inner._make_submission_file_text(inner._submitit_command_str, uuid.uuid4().hex)
 
 

@@ -8,6 +8,8 @@ and submitit read it from the environment) and stops it at the end only if it wa
 
 Without root, or when the Debian packages cannot be installed, the fixture skips with the reason;
 set ``MEGATRAIN_SLURM_REQUIRED=1`` (CI) to turn that skip into a failure.
+
+``wait_done(job, timeout)``: the bounded wait for a submitit job that the SLURM tests share.
 """
 
 from __future__ import annotations
@@ -76,6 +78,17 @@ class SlurmCluster:
                     return record
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not finished in accounting after {timeout}s: {record}")
+
+
+def wait_done(job, timeout: float) -> None:
+    """Wait for a submitit job to finish: job.result() would block forever on a job that never
+    starts, so the wait is bounded and a stuck job is cancelled and reported with its stderr."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            job.cancel()
+            pytest.fail(f"job {job.job_id} not done after {timeout}s, state {job.state}\n{job.stderr()}")
+        time.sleep(0.5)
 
 
 def _cannot_run(reason: str) -> None:

@@ -252,7 +252,7 @@ def test_default_dataset_builds_fast_and_is_cached(tmp_path):
 def test_pipeline_and_loader_agree_on_the_manifest_format():
     from megatrain.data import shards
 
-    # duplicated on purpose: the pipeline must not import the torch-based loader package
+    # the pipeline writes the manifest the loader reads: both take its name and format from shards
     assert (prepare_module.MANIFEST_FORMAT, prepare_module.MANIFEST_NAME) == (
         shards.MANIFEST_FORMAT, shards.MANIFEST_NAME,
     )  # fmt: skip

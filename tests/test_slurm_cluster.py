@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_fixtures import wait_done
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 submitit = pytest.importorskip("submitit")
@@ -29,16 +31,6 @@ def _executor(folder: Path, partition: str, **params) -> "submitit.AutoExecutor"
         slurm_setup=["export OMP_NUM_THREADS=1"], **params,
     )
     return executor
-
-
-def _wait_done(job, timeout: float = JOB_TIMEOUT_S) -> None:
-    """job.result() would block forever on a job that never starts: bound the wait."""
-    deadline = time.monotonic() + timeout
-    while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel()
-            pytest.fail(f"job {job.job_id} not done after {timeout}s, state {job.state}\n{job.stderr()}")
-        time.sleep(0.5)
 
 
 def all_reduce_rank_sum() -> dict:
@@ -92,7 +84,7 @@ def test_sbatch_hostname_completes_in_accounting(slurm_cluster, tmp_path, partit
 def test_submitit_two_tasks_all_reduce_on_one_node(slurm_cluster, tmp_path):
     executor = _executor(tmp_path, slurm_cluster.partition, nodes=1, tasks_per_node=2)
     job = executor.submit(all_reduce_rank_sum)
-    _wait_done(job)
+    wait_done(job, JOB_TIMEOUT_S)
 
     results = sorted(job.results(), key=lambda r: r["rank"])
     assert [r["sum"] for r in results] == [3.0, 3.0], results  # 1 + 2 on both ranks
@@ -105,7 +97,7 @@ def test_submitit_two_tasks_all_reduce_on_one_node(slurm_cluster, tmp_path):
 def test_submitit_all_reduce_across_two_nodes(slurm_cluster, tmp_path):
     executor = _executor(tmp_path, slurm_cluster.partition, nodes=2, tasks_per_node=1)
     job = executor.submit(all_reduce_rank_sum)
-    _wait_done(job)
+    wait_done(job, JOB_TIMEOUT_S)
 
     results = sorted(job.results(), key=lambda r: r["rank"])
     assert [r["sum"] for r in results] == [3.0, 3.0], results
@@ -125,7 +117,7 @@ def test_checkpointable_job_is_requeued_and_resumes_with_state(slurm_cluster, tm
         assert time.monotonic() < deadline, f"first attempt never started: state {job.state}"
         time.sleep(0.5)
     job._interrupt()  # what a preemption does: SIGTERM, then submitit's checkpoint signal
-    _wait_done(job, timeout=120)
+    wait_done(job, timeout=120)
 
     result = job.result()
     assert result == {"attempt": 2, "slurm_restart_count": 1}, result

@@ -8,9 +8,11 @@ tests marked ``needs_trainer`` run the real trainer end to end.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,11 +28,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 submitit = pytest.importorskip("submitit")
 cloudpickle = pytest.importorskip("cloudpickle")
 
+from megatrain.cli import main as megatrain_cli  # noqa: E402
 from megatrain.slurm import registry  # noqa: E402
-from megatrain.slurm.cli import main as slurm_cli  # noqa: E402
-from megatrain.slurm.resources import Resources  # noqa: E402
+from megatrain.slurm.resources import Resources, read_partitions  # noqa: E402
 from megatrain.slurm.status import collect, format_status  # noqa: E402
 from megatrain.slurm.submit import submit  # noqa: E402
+from tests.slurm_fixtures import wait_done  # noqa: E402
 from tests.test_trainer import _overrides  # noqa: E402
 from tests.test_trainer_parallel import _launch  # noqa: E402
 
@@ -88,15 +91,6 @@ def _cfg(run_dir, **overrides):
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
-def _wait_done(job, timeout=JOB_TIMEOUT_S):
-    deadline = time.monotonic() + timeout
-    while not job.done():
-        if time.monotonic() > deadline:
-            job.cancel()
-            pytest.fail(f"job {job.job_id} not done after {timeout}s, state {job.state}\n{job.stderr()}")
-        time.sleep(0.5)
-
-
 def _wait_for(predicate, what, timeout=JOB_TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -117,6 +111,46 @@ def _queue(cluster):
     return set(cluster.run("squeue", "-h", "-o", "%i").split())
 
 
+@contextlib.contextmanager
+def _queued_stand_in(cluster, run_dir):
+    """A stand-in training job submitted into ``run_dir`` for the ``with`` body, then cancelled."""
+    result = submit(_cfg(run_dir), Resources(time_min=10), train_fn=stand_in_train)
+    try:
+        yield result
+    finally:
+        cluster.run("scancel", str(result.job_id))
+        cluster.wait_job(result.job_id, timeout=JOB_TIMEOUT_S)
+
+
+# ------------------------------------------------------------------------------------------------
+# What submit reads from the cluster and hands to submitit
+
+def test_partitions_and_nodes_read_from_sinfo_match_what_scontrol_shows(slurm_cluster):
+    """read_partitions relies on sinfo's output format: checked here against the real cluster."""
+    partitions = read_partitions()
+    assert sorted(partitions) == sorted([slurm_cluster.partition, slurm_cluster.second_partition])
+    assert [p.name for p in partitions.values() if p.default] == [slurm_cluster.partition]
+    shown = {}
+    for line in slurm_cluster.run("scontrol", "show", "node", "-o").splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S+)", line))
+        shown[fields["NodeName"]] = (int(fields["CPUTot"]), int(fields["RealMemory"]), 0)
+    assert len(shown) == slurm_cluster.nodes, shown
+    for part in partitions.values():
+        assert (part.state, part.max_nodes, part.max_time_min) == ("UP", None, None), part
+        assert {n.name: (n.cpus, n.mem_mb, n.gpus) for n in part.nodes} == shown, part
+        # scontrol's spelling of a node state; which one depends on the jobs running now
+        assert all(n.state.split("+")[0] in ("IDLE", "MIXED", "ALLOCATED") for n in part.nodes), part
+
+
+def test_the_sbatch_script_shown_is_the_one_submitit_submits(slurm_cluster, tmp_path):
+    """submit.sbatch_text renders the script through submitit's private methods (there is no public
+    one): if an upgrade changes what submitit submits, --dry-run would show another script."""
+    with _queued_stand_in(slurm_cluster, tmp_path / "run") as result:
+        submitted = Path(result.job.paths.submission_file).read_text()
+        assert "#SBATCH --time=10" in submitted and "-m submitit.core._submit" in submitted, submitted
+        assert result.sbatch_script == submitted
+
+
 # ------------------------------------------------------------------------------------------------
 # Refused at submit time, nothing queued
 
@@ -135,7 +169,7 @@ def test_bad_requests_are_refused_before_anything_is_queued(slurm_cluster, tmp_p
         (["--time", "1", "--signal-delay-s", "60"], "--signal-delay-s=60 must be shorter than --time=1"),
     ]
     for flags, message in cases:
-        code = slurm_cli(["submit", *flags, f"run.dir={run_dir}"])
+        code = megatrain_cli(["submit", *flags, f"run.dir={run_dir}"])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (flags, code, err)
         assert "Traceback" not in err
@@ -149,23 +183,19 @@ def test_bad_requests_are_refused_before_anything_is_queued(slurm_cluster, tmp_p
 
 def test_a_second_job_into_a_run_dir_with_an_active_job_is_refused(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
-    first = submit(_cfg(run_dir), Resources(time_min=10), train_fn=stand_in_train)
-    try:
+    with _queued_stand_in(slurm_cluster, run_dir) as first:
         queued = _queue(slurm_cluster)
         with pytest.raises(ConfigError, match=f"already has job {first.job_id}"):
             submit(_cfg(run_dir), Resources(time_min=10), train_fn=stand_in_train)
         assert _queue(slurm_cluster) == queued, "the refused job was queued"
-    finally:
-        slurm_cluster.run("scancel", str(first.job_id))
-        slurm_cluster.wait_job(first.job_id, timeout=JOB_TIMEOUT_S)
 
 
 def test_dry_run_prints_request_and_sbatch_script_and_submits_nothing(slurm_cluster, tmp_path, capsys):
     queued_before = _queue(slurm_cluster)
     run_dir = tmp_path / "run"
-    code = slurm_cli(["submit", "--dry-run", "--partition", slurm_cluster.second_partition,
-                      "--cpus-per-task", "2", "--time", "30", "--max-requeues", "5",
-                      f"run.dir={run_dir}"])
+    code = megatrain_cli(["submit", "--dry-run", "--partition", slurm_cluster.second_partition,
+                          "--cpus-per-task", "2", "--time", "30", "--max-requeues", "5",
+                          f"run.dir={run_dir}"])
     out = capsys.readouterr().out
     assert code == 0
     assert "1 node(s) x [1 task(s), 2 CPU(s) per task" in out
@@ -190,7 +220,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_without_losing_a_step(sl
     assert (snapshot / "megatrain" / "slurm" / "job.py").is_file()
     _wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), "the first checkpoint")
     job._interrupt()  # preemption: SIGTERM, then the checkpoint signal
-    _wait_done(job)
+    wait_done(job, JOB_TIMEOUT_S)
 
     assert job.result()["restarts"] == 1
     events = _events(run_dir, job.job_id)
@@ -223,7 +253,7 @@ def test_time_limit_requeues_resumes_and_stops_cleanly_when_the_budget_is_spent(
     result = submit(_cfg(run_dir, **{"train.steps": 100000, "checkpoint.every": 100000}),
                     Resources(time_min=1, signal_delay_s=50, max_requeues=1), train_fn=stand_in_train)
     job = result.job
-    _wait_done(job, timeout=240)
+    wait_done(job, timeout=240)
     assert slurm_cluster.wait_job(job.job_id)["State"] == "FAILED"
 
     events = _events(run_dir, job.job_id)
@@ -251,12 +281,12 @@ def test_time_limit_requeues_resumes_and_stops_cleanly_when_the_budget_is_spent(
 @needs_trainer
 def test_failing_job_is_reported_with_exit_code_error_and_log_path(slurm_cluster, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = slurm_cli(["submit", "--time", "5", f"run.dir={run_dir}", f"data.path={tmp_path}/no_data",
-                      "logging.progress=false"])
+    code = megatrain_cli(["submit", "--time", "5", f"run.dir={run_dir}", f"data.path={tmp_path}/no_data",
+                          "logging.progress=false"])
     assert code == 0, capsys.readouterr().err
     job_id = registry.read_jobs(run_dir)[0]["job_id"]
     assert slurm_cluster.wait_job(job_id, timeout=JOB_TIMEOUT_S)["State"] == "FAILED"
-    assert slurm_cli(["status", str(run_dir)]) == 0
+    assert megatrain_cli(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"job {job_id}  FAILED  exit 1:0" in out, out
     assert "error: DataError:" in out and "no_data" in out, out
@@ -280,8 +310,8 @@ def _train_here(overrides):
 @needs_trainer
 def test_one_task_job_trains_exactly_like_a_local_run(slurm_cluster, dataset, tmp_path, capsys):
     job_dir, local_dir = tmp_path / "job", tmp_path / "local"
-    assert slurm_cli(["submit", "--time", "5", "--partition", slurm_cluster.second_partition,
-                      *_overrides(dataset, job_dir)]) == 0
+    assert megatrain_cli(["submit", "--time", "5", "--partition", slurm_cluster.second_partition,
+                          *_overrides(dataset, job_dir)]) == 0
     out = capsys.readouterr().out
     job_id = registry.read_jobs(job_dir)[0]["job_id"]
     assert f"submitted job {job_id}" in out
@@ -313,8 +343,8 @@ def test_preempted_training_resumes_and_ends_with_the_uninterrupted_losses(slurm
     if reference is None:
         _train_here(_overrides(dataset, reference_dir, **extra))
     else:
-        _wait_done(reference.job)
-    _wait_done(result.job)
+        wait_done(reference.job, JOB_TIMEOUT_S)
+    wait_done(result.job, JOB_TIMEOUT_S)
 
     events = _events(job_dir, result.job.job_id)
     assert [e[:2] for e in events] == [("started", 0), ("requeued", 0), ("started", 1),

@@ -1,4 +1,4 @@
-"""The SLURM launcher's parts that need no cluster: reading scontrol output, fitting a request to a
+"""The SLURM launcher's parts that need no cluster: reading sinfo output, fitting a request to a
 partition, the process layout, jobs.json, the stop-signal flags, the status report, and the
 sbatch script rendered for the paper's 6.7B / 13B requests on a (described) GPU cluster."""
 
@@ -17,16 +17,20 @@ from megatrain.config import load_config
 from megatrain.errors import ConfigError
 from megatrain.slurm import registry
 from megatrain.slurm.resources import (NodeInfo, PartitionInfo, Resources, SlurmRequestError,
-                                       check_fits, expand_hostlist, gpu_count, parse_minutes,
-                                       parse_records)
+                                       check_fits, gpu_count, parse_minutes, partitions_from_sinfo)
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCONTROL_NODES = (
-    "NodeName=gpu001 Arch=x86_64 CoresPerSocket=48 CPUAlloc=0 CPUTot=96 Gres=gpu:h100:8(S:0-1) "
-    "RealMemory=2000000 State=IDLE Reason=Not responding [root@2026-01-01T00:00:00] Partitions=gpu\n"
-    "NodeName=gpu002 CPUTot=96 Gres=gpu:h100:8(S:0-1) RealMemory=2000000 State=MIXED Partitions=gpu\n"
-    "NodeName=cpu01 CPUTot=32 Gres=(null) RealMemory=256000 State=IDLE Partitions=cpu\n")
+# What read_partitions' two sinfo calls print (the format as Slurm 22.05 prints it on the local
+# cluster), for a cluster with a GPU partition, a CPU partition sharing no node with it, and an
+# empty one. A partition's row repeats once per group of alike nodes.
+SINFO_PARTITIONS = ("gpu|gpu*|up|2-00:00:00|1-infinite|\n"
+                    "gpu|gpu*|up|2-00:00:00|1-infinite|\n"
+                    "cpu|cpu|up|infinite|1|\n"
+                    "spare|spare|down|30:00|2-4|\n")
+SINFO_NODES = ("gpu|gpu001|96|2000000|gpu:h100:8(S:0-1)|idle|\n"
+               "gpu|gpu002|96|2000000|gpu:h100:4(S:0,2),gpu:a100:4(S:1,3)|mixed|\n"
+               "cpu|cpu01|32|256000|(null)|idle+drain|\n")
 
 
 def _gpu_cluster(n_nodes=16, max_time="2-00:00:00"):
@@ -36,19 +40,23 @@ def _gpu_cluster(n_nodes=16, max_time="2-00:00:00"):
                                                            for i in (1, 2)), 1, None)}
 
 
-def test_scontrol_records_hostlists_gres_and_time_limits_are_read():
-    records = parse_records(SCONTROL_NODES)
-    assert [r["NodeName"] for r in records] == ["gpu001", "gpu002", "cpu01"]
-    assert records[0]["State"] == "IDLE" and records[0]["Partitions"] == "gpu"  # after a spaced Reason
-    assert [gpu_count(r["Gres"]) for r in records] == [8, 8, 0]
+def test_sinfo_partitions_nodes_gres_and_time_limits_are_read():
+    partitions = partitions_from_sinfo(SINFO_PARTITIONS, SINFO_NODES)
+    assert partitions == {
+        "gpu": PartitionInfo("gpu", True, "UP", (NodeInfo("gpu001", 96, 2_000_000, 8, "IDLE"),
+                                                 NodeInfo("gpu002", 96, 2_000_000, 8, "MIXED")),
+                             None, 2880),
+        "cpu": PartitionInfo("cpu", False, "UP", (NodeInfo("cpu01", 32, 256_000, 0, "IDLE+DRAIN"),), 1, None),
+        "spare": PartitionInfo("spare", False, "DOWN", (), 4, 30),
+    }, partitions
     assert gpu_count("gpu:a100:4(S:0),gpu:h100:4,shard:8") == 8
     # socket lists hold commas of their own
     assert gpu_count("gpu:4(S:0,2)") == 4
     assert gpu_count("gpu:a100:2(S:0,1),gpu:2(S:0,1)") == 4
-    assert expand_hostlist("node[1-3,5],gpu[001-002],login") == [
-        "node1", "node2", "node3", "node5", "gpu001", "gpu002", "login"]
-    assert [parse_minutes(x) for x in ("UNLIMITED", "30", "10:30", "2:00:00", "1-00:00:00", "2-12")] == [
-        None, 30, 11, 120, 1440, 3600]
+    assert gpu_count("(null)") == 0
+    # sinfo prints "infinite", M:SS, H:MM:SS and D-HH:MM:SS; scontrol and sbatch the other forms
+    assert [parse_minutes(x) for x in ("infinite", "UNLIMITED", "30", "10:30", "30:00", "2:00:00",
+                                       "1-00:00:00", "2-12")] == [None, None, 30, 11, 30, 120, 1440, 3600]
 
 
 @pytest.mark.parametrize("request_kwargs, message", [
