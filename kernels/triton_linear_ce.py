@@ -13,8 +13,7 @@ import triton
 from megatrain.kernels.autotune_configs import INTERPRET
 from megatrain.kernels.ce_backward_kernel import linear_ce_dlogits_kernel
 from megatrain.kernels.ce_forward_kernel import linear_ce_forward_kernel
-from megatrain.kernels.vocab_parallel import (combine_splits, loss_from_partials, row_grads,
-                                              shard_start)
+from megatrain.kernels.vocab_parallel import combine_splits, loss_from_partials, row_grads, shard_start
 
 # Backward row-chunk: the dlogits buffer is [DLOGITS_CHUNK_ROWS, V] in the weight's dtype
 # (64 MiB at V=32000 bf16). Larger chunks make the grad_weight GEMM (K = chunk rows) more

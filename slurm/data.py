@@ -24,11 +24,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from megatrain.errors import DataError
+
 
 @dataclass
 class SlurmDataOptions:

@@ -13,16 +13,18 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import submitit
 
 import megatrain
 from megatrain.errors import UserError
-from megatrain.parallel.comm import all_reduce_host
-from megatrain.parallel.process_group import shutdown_distributed
 from megatrain.slurm import registry
+
+# torch and megatrain.parallel are imported only where used: this module is unpickled at job
+# start, and every second spent importing before the signal handlers are installed is a window in
+# which SLURM's time-limit signal (USR2, default action: terminate) kills the job outright.
 
 # Exit status of a run that stopped on a signal after checkpointing (128 + SIGTERM, as if killed):
 # the job was requeued (by us or by SLURM) or cancelled, and no result file is written.
@@ -53,7 +55,7 @@ class StopSignals:
         self.terminate = False
         self.received_at: float | None = None
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         # Replaces submitit's handlers, which checkpoint from inside the handler and exit at once:
         # that would interrupt a training step half-way (see DESIGN.md).
         signal.signal(self.requeue_signal, self._on_requeue)
@@ -79,6 +81,8 @@ class StopSignals:
         another rank saw the signal. This is the step's one stop collective: a tiny all-reduce."""
         import torch
         import torch.distributed as dist
+
+        from megatrain.parallel.comm import all_reduce_host
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flags = torch.tensor([int(self.requeue), int(self.terminate)])
@@ -162,6 +166,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         if not result.stopped_early:
             log(run_dir, job_id, "completed", state="COMPLETED", restart=restart, step=result.step)
+            from megatrain.parallel.process_group import shutdown_distributed
+
             # leave together; skip interpreter teardown once submitit has written the result
             shutdown_distributed(at_exit=True)
             return {"job_id": job_id, "step": result.step, "head_losses": list(result.head_losses),

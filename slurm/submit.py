@@ -13,10 +13,10 @@ import os
 import shlex
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from megatrain.config import Config
 from megatrain.errors import ConfigError

@@ -5,8 +5,8 @@ import torch
 
 from megatrain import checkpoint as ckpt_module
 from megatrain.checkpoint import CheckpointManager, RNGState
-from megatrain.parallel.model_state import ModelAndOptimizer
 from megatrain.errors import CheckpointError
+from megatrain.parallel.model_state import ModelAndOptimizer
 
 
 def _model_and_optim(seed):

@@ -24,7 +24,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 JOB_TIMEOUT_S = 90
 
 
-def _executor(folder: Path, partition: str, **params) -> "submitit.AutoExecutor":
+def _executor(folder: Path, partition: str, **params) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     executor.update_parameters(
         slurm_partition=partition, timeout_min=5, cpus_per_task=1, mem_gb=1,

@@ -14,8 +14,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 pytest.importorskip("datatrove")
 REPO = Path(__file__).resolve().parents[1]
 
-from megatrain.slurm.data import (SlurmDataOptions, SlurmStageRunner, Stage,  # noqa: E402
-                                  launch_stage_chain, wait_for_stage)
+from megatrain.slurm.data import SlurmDataOptions, SlurmStageRunner, Stage, launch_stage_chain, wait_for_stage  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -16,8 +16,16 @@ import pytest
 from megatrain.config import load_config
 from megatrain.errors import ConfigError
 from megatrain.slurm import registry
-from megatrain.slurm.resources import (NodeInfo, PartitionInfo, Resources, SlurmRequestError,
-                                       check_fits, gpu_count, parse_minutes, partitions_from_sinfo)
+from megatrain.slurm.resources import (
+    NodeInfo,
+    PartitionInfo,
+    Resources,
+    SlurmRequestError,
+    check_fits,
+    gpu_count,
+    parse_minutes,
+    partitions_from_sinfo,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

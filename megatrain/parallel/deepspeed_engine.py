@@ -44,9 +44,9 @@ from megatrain.errors import ConfigError
 from megatrain.mtp_loss import HeadStats
 from megatrain.optim import build_optimizer
 from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_compile
-from megatrain.parallel.runtime import reduce_step_stats
 from megatrain.parallel.pipeline import MTPStage, split_model
 from megatrain.parallel.process_group import dist_env
+from megatrain.parallel.runtime import reduce_step_stats
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
@@ -250,9 +250,10 @@ def keep_gathered_for_the_loss(deepspeed, stage: MTPStage) -> None:
 
 
 class DeepSpeedModelAndOptimizer(Stateful):
-    """``ModelAndOptimizer``'s DCP layout (megatrain.parallel.model_state) from a ZeRO engine: full fp32 parameters under
-    ``model.<name>`` and flattened AdamW state (``optimizer.state.<name>.exp_avg`` ...,
-    ``optimizer.param_groups.<name>.lr`` ...), whatever the ZeRO stage or dp degree.
+    """``ModelAndOptimizer``'s DCP layout (megatrain.parallel.model_state) from a ZeRO engine:
+    full fp32 parameters under ``model.<name>`` and flattened AdamW state
+    (``optimizer.state.<name>.exp_avg`` ..., ``optimizer.param_groups.<name>.lr`` ...), whatever
+    the ZeRO stage or dp degree.
 
     Every rank gathers every full tensor (collectives, one parameter at a time) and DCP writes
     each once: simple and reshardable, but a rank briefly holds a full fp32 copy of the model and
@@ -280,8 +281,8 @@ class DeepSpeedModelAndOptimizer(Stateful):
         return {"model": model_sd, "optimizer": optim_sd}
 
     def load_state_dict(self, state):
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         model_sd, optim_sd = state["model"], state["optimizer"]
         rank = dist.get_rank()
         for name, p in self.model.named_parameters():

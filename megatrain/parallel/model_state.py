@@ -14,8 +14,12 @@ DeepSpeed's ZeRO engine writes the same layout (``DeepSpeedModelAndOptimizer``).
 
 from __future__ import annotations
 
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 

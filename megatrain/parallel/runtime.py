@@ -18,11 +18,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from megatrain.parallel.model_state import ModelAndOptimizer
 from megatrain.config import TrainConfig
 from megatrain.mtp_loss import HeadStats
 from megatrain.optim import build_optimizer
 from megatrain.parallel.comm import all_reduce_host
+from megatrain.parallel.model_state import ModelAndOptimizer
 from megatrain.parallel.pipeline import MTPStage
 from megatrain.parallel.topology import ParallelDims
 
