@@ -132,7 +132,8 @@ def format_table(rows: list[dict], args) -> str:
              f"layers (trunk L-n), dim {args.dim}, vocab {args.vocab}, {args.batch}x{args.seq_len} "
              f"tokens, AdamW, median of {args.steps - 1} steps.",
              "",
-             "| loss mode | n_future | params | peak memory (MiB) | vs n=1 | step (s) | vs n=1 | FLOPs vs n=1 (lower bound) |",
+             "| loss mode | n_future | params | peak memory (MiB) | vs n=1 | step (s) | vs n=1 "
+             "| FLOPs vs n=1 (lower bound) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base[r["mode"]]

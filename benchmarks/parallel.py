@@ -178,7 +178,8 @@ def format_cpu_table(rows: list[dict], args, load: float) -> str:
              "| max over ranks (MiB) | growth above imports per rank (MiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = f"{r['tokens_per_s'] / base[r['n_future']]['tokens_per_s']:.2f}" if r["n_future"] in base else "-"
+        vs = (f"{r['tokens_per_s'] / base[r['n_future']]['tokens_per_s']:.2f}"
+              if r["n_future"] in base else "-")
         growth = [p - s for p, s in zip(r["peak_bytes"], r["start_bytes"])]
         lines.append(f"| {r['layout']} | {r['nproc']} | {r['n_future']} | {r['tokens_per_s']:.0f} | {vs} | "
                      f"{' / '.join(mib(b) for b in r['peak_bytes'])} | {mib(max(r['peak_bytes']))} | "
@@ -253,7 +254,8 @@ def format_gpu_table(rows: list[dict], args, device_name: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['n_future']} | {r['tokens_per_s']:.0f} | "
-                     f"{tokens / r['tokens_per_s']:.3f} | {r['mfu']:.1%} | {r['peak_bytes'][0] / 2**30:.1f} | "
+                     f"{tokens / r['tokens_per_s']:.3f} | {r['mfu']:.1%} | "
+                     f"{r['peak_bytes'][0] / 2**30:.1f} | "
                      f"{base['tokens_per_s'] / r['tokens_per_s']:.3f} | "
                      f"{r['flops_per_token'] / base['flops_per_token']:.3f} |")
     return "\n".join(lines)

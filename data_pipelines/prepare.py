@@ -27,7 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from megatrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME
+from megatrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, MAX_TOKEN_IDS_KEY, shard_max_token_id
 from megatrain.errors import DataError
 from megatrain.files import atomic_write_text, exclusive_lock
 
@@ -80,13 +80,17 @@ class PrepareConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise DataError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.min_chars < 0 or self.max_chars < max(self.min_chars, 1):
-            raise DataError(f"need 0 <= --min-chars <= --max-chars, got {self.min_chars} and {self.max_chars}")
+            raise DataError(
+                f"need 0 <= --min-chars <= --max-chars, got {self.min_chars} and {self.max_chars}"
+            )
         if self.max_line_length < 1:
             raise DataError(f"--max-line-length must be >= 1, got {self.max_line_length}")
         if not 0.0 <= self.min_alnum_fraction <= 1.0:
             raise DataError(f"--min-alnum-fraction must be in [0, 1], got {self.min_alnum_fraction}")
         if not self.extensions or not all(e.startswith(".") for e in self.extensions):
-            raise DataError(f"--extensions must be suffixes starting with '.', e.g. .py; got {self.extensions}")
+            raise DataError(
+                f"--extensions must be suffixes starting with '.', e.g. .py; got {self.extensions}"
+            )
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as read back
@@ -160,8 +164,8 @@ def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, 
     n_files = len(list_source_files(str(input_path), config.extensions, config.exclude_dirs))
     if n_files == 0:
         raise DataError(
-            f"input folder {input_path} has no files ending in {', '.join(config.extensions)} (skipping folders "
-            f"{', '.join(config.exclude_dirs)} and hidden ones): check --input and --extensions"
+            f"input folder {input_path} has no files ending in {', '.join(config.extensions)} (skipping "
+            f"folders {', '.join(config.exclude_dirs)} and hidden ones): check --input and --extensions"
         )
 
     output_path.mkdir(parents=True, exist_ok=True)
@@ -224,13 +228,16 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--max-line-length", type=int, default=defaults.max_line_length)
     parser.add_argument("--min-alnum-fraction", type=float, default=defaults.min_alnum_fraction)
     parser.add_argument(
-        "--extensions", default=",".join(defaults.extensions), help="comma-separated file suffixes, e.g. .py,.pyi"
+        "--extensions", default=",".join(defaults.extensions),
+        help="comma-separated file suffixes, e.g. .py,.pyi",
     )
     parser.add_argument(
         "--exclude-dir", action="append", default=[], metavar="NAME",
         help=f"also skip folders with this name (always skipped: {', '.join(DEFAULT_EXCLUDE_DIRS)}, hidden)",
     )  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="quiet: no datatrove logs or progress bars")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="quiet: no datatrove logs or progress bars"
+    )
     return parser
 
 
@@ -265,7 +272,8 @@ def format_summary(manifest: dict) -> str:
         f"  dropped too short    {s['dropped_too_short']}   too long {s['dropped_too_long']}",
         f"  dropped long lines   {s['dropped_long_lines']}   low alnum {s['dropped_low_alnum']}",
         f"  exact duplicates     {s['exact_duplicates']}   near duplicates {s['near_duplicates']}",
-        f"  tokenizer            {manifest['tokenizer']} vocab {manifest['vocab_size']} eos {manifest['eos_id']}",
+        f"  tokenizer            {manifest['tokenizer']} vocab {manifest['vocab_size']} "
+        f"eos {manifest['eos_id']}",
     ]
     for split in ("train", "val"):
         lines.append(
@@ -307,8 +315,8 @@ def _check_output_dir(output_path: Path, config: PrepareConfig) -> dict | None:
             return manifest
         what = f"settings differ in: {', '.join(diff)}" if diff else f"format {manifest.get('format')!r}"
         raise DataError(
-            f"--output {output_path} already holds a different prepared dataset ({what}); refusing to overwrite "
-            "it. Choose another --output, or delete that folder to rebuild."
+            f"--output {output_path} already holds a different prepared dataset ({what}); refusing to "
+            "overwrite it. Choose another --output, or delete that folder to rebuild."
         )
     entries = sorted(p.name for p in output_path.iterdir())
     if not entries:
@@ -320,8 +328,9 @@ def _check_output_dir(output_path: Path, config: PrepareConfig) -> dict | None:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         return None
     raise DataError(
-        f"--output {output_path} is not empty and holds no megatrain dataset (found {', '.join(entries[:5])}"
-        f"{' ...' if len(entries) > 5 else ''}); refusing to overwrite it. Choose an empty or new --output folder."
+        f"--output {output_path} is not empty and holds no megatrain dataset (found "
+        f"{', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}); refusing to overwrite it. Choose an "
+        "empty or new --output folder."
     )
 
 
@@ -392,13 +401,16 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
         return JsonlWriter(str(work / folder), output_filename="${rank}.jsonl", compression=None)
 
     # 1. read + quality filters
-    reader = steps.SourceFileReader(str(config.source), config.extensions, config.exclude_dirs, progress=progress)
+    reader = steps.SourceFileReader(
+        str(config.source), config.extensions, config.exclude_dirs, progress=progress
+    )
     length = steps.LengthFilter(config.min_chars, config.max_chars)
     longest_line = steps.LongestLineFilter(config.max_line_length)
     alnum = steps.AlnumFractionFilter(config.min_alnum_fraction)
+    hash_writer = steps.ContentHashWriter(str(work / "hashes"))
     st1 = run_stage(
         "1_read_filter",
-        [reader, length, longest_line, alnum, jsonl_writer("filtered"), steps.ContentHashWriter(str(work / "hashes"))],
+        [reader, length, longest_line, alnum, jsonl_writer("filtered"), hash_writer],
         tasks=K, workers=K, logs=logs,
     )  # fmt: skip
 
@@ -542,8 +554,10 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
 
 
 def _collect_split(out: Path, split: str, token_size: int) -> dict:
-    """Lists a split's non-empty ``.ds`` files (deleting empty ones) with token and document counts."""
-    files, tokens, documents = [], 0, 0
+    """Lists a split's non-empty ``.ds`` files (deleting empty ones) with token and document counts
+    and each file's largest token id, which open_split checks against the tokenizer's vocabulary
+    without reading the shards."""
+    files, tokens, documents, max_ids = [], 0, 0, []
     folder = out / split
     for ds in sorted(folder.glob("*.ds")) if folder.is_dir() else []:
         index = ds.with_name(ds.name + ".index")
@@ -555,4 +569,5 @@ def _collect_split(out: Path, split: str, token_size: int) -> dict:
         files.append(f"{split}/{ds.name}")
         tokens += n_tokens
         documents += index.stat().st_size // 8
-    return {"files": files, "tokens": tokens, "documents": documents}
+        max_ids.append(shard_max_token_id(ds, token_size))
+    return {"files": files, "tokens": tokens, "documents": documents, MAX_TOKEN_IDS_KEY: max_ids}

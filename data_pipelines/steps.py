@@ -31,13 +31,14 @@ from tqdm import tqdm
 from megatrain.data_pipelines.prepare import DEFAULT_EXCLUDE_DIRS
 from megatrain.data_pipelines.vocab import EOS_TOKEN
 
-
 # ------------------------------------------------------------------------------------------------
 # Source files
 # ------------------------------------------------------------------------------------------------
 
 
-def list_source_files(input_dir: str, extensions: tuple[str, ...], exclude_dirs: tuple[str, ...]) -> list[str]:
+def list_source_files(
+    input_dir: str, extensions: tuple[str, ...], exclude_dirs: tuple[str, ...]
+) -> list[str]:
     """Sorted relative (posix) paths of the files under ``input_dir`` ending in one of ``extensions``.
 
     A directory is skipped when its name is in ``exclude_dirs`` or starts with a dot.
@@ -99,7 +100,8 @@ class SourceFileReader(BaseDiskReader):
         local_path = self.data_folder.path
         files = list_source_files(local_path, self.extensions, self.exclude_dirs)
         shard = contiguous_shard(files, rank, world_size)
-        for filepath in tqdm(shard, desc=f"reading files (task {rank})", unit="file", disable=not self.file_progress):
+        desc = f"reading files (task {rank})"
+        for filepath in tqdm(shard, desc=desc, unit="file", disable=not self.file_progress):
             self.stat_update("input_files")
             for doc in self.read_file(filepath):
                 self.stat_update("documents")
@@ -125,8 +127,7 @@ class RankJsonlReader(JsonlReader):
         filename = f"{rank:05d}.jsonl"
         if not self.data_folder.isfile(filename):
             return  # this task had no documents left
-        for doc in self.read_file(filename):
-            yield doc
+        yield from self.read_file(filename)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class CodeWordTokenizer(WordTokenizer):
 
 def split_hash(doc_id: str, seed: int) -> int:
     """A uint64 derived from (seed, document id) only: the split never depends on task layout."""
-    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 

@@ -11,7 +11,7 @@ encode time, so only the EOS appended after each document gets that id.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -23,7 +23,9 @@ MIN_BPE_VOCAB_SIZE = 258  # 256 bytes + EOS + at least one merge
 def byte_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet: printable bytes map to themselves, the others (controls,
     space, latin-1 blanks) to code points from 256 upwards, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):

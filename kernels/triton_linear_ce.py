@@ -83,8 +83,10 @@ def backward_grads(hidden, weight, bias, targets, lse, row_grad, vocab_start, ne
     common = _common_args(hidden, weight)
     for start in range(0, n_rows, chunk_rows):
         rows = min(chunk_rows, n_rows - start)
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]),  # noqa: E731
-                             triton.cdiv(vocab, meta["BLOCK_V"]))
+        # the launch below calls grid within this iteration, so the late binding of `rows` was
+        # harmless; binding it as a default makes that independent of when triton calls it
+        grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_N"]),  # noqa: E731
+                                        triton.cdiv(vocab, meta["BLOCK_V"]))
         linear_ce_dlogits_kernel[grid](
             hidden, weight, bias, targets, lse, row_grad, dlogits,
             rows, vocab, dim, vocab_start, start, stride_dn=dlogits.stride(0),

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from megatrain.data import WindowLoader, open_split, val_batches
+from megatrain.data.shards import MANIFEST_FORMAT, MAX_TOKEN_IDS_KEY
 from megatrain.errors import DataError
 
 VOCAB = 1000
 SEQ_LEN = 8
 
 
-def write_dataset(root, shards, vocab_size=VOCAB, token_size=2, split="train"):
-    """Writes ``shards`` (lists of token arrays = documents) in the prepare output layout."""
+def write_dataset(root, shards, vocab_size=VOCAB, token_size=2, split="train", record_max_ids=True):
+    """Writes ``shards`` (lists of token arrays = documents) in the prepare output layout;
+    ``record_max_ids=False`` writes the manifest of a megatrain that did not record the maxima."""
     (root / split).mkdir(parents=True, exist_ok=True)
-    files, total = [], 0
+    files, total, max_ids = [], 0, []
     dtype = "<u2" if token_size == 2 else "<u4"
     for i, docs in enumerate(shards):
         tokens = np.concatenate(docs).astype(dtype)
@@ -26,14 +28,18 @@ def write_dataset(root, shards, vocab_size=VOCAB, token_size=2, split="train"):
         (root / (name + ".index")).write_bytes(ends.tobytes())
         files.append(name)
         total += len(tokens)
+        max_ids.append(int(tokens.max()))
+    entry = {"files": files, "tokens": total, "documents": sum(map(len, shards))}
+    if record_max_ids:
+        entry[MAX_TOKEN_IDS_KEY] = max_ids
     manifest = {
-        "format": "megatrain-shards-v1",
+        "format": MANIFEST_FORMAT,
         "tokenizer": "bytes",
         "tokenizer_file": "tokenizer.json",
         "vocab_size": vocab_size,
         "eos_id": vocab_size - 1,
         "token_size": token_size,
-        "splits": {split: {"files": files, "tokens": total, "documents": sum(map(len, shards))}},
+        "splits": {split: entry},
         "source": "synthetic",
         "config": {},
     }
@@ -127,7 +133,8 @@ def test_resume_from_state_dict_gives_exactly_the_next_global_batch(dataset, res
     assert state["epoch"] == 1 and state["position"] == 8
     expected = [ref.next_batch() for _ in range(3)]
     resumed = [
-        WindowLoader(shards, SEQ_LEN, 4, dp_rank=r, dp_size=resume_dp_size, seed=5) for r in range(resume_dp_size)
+        WindowLoader(shards, SEQ_LEN, 4, dp_rank=r, dp_size=resume_dp_size, seed=5)
+        for r in range(resume_dp_size)
     ]
     for loader in resumed:
         loader.load_state_dict(state)
@@ -207,11 +214,68 @@ def test_missing_shard_is_reported_by_file_name(dataset):
         open_split(dataset, "train")
 
 
-def test_token_id_beyond_vocab_names_shard_and_model_vocab(tmp_path):
-    root = write_dataset(tmp_path, [[np.arange(20)], [np.array([1, 2, 3, 400, 5, 6, 7, 8, 9, 10])]], vocab_size=300)
-    loader = WindowLoader(open_split(root, "train"), SEQ_LEN, 3)  # all 3 windows in the first batch
-    with pytest.raises(DataError, match=r"00001_unshuffled\.ds.*model\.vocab_size"):
-        loader.next_batch()
+# the tokenizer has 300 tokens; the trainer pads model.vocab_size to 320 (a multiple of 64)
+TOKENIZER_VOCAB, PADDED_VOCAB = 300, 320
+
+
+def bad_id_message(shard_name, token_id):
+    return (
+        rf"{shard_name}.*token id {token_id}\b.*tokenizer.*has {TOKENIZER_VOCAB} tokens"
+        r".*megatrain data prepare"
+    )
+
+
+@pytest.mark.parametrize("record_max_ids", [True, False], ids=["recorded", "scanned"])
+def test_token_id_between_tokenizer_and_padded_vocab_is_refused_at_open(tmp_path, record_max_ids):
+    bad = TOKENIZER_VOCAB + 10  # a valid row of the padded embedding, but no token of the tokenizer
+    assert TOKENIZER_VOCAB < bad < PADDED_VOCAB
+    good, poisoned = [np.arange(20)], [np.array([1, 2, 3, bad, 5, 6, 7, 8, 9, 10])]
+    root = write_dataset(
+        tmp_path, [good, poisoned], vocab_size=TOKENIZER_VOCAB, record_max_ids=record_max_ids
+    )
+    with pytest.raises(DataError, match=bad_id_message(r"00001_unshuffled\.ds", bad)):
+        open_split(root, "train")
+
+
+@pytest.mark.parametrize("record_max_ids", [True, False], ids=["recorded", "scanned"])
+def test_largest_valid_token_id_opens(tmp_path, record_max_ids):
+    # the negative control of the refusals: the tokenizer's last id is data like any other
+    root = write_dataset(
+        tmp_path, [[np.arange(20)], [np.array([TOKENIZER_VOCAB - 1] * 10)]], vocab_size=TOKENIZER_VOCAB,
+        record_max_ids=record_max_ids,
+    )  # fmt: skip
+    shards = open_split(root, "train")
+    assert [s.max_token_id for s in shards.shards] == [19, TOKENIZER_VOCAB - 1]
+
+
+@pytest.mark.parametrize("record_max_ids", [True, False], ids=["recorded", "scanned"])
+def test_token_id_no_window_reaches_is_refused_at_open(tmp_path, record_max_ids):
+    # 3 windows of SEQ_LEN + 1 cover tokens 0..24 of the 30: the last token is never sampled
+    tokens = np.arange(30)
+    tokens[-1] = 5000
+    root = write_dataset(tmp_path, [[tokens]], vocab_size=TOKENIZER_VOCAB, record_max_ids=record_max_ids)
+    with pytest.raises(DataError, match=bad_id_message(r"00000_unshuffled\.ds", 5000)):
+        open_split(root, "train")
+
+
+def test_manifest_without_max_ids_is_scanned_on_open(tmp_path):
+    rng = np.random.default_rng(0)
+    shards = [[rng.integers(0, VOCAB - 1, n)] for n in (20, 30)]
+    old = open_split(write_dataset(tmp_path / "old", shards, record_max_ids=False), "train")
+    new = open_split(write_dataset(tmp_path / "new", shards), "train")
+    expected = [int(np.max(docs[0])) for docs in shards]
+    assert [s.max_token_id for s in old.shards] == [s.max_token_id for s in new.shards] == expected
+    assert old.fingerprint == new.fingerprint  # a loader state saved on either resumes on the other
+
+
+def test_shard_modified_after_open_is_caught_by_the_batch_check(tmp_path):
+    root = write_dataset(tmp_path, [[np.arange(20)], [np.arange(10)]], vocab_size=TOKENIZER_VOCAB)
+    loader = WindowLoader(open_split(root, "train"), SEQ_LEN, 3, vocab_size=PADDED_VOCAB)
+    with open(root / "train" / "00001_unshuffled.ds", "r+b") as f:  # in place: the memory map sees it
+        f.seek(3 * 2)
+        f.write(np.array([TOKENIZER_VOCAB + 10], dtype="<u2").tobytes())
+    with pytest.raises(DataError, match=r"00001_unshuffled\.ds.*tokenizer vocabulary size 300.*modified"):
+        loader.next_batch()  # all 3 windows are in the first batch
 
 
 def test_model_vocab_smaller_than_tokenizer_vocab_is_rejected(dataset):

@@ -149,6 +149,17 @@ def test_prepare_keeps_exactly_the_good_files_and_counts_every_drop(corpus, byte
         assert open_split(out, split).total_tokens == splits[split]["tokens"]
 
 
+def test_manifest_records_each_shards_largest_token_id(bytes_dataset):
+    out, manifest = bytes_dataset
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        on_disk = [int(np.fromfile(out / rel, dtype="<u2").max()) for rel in entry["files"]]
+        assert entry["max_token_ids"] == on_disk, split
+        # every document ends with EOS, the bytes tokenizer's largest id
+        assert on_disk == [manifest["eos_id"]] * len(on_disk) == [manifest["vocab_size"] - 1] * len(on_disk)
+        assert [s.max_token_id for s in open_split(out, split).shards] == on_disk
+
+
 def test_loader_windows_come_from_the_prepared_token_stream(bytes_dataset):
     out, manifest = bytes_dataset
     shards = open_split(out, "train")
@@ -221,7 +232,8 @@ def test_crash_leaves_no_manifest_and_rerun_completes(corpus, tmp_path, monkeypa
     with pytest.raises(DataError, match="manifest.json"):
         open_split(out, "train")
     monkeypatch.undo()
-    manifest = prepare_dataset(corpus[0], out, tokenizer="bytes", progress=False)  # restarts the unfinished one
+    # restarts the unfinished one
+    manifest = prepare_dataset(corpus[0], out, tokenizer="bytes", progress=False)
     assert (out / "manifest.json").exists() and manifest["splits"]["train"]["documents"] > 0
 
 

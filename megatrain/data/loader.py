@@ -14,7 +14,7 @@ with another ``dp_size`` and still continue with exactly the next global batch.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -33,33 +33,41 @@ class _Windows:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.shards = shards
         self.seq_len = seq_len
-        per_shard = np.array([(s.n_tokens - 1) // seq_len if s.n_tokens else 0 for s in shards.shards], dtype=np.int64)
+        per_shard = np.array(
+            [(s.n_tokens - 1) // seq_len if s.n_tokens else 0 for s in shards.shards], dtype=np.int64
+        )
         self.first = np.concatenate([[0], np.cumsum(per_shard)])  # first global window of each shard
         self.count = int(self.first[-1])
         if self.count == 0:
             longest = max((s.n_tokens for s in shards.shards), default=0)
             raise DataError(
-                f"split {shards.split!r} of {shards.dataset_dir} is too small for seq_len {seq_len}: a window needs "
-                f"{seq_len + 1} tokens from one shard, the largest shard has {longest} "
-                f"({len(shards.shards)} shards, {shards.total_tokens} tokens). Lower seq_len or prepare more data."
+                f"split {shards.split!r} of {shards.dataset_dir} is too small for seq_len {seq_len}: a "
+                f"window needs {seq_len + 1} tokens from one shard, the largest shard has {longest} "
+                f"({len(shards.shards)} shards, {shards.total_tokens} tokens). Lower seq_len or prepare "
+                "more data."
             )
 
-    def gather(self, window_ids: np.ndarray, vocab_size: int) -> torch.Tensor:
-        """(len(window_ids), seq_len + 1) int64 tokens; a token >= vocab_size raises DataError."""
+    def gather(self, window_ids: np.ndarray) -> torch.Tensor:
+        """(len(window_ids), seq_len + 1) int64 tokens; a token outside the tokenizer's vocabulary
+        raises DataError."""
         width = self.seq_len + 1
         shard_ids = np.searchsorted(self.first, window_ids, side="right") - 1
         out = np.empty((len(window_ids), width), dtype=np.int64)
         for row, (w, s) in enumerate(zip(window_ids.tolist(), shard_ids.tolist())):
             start = (w - int(self.first[s])) * self.seq_len
             out[row] = self.shards.shards[s].tokens[start : start + width]
-        # cheap safety net against a corrupt shard or a model with a too small vocabulary
+        # open_split checked every shard's ids against the tokenizer's vocabulary (the bound for
+        # valid data, whatever model.vocab_size is): this cheap net only catches a shard that
+        # changed on disk since
+        vocab_size = self.shards.vocab_size
         if out.size and int(out.max()) >= vocab_size:
             row = int(np.argmax(out.max(axis=1) >= vocab_size))
             bad = int(out[row].max())
             raise DataError(
-                f"token id {bad} in shard {self.shards.shards[shard_ids[row]].path} is >= the vocabulary size "
-                f"{vocab_size} (model.vocab_size; the dataset's tokenizer has {self.shards.vocab_size}): the shard is "
-                "corrupt or was tokenized with another tokenizer. Re-create the dataset or raise model.vocab_size."
+                f"token id {bad} in shard {self.shards.shards[shard_ids[row]].path} is >= the dataset's "
+                f"tokenizer vocabulary size {vocab_size} ({self.shards.tokenizer_path}), though the shard "
+                "passed that check when it was opened: it was modified since. Re-create the dataset with "
+                "`megatrain data prepare`."
             )
         return torch.from_numpy(out)
 
@@ -77,18 +85,21 @@ class WindowLoader:
         seed: int = 0,
         vocab_size: int | None = None,
     ):
+        """``vocab_size``: the model's (``model.vocab_size``, possibly padded); it must cover the
+        tokenizer's vocabulary. Default: the tokenizer's."""
         if global_batch_size < 1 or dp_size < 1 or global_batch_size % dp_size:
             raise DataError(
-                f"global_batch_size {global_batch_size} must be a positive multiple of the data-parallel size "
-                f"{dp_size}: change the global batch size or the dp degree"
+                f"global_batch_size {global_batch_size} must be a positive multiple of the data-parallel "
+                f"size {dp_size}: change the global batch size or the dp degree"
             )
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
         self.vocab_size = shards.vocab_size if vocab_size is None else int(vocab_size)
         if self.vocab_size < shards.vocab_size:
             raise DataError(
-                f"model.vocab_size {self.vocab_size} is smaller than the vocabulary of the dataset's tokenizer "
-                f"({shards.vocab_size}, {shards.tokenizer_path}): set model.vocab_size >= {shards.vocab_size}"
+                f"model.vocab_size {self.vocab_size} is smaller than the vocabulary of the dataset's "
+                f"tokenizer ({shards.vocab_size}, {shards.tokenizer_path}): set model.vocab_size >= "
+                f"{shards.vocab_size}"
             )
         self.shards = shards
         self.windows = _Windows(shards, seq_len)
@@ -125,7 +136,7 @@ class WindowLoader:
             mask = epochs == e
             window_ids[mask] = self._permutation(e)[positions[mask]]
         self.epoch, self.position = divmod(base + self.global_batch_size, n)
-        return self.windows.gather(window_ids, self.vocab_size)
+        return self.windows.gather(window_ids)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
@@ -154,19 +165,22 @@ class WindowLoader:
         for field, value in expected.items():
             if state.get(field) != value:
                 what = {
-                    "fingerprint": f"the dataset split {self.shards.split!r} of {self.shards.dataset_dir} differs "
-                    "from the one the checkpoint was trained on (files or token counts changed)",
+                    "fingerprint": f"the dataset split {self.shards.split!r} of {self.shards.dataset_dir} "
+                    "differs from the one the checkpoint was trained on (files or token counts changed)",
                     "seq_len": "the sequence length differs from the checkpoint's",
                     "seed": "the data seed differs from the checkpoint's",
                     "format": "the loader state has an unknown format",
                 }[field]
                 raise DataError(
-                    f"cannot resume the data loader: field {field!r} is {value!r} here but {state.get(field)!r} in the "
-                    f"checkpoint; {what}. Use the original setting or start a fresh run."
+                    f"cannot resume the data loader: field {field!r} is {value!r} here but "
+                    f"{state.get(field)!r} in the checkpoint; {what}. Use the original setting or start a "
+                    "fresh run."
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.windows.count:
-            raise DataError(f"cannot resume the data loader: position {position} is outside this split's epoch")
+            raise DataError(
+                f"cannot resume the data loader: position {position} is outside this split's epoch"
+            )
         self.epoch, self.position = epoch, position
 
 
@@ -175,14 +189,12 @@ def val_batches(
     seq_len: int,
     batch_size: int,
     max_batches: int | None = None,
-    vocab_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Validation windows in their natural order (shard by shard), the same on every call:
     ``(batch_size, seq_len + 1)`` int64 batches, the last one possibly smaller."""
     if batch_size < 1:
         raise DataError(f"validation batch_size must be >= 1, got {batch_size}")
     windows = _Windows(shards, seq_len)
-    vocab_size = shards.vocab_size if vocab_size is None else int(vocab_size)
     n_batches = -(-windows.count // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
@@ -190,6 +202,6 @@ def val_batches(
     def batches() -> Iterator[torch.Tensor]:  # errors above are raised at the call, not on first next()
         for b in range(n_batches):
             ids = np.arange(b * batch_size, min((b + 1) * batch_size, windows.count), dtype=np.int64)
-            yield windows.gather(ids, vocab_size)
+            yield windows.gather(ids)
 
     return batches()

@@ -3,7 +3,12 @@
 A dataset folder holds ``manifest.json`` and, per split, datatrove ``.ds`` files: little-endian
 uint16 or uint32 token ids (``token_size`` bytes each), documents concatenated with an EOS after
 each, plus a ``.ds.index`` of uint64 document-end offsets. Every file is memory-mapped and checked
-once here, so the loader's hot path does no validation beyond a max-id check.
+once here, its token ids included, so the loader's hot path does no validation beyond a cheap
+max-id safety net.
+
+Per split, the manifest holds ``files`` (paths relative to the dataset folder, in stream order),
+``tokens``, ``documents`` and ``max_token_ids`` (the largest id of each file, in ``files`` order).
+``megatrain data prepare`` writes it with the names defined here.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from megatrain.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "megatrain-shards-v1"
+# added within v1: a manifest without it (an older megatrain's) is still read, and its shards are
+# scanned instead; an older megatrain ignores it
+MAX_TOKEN_IDS_KEY = "max_token_ids"
 _PREPARE_HINT = "run `megatrain data prepare --input SOURCE_DIR --output {dir}` to create it"
 _RECREATE_HINT = "re-create the dataset with `megatrain data prepare`"
 
@@ -28,6 +36,7 @@ _RECREATE_HINT = "re-create the dataset with `megatrain data prepare`"
 class Shard:
     path: Path
     tokens: np.ndarray  # memory-mapped, shape (n_tokens,), dtype <u2 or <u4
+    max_token_id: int  # checked < the tokenizer's vocabulary size when opened
 
     @property
     def n_tokens(self) -> int:
@@ -94,28 +103,66 @@ def open_split(dataset_dir: str | os.PathLike, split: str) -> ShardSet:
     token_size = int(manifest["token_size"])
     if token_size not in (2, 4):
         raise DataError(f"{manifest_path}: token_size must be 2 or 4, got {token_size}")
-    dtype = np.dtype("<u2" if token_size == 2 else "<u4")
+    dtype = token_dtype(token_size)
+    vocab_size = int(manifest["vocab_size"])  # the tokenizer's, not the (padded) model.vocab_size
 
     entry = manifest["splits"][split]
+    recorded = entry.get(MAX_TOKEN_IDS_KEY)
+    if recorded is not None and (not isinstance(recorded, list) or len(recorded) != len(entry["files"])):
+        raise DataError(
+            f"{manifest_path}: split {split!r} lists {len(entry['files'])} files but its "
+            f"{MAX_TOKEN_IDS_KEY!r} is {recorded!r}; {_RECREATE_HINT}"
+        )
     shards = []
-    for rel in entry["files"]:
+    for i, rel in enumerate(entry["files"]):
         path = dataset_dir / rel
-        shards.append(Shard(path, _open_shard(path, dtype)))
+        tokens = _open_shard(path, dtype)
+        if recorded is not None:
+            max_id = int(recorded[i])
+        else:
+            # prepared by a megatrain that did not record the maximum: one full read of the shard,
+            # a one-time cost per open (seconds at most at our dataset sizes)
+            max_id = int(tokens.max())
+        shards.append(Shard(path, tokens, max_id))
     shard_set = ShardSet(
         dataset_dir=dataset_dir,
         split=split,
         shards=tuple(shards),
-        vocab_size=int(manifest["vocab_size"]),
+        vocab_size=vocab_size,
         eos_id=int(manifest["eos_id"]),
         token_size=token_size,
         manifest=manifest,
     )
     if "tokens" in entry and shard_set.total_tokens != int(entry["tokens"]):
         raise DataError(
-            f"split {split!r} of {dataset_dir} has {shard_set.total_tokens} tokens on disk but {manifest_path} "
-            f"records {entry['tokens']}: a shard was truncated or replaced; {_RECREATE_HINT}"
+            f"split {split!r} of {dataset_dir} has {shard_set.total_tokens} tokens on disk but "
+            f"{manifest_path} records {entry['tokens']}: a shard was truncated or replaced; {_RECREATE_HINT}"
         )
+    for shard in shard_set.shards:
+        _check_token_ids(shard, shard_set)
     return shard_set
+
+
+def token_dtype(token_size: int) -> np.dtype:
+    return np.dtype("<u2" if token_size == 2 else "<u4")
+
+
+def shard_max_token_id(path: str | os.PathLike, token_size: int) -> int:
+    """The largest token id in the shard file ``path``: what the manifest records per file."""
+    return int(_open_shard(Path(path), token_dtype(token_size)).max())
+
+
+def _check_token_ids(shard: Shard, shard_set: ShardSet) -> None:
+    # ids from the tokenizer's size up to a padded model.vocab_size would train silently on rows of
+    # the embedding no text maps to, so the bound is the tokenizer's size, never the model's
+    vocab_size = shard_set.vocab_size
+    if shard.max_token_id >= vocab_size:
+        raise DataError(
+            f"shard {shard.path} holds token id {shard.max_token_id}, but the dataset's tokenizer "
+            f"({shard_set.tokenizer_path}) has {vocab_size} tokens (ids 0..{vocab_size - 1}): the shard is "
+            f"corrupt or was tokenized with another tokenizer, and a larger model.vocab_size does not make "
+            f"it valid; {_RECREATE_HINT}"
+        )
 
 
 def _open_shard(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -124,21 +171,23 @@ def _open_shard(path: Path, dtype: np.dtype) -> np.ndarray:
     size = path.stat().st_size
     if size == 0 or size % dtype.itemsize:
         raise DataError(
-            f"shard {path} is truncated or corrupt: {size} bytes is not a positive multiple of the token size "
-            f"{dtype.itemsize}; {_RECREATE_HINT}"
+            f"shard {path} is truncated or corrupt: {size} bytes is not a positive multiple of the token "
+            f"size {dtype.itemsize}; {_RECREATE_HINT}"
         )
     n_tokens = size // dtype.itemsize
     index = path.with_name(path.name + ".index")
     if index.is_file():
         index_size = index.stat().st_size
         if index_size == 0 or index_size % 8:
-            raise DataError(f"shard index {index} is truncated or corrupt ({index_size} bytes); {_RECREATE_HINT}")
+            raise DataError(
+                f"shard index {index} is truncated or corrupt ({index_size} bytes); {_RECREATE_HINT}"
+            )
         with open(index, "rb") as f:
             f.seek(index_size - 8)
             last_doc_end = int(np.frombuffer(f.read(8), dtype="<u8")[0])
         if last_doc_end != n_tokens:
             raise DataError(
-                f"shard {path} is truncated or corrupt: it holds {n_tokens} tokens but its index {index.name} ends "
-                f"at {last_doc_end}; {_RECREATE_HINT}"
+                f"shard {path} is truncated or corrupt: it holds {n_tokens} tokens but its index "
+                f"{index.name} ends at {last_doc_end}; {_RECREATE_HINT}"
             )
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
