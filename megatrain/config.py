@@ -1,19 +1,22 @@
 """Run configuration: documented dataclasses, merged as defaults < YAML file < dotted overrides.
 
 The defaults *are* the embedded tiny CPU run (`megatrain train` with no arguments). Each field's
-``doc`` becomes the config reference in the README (``megatrain config --reference``).
-OmegaConf does the merging and the type checks; ``validate`` adds the cross-field rules. Every
-error names the key and the fix.
+``doc`` (and ``valid`` range, where it has one) becomes the config reference in the README
+(``megatrain config --reference``). OmegaConf does the merging and the type checks; ``validate``
+checks the ranges and the cross-field rules. Every error, a broken YAML file's included, is one
+line that names the key or file and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatrain.errors import ConfigError
@@ -21,40 +24,52 @@ from megatrain.errors import ConfigError
 HEAD_TYPES = ("transformer", "linear", "causal", "anticausal")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DEVICES = ("auto", "cpu", "cuda")
+OVERWRITE_MODES = ("refuse", "archive")
 
 
-def doc(default: Any, text: str, **kwargs):
-    """A dataclass field carrying its documentation."""
+def doc(default: Any, text: str, valid: str = "", **kwargs):
+    """A dataclass field carrying its documentation and, for a number, its valid range.
+
+    ``valid`` is ">= a", "> a" or an interval such as "[0, 1)"; ``validate`` enforces it (None
+    passes where the field is Optional) and the reference table shows it.
+    """
+    metadata = {"doc": text, "valid": valid}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text}, **kwargs)
-    return field(default=default, metadata={"doc": text}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
 class ModelConfig:
     n_layers: int = doc(6, "Transformer layers in total, heads included: the trunk gets "
-                           "n_layers - n_future, the heads one each (parameter-matched, paper §2).")
-    n_future: int = doc(4, "Number of output heads; head i predicts token t+i. 1 = next-token Llama.")
+                           "n_layers - n_future, the heads one each (parameter-matched, paper §2).",
+                        valid=">= 1")
+    n_future: int = doc(4, "Number of output heads; head i predicts token t+i. 1 = next-token Llama.",
+                        valid=">= 1")
     head_type: str = doc("transformer", "transformer (independent heads, default) | linear "
                                         "(a dim x dim map per head on a full-depth trunk) | causal "
                                         "(head i reads head i-1) | anticausal (head i reads head i+1).")
-    dim: int = doc(128, "Model width.")
-    n_heads: int = doc(4, "Attention heads.")
-    n_kv_heads: Optional[int] = doc(None, "Key/value heads for grouped-query attention (None = n_heads).")
+    dim: int = doc(128, "Model width.", valid=">= 1")
+    n_heads: int = doc(4, "Attention heads.", valid=">= 1")
+    n_kv_heads: int | None = doc(None, "Key/value heads for grouped-query attention (None = n_heads).",
+                                 valid=">= 1")
     vocab_size: int = doc(0, "Vocabulary size; 0 = the dataset tokenizer's, rounded up to a "
-                               "multiple of 64 (so tensor parallelism can split it).")
-    ffn_dim_multiplier: Optional[float] = doc(None, "Scales the SwiGLU hidden size (Llama convention).")
-    multiple_of: int = doc(64, "SwiGLU hidden size is rounded up to a multiple of this.")
-    norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
-    rope_theta: float = doc(10000.0, "RoPE base frequency.")
-    max_seq_len: int = doc(0, "Longest sequence RoPE is precomputed for; 0 = data.seq_len.")
+                               "multiple of 64 (so tensor parallelism can split it).", valid=">= 0")
+    ffn_dim_multiplier: float | None = doc(None, "Scales the SwiGLU hidden size (Llama convention).",
+                                           valid="> 0")
+    multiple_of: int = doc(64, "SwiGLU hidden size is rounded up to a multiple of this.", valid=">= 1")
+    norm_eps: float = doc(1e-5, "RMSNorm epsilon.", valid="> 0")
+    rope_theta: float = doc(10000.0, "RoPE base frequency.", valid="> 0")
+    max_seq_len: int = doc(0, "Longest sequence RoPE is precomputed for; 0 = data.seq_len, otherwise "
+                              "at least data.seq_len.", valid=">= 0")
     attention: str = doc("sdpa", "Attention kernel: sdpa (torch) | xformers (GPU only).")
-    init_std: float = doc(0.02, "Standard deviation of the weight initialisation.")
+    init_std: float = doc(0.02, "Standard deviation of the weight initialisation.", valid="> 0")
 
 
 @dataclass
 class LossConfig:
-    head_weights: List[float] = doc([], "Per-head loss weights, head 1 first; empty = 1 for every head.")
+    head_weights: list[float] = doc([], "Per-head loss weights, head 1 first, each >= 0 and not all 0; "
+                                        "empty = 1 for every head.")
     ignore_index: int = doc(-100, "Target id that contributes no loss.")
     mask_cross_document: bool = doc(False, "Mask head i's target when an end-of-document token "
                                             "lies strictly between the input and the target.")
@@ -67,45 +82,53 @@ class DataConfig:
                         "the embedded stdlib corpus in data.cache_dir.")
     cache_dir: str = doc("~/.cache/megatrain/stdlib", "Where the embedded default corpus is cached.")
     seq_len: int = doc(128, "Tokens per training sequence (inputs); windows hold seq_len + 1.")
-    val_batches: int = doc(4, "Batches of the validation split per evaluation.")
+    val_batches: int = doc(4, "Batches of the validation split per evaluation.", valid=">= 0")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(150, "Optimizer steps.")
-    batch_size: int = doc(16, "Global batch: sequences per optimizer step, whatever the layout.")
+    steps: int = doc(150, "Optimizer steps.", valid=">= 0")
+    batch_size: int = doc(16, "Global batch: sequences per optimizer step, whatever the layout.",
+                          valid=">= 1")
     micro_batch_size: int = doc(0, "Sequences per rank per forward/backward; 0 = the whole "
-                                   "per-rank batch. Gradient accumulation makes up the rest.")
-    lr: float = doc(3e-3, "Peak learning rate.")
-    min_lr_ratio: float = doc(0.03, "Cosine decay ends at this fraction of the peak (paper: 3%).")
-    warmup_steps: int = doc(20, "Linear warmup steps.")
-    weight_decay: float = doc(0.1, "AdamW weight decay (not applied to norms).")
-    beta1: float = doc(0.9, "AdamW beta1.")
-    beta2: float = doc(0.95, "AdamW beta2.")
-    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
-    seed: int = doc(0, "Seed for initialisation and data order.")
+                                   "per-rank batch. Gradient accumulation makes up the rest.", valid=">= 0")
+    lr: float = doc(3e-3, "Peak learning rate.", valid="> 0")
+    min_lr_ratio: float = doc(0.03, "Cosine decay ends at this fraction of the peak (paper: 3%).",
+                              valid="[0, 1]")
+    warmup_steps: int = doc(20, "Linear warmup steps.", valid=">= 0")
+    weight_decay: float = doc(0.1, "AdamW weight decay (not applied to norms).", valid=">= 0")
+    beta1: float = doc(0.9, "AdamW beta1.", valid="[0, 1)")
+    beta2: float = doc(0.95, "AdamW beta2.", valid="[0, 1)")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 = no clipping.", valid=">= 0")
+    # numpy's generator (the data order) refuses a negative seed
+    seed: int = doc(0, "Seed for initialisation and data order.", valid=">= 0")
     deterministic: bool = doc(True, "Deterministic algorithms (bit-exact resume on CPU).")
     device: str = doc("auto", "auto (cuda if available) | cpu | cuda.")
     dtype: str = doc("auto", "Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16.")
-    eval_every: int = doc(50, "Validation every this many steps; 0 = never.")
-    max_bad_steps: int = doc(3, "Stop after this many consecutive NaN/inf steps (none applied).")
-    threads: int = doc(0, "CPU threads for torch; 0 = torch's default.")
+    eval_every: int = doc(50, "Validation every this many steps; 0 = never.", valid=">= 0")
+    max_bad_steps: int = doc(3, "Stop after this many consecutive NaN/inf steps (none applied).",
+                             valid=">= 1")
+    threads: int = doc(0, "CPU threads for torch; 0 = torch's default.", valid=">= 0")
     compile: bool = doc(False, "torch.compile every transformer block (trunk and heads); not "
                                "with parallel.sequence_parallel.")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = doc(50, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
-    keep: int = doc(2, "How many checkpoints to keep.")
+    every: int = doc(50, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.",
+                     valid=">= 0")
+    keep: int = doc(2, "How many checkpoints to keep.", valid=">= 1")
     resume: bool = doc(True, "Resume from the latest checkpoint in run.dir if there is one.")
+    load_step: int = doc(0, "Resume from the checkpoint of this step instead of the newest (rewind, "
+                            "e.g. after a loss blow-up); later checkpoints are archived, not deleted. "
+                            "0 = the newest intact one.", valid=">= 0")
     async_save: bool = doc(False, "Write checkpoints in a background thread on a process group of "
                                   "their own; 'latest' moves once every rank has written.")
 
 
 @dataclass
 class LoggingConfig:
-    every: int = doc(1, "Log metrics every this many steps.")
+    every: int = doc(1, "Log metrics every this many steps.", valid=">= 1")
     tensorboard: bool = doc(True, "Write TensorBoard event files to run.dir/tensorboard.")
     progress: bool = doc(True, "Show a progress bar.")
 
@@ -113,6 +136,10 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     dir: str = doc("runs/default", "Run directory: config, metrics, TensorBoard, checkpoints.")
+    overwrite: str = doc("refuse", "What a fresh start (checkpoint.resume=false, or no usable "
+                                   "checkpoint) does in a run.dir that already holds checkpoints: "
+                                   "refuse (default) stops with an error; archive moves the old run "
+                                   "aside to `run.dir/archive/<timestamp>/` first. Nothing is ever deleted.")
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
@@ -123,22 +150,25 @@ ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 @dataclass
 class ParallelConfig:
     dp: int = doc(1, "Data-parallel degree (FSDP2 shards parameters, gradients and optimizer state "
-                     "over these ranks). dp * tp * pp must equal the number of processes.")
+                     "over these ranks). dp * tp * pp must equal the number of processes.",
+                  valid=">= 1")
     tp: int = doc(1, "Tensor-parallel degree: attention heads, SwiGLU hidden units and the "
                      "vocabulary are split over this many ranks. Must divide model.n_heads, "
-                     "model.n_kv_heads and model.vocab_size; keep it within one node.")
+                     "model.n_kv_heads and model.vocab_size; keep it within one node.",
+                  valid=">= 1")
     pp: int = doc(1, "Pipeline-parallel degree: ranks that each hold a contiguous slice of the "
                      "trunk. The last pipeline rank holds every MTP head, the norm, the unembedding "
-                     "and the loss.")
+                     "and the loss.", valid=">= 1")
     pp_schedule: str = doc("1f1b", "Pipeline schedule: gpipe | 1f1b | interleaved_1f1b "
                                    "(parallel.virtual_stages per rank) | zbv | dualpipev "
                                    "(V-shaped: 2 stages per rank).")
     microbatches: int = doc(0, "Pipeline microbatches per step and data-parallel rank; 0 = the "
                                "per-rank batch / train.micro_batch_size (or the number of pipeline "
-                               "stages when micro_batch_size is 0). Only used when pp > 1.")
+                               "stages when micro_batch_size is 0). Only used when pp > 1.",
+                            valid=">= 0")
     virtual_stages: int = doc(2, "Stages per pipeline rank for interleaved_1f1b (zbv and dualpipev "
-                                 "always use 2; gpipe and 1f1b always 1).")
-    stage_layers: List[int] = doc([], "Trunk layers per pipeline stage, first stage first, e.g. "
+                                 "always use 2; gpipe and 1f1b always 1).", valid=">= 1")
+    stage_layers: list[int] = doc([], "Trunk layers per pipeline stage, first stage first, e.g. "
                                       "[3, 2, 1]; must sum to the trunk's layer count. Empty = "
                                       "balanced automatically (a head costs a layer plus its "
                                       "unembedding).")
@@ -146,7 +176,8 @@ class ParallelConfig:
                                          "stream along the sequence (less activation memory).")
     dp_engine: str = doc("fsdp", "Data-parallel engine: fsdp (FSDP2, composes with tp and pp) | "
                                  "deepspeed (ZeRO, dp only).")
-    zero_stage: int = doc(3, "DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.dp_engine=deepspeed only).")
+    zero_stage: int = doc(3, "DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.dp_engine=deepspeed only).",
+                          valid="[1, 3]")
     offload_optimizer: bool = doc(False, "DeepSpeed ZeRO-Offload: keep the fp32 master weights and "
                                          "AdamW state in CPU memory and step them there "
                                          "(parallel.dp_engine=deepspeed with zero_stage 2 or 3).")
@@ -187,16 +218,72 @@ def _known_keys(section: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)]
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one clause: the problem, where, and what it was inside."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    inside = f" ({context})" if context else ""
+    return f"{problem}{where}{inside}"
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """The YAML file at ``path`` as a mapping of sections; anything else is a ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                          f"offset {err.start}); pass a YAML text file to --config (see configs/).") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror}); pass a readable YAML "
+                          f"file to --config (see configs/).") from None
+    example = "e.g. `train: {steps: 100}` (see configs/tiny.yaml)"
+    try:
+        # The document's shape before OmegaConf reads it: on a list it raises a merge TypeError, on
+        # a number an assertion, and it turns a lone string into a key.
+        top = yaml.compose(text, Loader=yaml.SafeLoader)
+        if top is not None and not _is_null(top) and not isinstance(top, yaml.MappingNode):
+            raise ConfigError(f"config file {path} holds {_describe_node(top)} at the top level; a "
+                              f"config is a mapping of sections to keys, {example}.")
+        loaded = OmegaConf.create(text)  # its loader also rejects duplicate keys
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}; fix the "
+                          f"syntax, {example}.") from None
+    if not isinstance(top, yaml.MappingNode):
+        return loaded  # empty, or only comments
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for key, value in top.value:
+        if key.value not in sections or isinstance(value, yaml.MappingNode):
+            continue  # an unknown section is named by the merge, with the known ones
+        if _is_null(value):  # `train:` with every key under it commented out
+            del loaded[key.value]
+            continue
+        raise ConfigError(f"config file {path}: section '{key.value}' holds {_describe_node(value)} at "
+                          f"line {value.start_mark.line + 1}, not {key.value}.* keys; write them "
+                          f"indented under '{key.value}:', {example}.")
+    return loaded
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")
+
+
+def _describe_node(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"the single value {node.value[:40]!r}"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults < YAML file at ``path`` < ``key=value`` overrides, validated."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file "
                               f"to --config (see configs/).")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _read_yaml(path))
         except OmegaConfBaseException as err:
             raise _explain(err, str(path)) from None
     for item in overrides:
@@ -209,26 +296,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"override '{item}'") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)}); "
+                              f"quote it or fix its brackets, e.g. loss.head_weights=[1,0.5].") from None
     cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
 
 
+def _within(value: float, valid: str) -> bool:
+    """Whether ``value`` lies in ``valid``: ">= a", "> a" or an interval like "[0, 1)"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False  # nan compares false anyway; inf is never meant
+    if valid.startswith(">="):
+        return value >= float(valid[2:])
+    if valid.startswith(">"):
+        return value > float(valid[1:])
+    low, high = (float(end) for end in valid[1:-1].split(","))
+    above = low <= value if valid[0] == "[" else low < value
+    below = value <= high if valid[-1] == "]" else value < high
+    return above and below
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every field's ``valid`` range; checked first, so no cross-field rule divides by zero."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            valid, value = f.metadata.get("valid"), getattr(values, f.name)
+            if not valid or value is None or _within(value, valid):
+                continue
+            key = f"{section.name}.{f.name}"
+            rule = valid if valid[0] in "<>" else f"in {valid}"
+            if isinstance(value, float) and not math.isfinite(value):
+                rule = f"finite and {rule}"
+            default = "null" if f.default is None else repr(f.default)  # as YAML and overrides spell it
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {rule}; set it within that "
+                              f"range, e.g. the default {default}. {key}: {f.metadata['doc']}")
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field rules; each failure names the keys and the fix."""
+    """Ranges and cross-field rules; each failure names the keys, the bad value and the fix."""
+    _check_ranges(cfg)
     m, t, d = cfg.model, cfg.train, cfg.data
     if m.head_type not in HEAD_TYPES:
         raise ConfigError(f"model.head_type='{m.head_type}' is not one of {HEAD_TYPES}.")
     if m.attention not in ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention='{m.attention}' is not one of {ATTENTION_BACKENDS}.")
-    if m.n_future < 1:
-        raise ConfigError(f"model.n_future={m.n_future} must be at least 1.")
     if m.head_type != "linear" and m.n_future >= m.n_layers:
         raise ConfigError(f"model.n_future={m.n_future} must be smaller than model.n_layers="
                           f"{m.n_layers}: the heads take n_future of the layers and the trunk "
                           f"needs at least one. Raise model.n_layers or lower model.n_future.")
-    if m.n_layers < 1 or m.dim < 1 or m.n_heads < 1:
-        raise ConfigError("model.n_layers, model.dim and model.n_heads must be positive.")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}.")
     if (m.dim // m.n_heads) % 2:
@@ -236,18 +354,23 @@ def validate(cfg: Config) -> None:
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
         raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}.")
-    if m.vocab_size < 0:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0 = from the dataset).")
     if d.seq_len <= m.n_future:
         raise ConfigError(f"data.seq_len={d.seq_len} must be larger than model.n_future="
                           f"{m.n_future}, or head {m.n_future} has no target in the window.")
-    if cfg.loss.head_weights and len(cfg.loss.head_weights) != m.n_future:
-        raise ConfigError(f"loss.head_weights has {len(cfg.loss.head_weights)} entries but "
+    if m.max_seq_len and m.max_seq_len < d.seq_len:
+        raise ConfigError(f"model.max_seq_len={m.max_seq_len} is below data.seq_len={d.seq_len}: the RoPE "
+                          f"tables would not cover a training sequence. Set model.max_seq_len >= "
+                          f"{d.seq_len}, or 0 (= data.seq_len).")
+    weights = cfg.loss.head_weights
+    if weights and len(weights) != m.n_future:
+        raise ConfigError(f"loss.head_weights has {len(weights)} entries but "
                           f"model.n_future={m.n_future}; give one weight per head or leave it empty.")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or (weights and not any(weights)):
+        raise ConfigError(f"loss.head_weights={list(weights)} must be finite and >= 0, at least one "
+                          f"of them > 0 (all 0 trains nothing); fix them or leave the list empty "
+                          f"(= 1 for every head).")
     if cfg.loss.impl not in ("auto", "torch", "triton"):
         raise ConfigError(f"loss.impl='{cfg.loss.impl}' is not one of auto, torch, triton.")
-    if t.steps < 0 or t.batch_size < 1 or t.micro_batch_size < 0:
-        raise ConfigError("train.steps >= 0, train.batch_size >= 1 and train.micro_batch_size >= 0.")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}.")
@@ -255,18 +378,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device='{t.device}' is not one of {DEVICES}.")
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype='{t.dtype}' is not one of auto, fp32, bf16.")
-    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:
-        raise ConfigError("train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0.")
-    if t.max_bad_steps < 1:
-        raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be at least 1.")
     if t.compile and cfg.parallel.sequence_parallel:
         raise ConfigError("train.compile=true with parallel.sequence_parallel=true is not supported "
                           "(per-block compiled backward fails under sequence parallelism in torch "
                           "2.13); set one of them to false")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be at least 1.")
     if not cfg.run.dir:
         raise ConfigError("run.dir is empty; give a run directory, e.g. run.dir=runs/my_run.")
+    if cfg.run.overwrite not in OVERWRITE_MODES:
+        raise ConfigError(f"run.overwrite='{cfg.run.overwrite}' is not one of {OVERWRITE_MODES}; "
+                          f"refuse stops a fresh start in a run.dir holding checkpoints, archive moves "
+                          f"them aside first.")
 
 
 def to_yaml(cfg: Config) -> str:
@@ -274,11 +395,12 @@ def to_yaml(cfg: Config) -> str:
 
 
 def reference_markdown() -> str:
-    """The config reference table, generated from the field docs."""
-    lines = ["| key | default | meaning |", "|---|---|---|"]
+    """The config reference table, generated from the field docs and ranges."""
+    lines = ["| key | default | valid | meaning |", "|---|---|---|---|"]
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory()):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             text = f.metadata.get("doc", "").replace("|", "\\|")  # keep the table intact
-            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {text} |")
+            valid = f"`{f.metadata['valid']}`" if f.metadata.get("valid") else ""
+            lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {valid} | {text} |")
     return "\n".join(lines)
