@@ -8,17 +8,19 @@ Layout under ``run.dir/checkpoints``::
     step_0000100/
     latest             the name of the newest complete checkpoint
 
-A save writes into ``step_N.tmp``, renames it to ``step_N`` and only then replaces ``latest``
-(``os.replace`` is atomic), so a crash at any point leaves ``latest`` on a complete checkpoint.
-Leftover ``*.tmp`` folders are removed at the next start. DCP is used even on one process so
-that the parallel trainer can load a checkpoint into any other layout.
+A save writes into ``step_N.tmp``, adds the run's config and the checksums of every file, renames
+it to ``step_N`` and only then replaces ``latest`` (``os.replace`` is atomic), so a crash at any
+point leaves ``latest`` on a complete checkpoint. Leftover ``*.tmp`` folders are removed at the next
+start. A resume verifies the checksums and falls back to the newest intact checkpoint; nothing is
+deleted but checkpoints older than the ``keep`` newest. DCP is used even on one process so that
+the parallel trainer can load a checkpoint into any other layout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -29,11 +31,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
+from megatrain.checkpoint_integrity import problem_of, write_checksums
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text, fsync_dir
 from megatrain.parallel.comm import all_reduce_host
-
-STEP_DIR = re.compile(r"^step_(\d{7,})$")
+from megatrain.run_dir import STEP_DIR, archive
 
 
 def _rank() -> int:
@@ -71,60 +73,144 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(mine["cuda"])
 
 
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of space; the previous one is intact."""
+
+
 class CheckpointManager:
-    """Saves and finds checkpoints of one run directory.
+    """Saves, verifies and finds the checkpoints of one run directory.
 
     With ``async_save`` a save only stages the state (a copy in host memory) and the files are
     written by a background thread on a process group of its own, used by that thread alone
-    (collectives from two threads on one group can be ordered differently on each rank). The rename to
-    ``step_N`` and the ``latest`` pointer follow once every rank's writes are done: at the next
-    save or at ``finish()``, so ``latest`` never names a checkpoint still being written.
+    (collectives from two threads on one group can be ordered differently on each rank). The
+    rename to ``step_N`` and the ``latest`` pointer follow once every rank's writes are done: at
+    the next save or at ``finish()``, so ``latest`` never names a checkpoint still being written.
+
+    ``config_text`` (the run's config as YAML) is stored in every checkpoint beside its checksums
+    (checkpoint_integrity.py), so a checkpoint says what it was saved with.
     """
 
-    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False):
-        self.root = Path(run_dir) / "checkpoints"
+    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False,
+                 config_text: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
         self.keep = keep
         self.async_save = async_save
+        self.config_text = config_text
         self._group = None
         self._pending = None  # (future, step) of an async save not yet finalised
 
     def prepare(self) -> None:
-        """Create the folder and drop partial saves left by a crash."""
+        """Create the folder and drop partial saves left by a crash (before anything is written:
+        a full disk may be what interrupted them)."""
         if _rank() == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable run.dir") from None
+                raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable "
+                                      f"run.dir") from None
             for leftover in self.root.glob("*.tmp"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
         if self.async_save and dist.is_initialized() and self._group is None:
             self._group = dist.new_group(backend="gloo")  # collective: every rank calls prepare
         _barrier()
 
+    # ---- finding checkpoints ----------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps of the complete-looking checkpoint folders, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir()
+                      if p.is_dir() and (m := STEP_DIR.match(p.name)))
+
+    def path_of(self, step: int) -> Path:
+        return self.root / f"step_{step:07d}"
+
     def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names (None without one); a damaged pointer is reported and
+        ignored, since the step folders themselves say which checkpoints exist."""
         pointer = self.root / "latest"
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / ".metadata").is_file():
-            raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; "
-                                  f"point it at a complete step_* folder or remove it to start fresh")
-        return path
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name = ""
+        if not STEP_DIR.match(name):
+            _say(f"warning: {pointer} is damaged (it should name a step_* folder); ignoring it")
+            return None
+        return self.root / name
 
+    def resume(self, state: dict, load_step: int = 0) -> Path | None:
+        """Load the newest intact checkpoint into ``state`` (or the one of ``load_step``).
+
+        Checkpoints are tried newest first; one that fails verification or loading is reported by
+        name and the next older one is tried. Checkpoints newer than the one loaded (damaged ones,
+        or later ones when rewinding to ``load_step``) are moved to ``run.dir/archive/``, never
+        deleted, and ``latest`` then names the loaded one. Returns it, or None if there is none.
+        """
+        steps = self.steps()
+        if load_step:
+            if load_step not in steps:
+                raise CheckpointError(
+                    f"checkpoint.load_step={load_step}: there is no checkpoint of that step in "
+                    f"{self.root} (there are: {', '.join(map(str, steps)) or 'none'})")
+            candidates = [load_step]
+        else:
+            self.latest()  # only to report a damaged pointer: the folders say what exists
+            candidates = sorted(steps, reverse=True)
+        failures = []
+        for step in candidates:
+            path = self.path_of(step)
+            problem = problem_of(path)
+            if problem is None:
+                try:
+                    self.load(state, path)
+                except CheckpointError as err:
+                    problem = str(err)
+            if problem is None:
+                self._make_latest(step, archive_label="rewind" if load_step else "damaged")
+                return path
+            failures.append(f"{path.name}: {problem}")
+            _say(f"warning: checkpoint {path} is not usable ({problem})"
+                 + ("" if load_step else "; trying the next older one"))
+        if failures:
+            raise CheckpointError(
+                "no intact checkpoint to resume from in " + str(self.root) + ": " + "; ".join(failures)
+                + ". Restore one from a backup, or start fresh (checkpoint.resume=false with "
+                  "run.overwrite=archive moves this run aside)")
+        return None
+
+    def _make_latest(self, step: int, archive_label: str) -> None:
+        """Archive the checkpoints newer than ``step`` and point ``latest`` at it."""
+        if _rank() == 0:
+            newer = [self.path_of(s) for s in self.steps() if s > step]
+            if newer:
+                target = archive(self.run_dir, newer, archive_label)
+                _say(f"moved {', '.join(p.name for p in newer)} to {target}")
+            if (self.latest() or Path()).name != self.path_of(step).name:
+                atomic_write_text(self.root / "latest", self.path_of(step).name + "\n")
+        _barrier()
+
+    # ---- saving ----------------------------------------------------------------------------------
     def save(self, state: dict, step: int) -> None:
         self.finish()  # one save in flight at a time
         tmp = self._tmp(step)
-        if _rank() == 0 and tmp.exists():
-            shutil.rmtree(tmp)
-        _barrier()
-        with _quiet_single_process():
-            if self.async_save:
-                self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),
-                                                process_group=self._group), step)
-            else:
-                dcp.save(state, checkpoint_id=str(tmp))
-        if not self.async_save:
-            self._publish(step)
+        with self._disk_full_is_reported(tmp):
+            if _rank() == 0 and tmp.exists():
+                shutil.rmtree(tmp)
+            _barrier()
+            with _quiet_single_process():
+                if self.async_save:
+                    self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),
+                                                    process_group=self._group), step)
+                else:
+                    dcp.save(state, checkpoint_id=str(tmp))
+            if not self.async_save:
+                self._publish(step)
 
     def poll(self) -> None:
         """Publish an async save as soon as every rank has written it (call once per step)."""
@@ -145,26 +231,55 @@ class CheckpointManager:
             return
         future, step = self._pending
         self._pending = None
-        future.result()
-        self._publish(step)
+        with self._disk_full_is_reported(self._tmp(step)):
+            future.result()
+            self._publish(step)
 
     def _tmp(self, step: int) -> Path:
         return self.root / f"step_{step:07d}.tmp"
 
     def _publish(self, step: int) -> None:
-        """Every rank has written step's files: rename the folder, then move ``latest``."""
+        """Every rank has written step's files: add the config and checksums, rename the folder,
+        then move ``latest``."""
         _barrier()  # main-thread agreement on the default group (see poll)
-        name = f"step_{step:07d}"
-        final = self.root / name
+        tmp, final = self._tmp(step), self.path_of(step)
+        if _rank() == 0 and self.config_text is not None:
+            atomic_write_text(tmp / "config.yaml", self.config_text)
+        _barrier()
+        write_checksums(tmp)
+        _barrier()
         if _rank() == 0:
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
-            os.replace(self._tmp(step), final)
+            os.replace(tmp, final)
             fsync_dir(self.root)
-            atomic_write_text(self.root / "latest", name + "\n")
-            self._prune()
+            atomic_write_text(self.root / "latest", final.name + "\n")
+            self._prune(keep_also=final)
         _barrier()
 
+    @contextlib.contextmanager
+    def _disk_full_is_reported(self, tmp: Path):
+        """Turn a write that ran out of space into one clear error, leaving no partial folder.
+
+        DCP does not always surface ENOSPC as such (torch's writer can fail with "unexpected pos
+        704 vs 598" instead), so the free space is checked too when a save fails.
+        """
+        try:
+            yield
+        except (Exception, CheckpointException) as err:
+            usage = shutil.disk_usage(self.root)
+            need = _folder_bytes(self.path_of(max(self.steps(), default=0)))
+            if not (_is_enospc(err) or usage.free < max(need, 64 << 20)):
+                raise
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._pending = None
+            raise DiskFullError(
+                f"disk full at {self.root}: {usage.free / 2**30:.2f} GB free, and a checkpoint needs "
+                f"about {max(need, 1) / 2**30:.2f} GB; the previous checkpoint is intact. Free space "
+                f"(or lower checkpoint.keep) and run the same command again to resume") from None
+
+    # ---- loading ---------------------------------------------------------------------------------
     def load(self, state: dict, path: Path) -> None:
         """Load ``state`` (name -> Stateful) from ``path``; every key must be in the checkpoint.
 
@@ -172,24 +287,49 @@ class CheckpointManager:
         with has no RNG state for the new ranks, and they keep their fresh seeds.
         """
         flat = {name: obj.state_dict() for name, obj in state.items()}
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        for name, obj in state.items():
-            if isinstance(obj, RNGState):
-                flat[name] = {k: v for k, v in flat[name].items()
-                              if any(key.startswith(f"{name}.{k}.") for key in saved)}
         try:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            for name, obj in state.items():
+                if isinstance(obj, RNGState):
+                    flat[name] = {k: v for k, v in flat[name].items()
+                                  if any(key.startswith(f"{name}.{k}.") for key in saved)}
             with _quiet_single_process():
                 dcp.load(flat, checkpoint_id=str(path))
-        # DCP wraps rank failures in CheckpointException, which derives from BaseException.
+        # DCP wraps rank failures in CheckpointException, which derives from BaseException; a
+        # damaged .metadata fails to unpickle with any of several exception types.
         except (Exception, CheckpointException) as err:
-            cause = str(err).strip().splitlines()[-1]
-            raise CheckpointError(f"cannot load checkpoint {path}: {cause}. If the model config "
-                                  f"changed, start a new run.dir") from err
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise CheckpointError(f"cannot load checkpoint {path}: {lines[-1]}") from err
         for name, obj in state.items():
             obj.load_state_dict(flat[name])
 
-    def _prune(self) -> None:
-        steps = sorted(p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    def _prune(self, keep_also: Path) -> None:
+        """Keep the ``keep`` newest checkpoints; never the one just written or ``latest``'s."""
+        protected = {keep_also.name, (self.latest() or Path()).name}
+        steps = [self.path_of(s) for s in self.steps()]
         for old in steps[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in protected:
+                shutil.rmtree(old, ignore_errors=True)
 
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _is_enospc(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _say(message: str) -> None:
+    if _rank() == 0:
+        print(message, flush=True)

@@ -18,22 +18,24 @@ from megatrain.slurm.data import add_slurm_data_arguments
 
 
 def _train(args) -> int:
+    import torch.distributed as dist
+
     from megatrain.config import load_config
+    from megatrain.parallel import shutdown_distributed
+    from megatrain.stopping import EXIT_INTERRUPTED, StopOnSignals
     from megatrain.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        _print_done(result)
-        return 0
-    if dist.get_rank() == 0:
-        _print_done(result)
-    from megatrain.parallel import shutdown_distributed
-
-    shutdown_distributed()  # exits the process
-    return 0
+    result = train(cfg, should_stop=StopOnSignals().install())
+    code = EXIT_INTERRUPTED if result.stopped_early else 0
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if result.stopped_early:
+            print(f"megatrain: interrupted after step {result.step}; its checkpoint is saved in "
+                  f"{result.run_dir}: run the same command to resume", file=sys.stderr, flush=True)
+        else:
+            _print_done(result)
+    shutdown_distributed(exit_code=code)  # with a process group: leaves it and exits
+    return code
 
 
 def _print_done(result) -> None:

@@ -19,11 +19,21 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past ``last_step`` (written by a run that died after its last checkpoint)."""
+    """Drop records past ``last_step`` (written by a run that died after its last checkpoint),
+    and lines that are not JSON: a crash or a full disk can tear the line being written."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += bool(line.strip())
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    if torn:
+        print(f"{path}: dropped {torn} damaged line(s) (torn by a crash or a full disk)", flush=True)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -8,6 +8,8 @@ import torch
 
 from megatrain.config import TrainConfig
 
+DECAY_GROUP = 0  # index of the param group with weight decay; the other has none
+
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     # Norm gains (1-D) get no weight decay; matrices and embeddings do (Llama recipe).
@@ -31,3 +33,25 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def apply_schedule(optimizers, schedulers, scheduler_state: dict, cfg: TrainConfig) -> None:
+    """After a resume: continue the saved schedule position on every optimizer, with ``cfg``'s
+    optimizer keys applied from this step on.
+
+    The checkpoint holds one scheduler's state (every pipeline stage's optimizer follows one
+    schedule). Its base learning rate and the param groups' lr / weight decay are the values the
+    checkpoint was saved with, so a resume with another ``train.lr``, ``warmup_steps``,
+    ``min_lr_ratio``, ``steps`` or ``weight_decay`` would silently keep the old ones: they are
+    set from ``cfg`` here. With an unchanged config every value is recomputed bit for bit.
+    ``train.grad_clip`` is read from the config at each step anyway.
+    """
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        scheduler.load_state_dict(scheduler_state)
+        scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+        factor = lr_factor(scheduler.last_epoch, cfg)
+        for k, group in enumerate(optimizer.param_groups):
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * factor
+            group["weight_decay"] = cfg.weight_decay if k == DECAY_GROUP else 0.0
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -16,17 +16,18 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, RNGState
-from megatrain.config import Config
+from megatrain.config import Config, to_yaml
 from megatrain.data.loader import WindowLoader, val_batches
 from megatrain.data.shards import open_split
 from megatrain.errors import ConfigError, NonFiniteLossError
 from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
 from megatrain.mtp_loss import HeadStats, build_head_targets
-from megatrain.optim import build_scheduler
+from megatrain.optim import apply_schedule, build_scheduler
 from megatrain.parallel import ParallelDims, init_distributed
 from megatrain.parallel.comm import all_reduce_host
 from megatrain.parallel.engine import TrainingEngine, build_engine
-from megatrain.run_dir import check_same_model, write_config
+from megatrain.run_dir import check_same_model, claim, record_config, start_fresh
+from megatrain.run_lock import RunLock
 
 
 @dataclass
@@ -140,6 +141,7 @@ class Run:
     logger: MetricsLogger
     val_windows: list[torch.Tensor] | None
     head_weights: list[float]
+    lock: RunLock | None  # rank 0's hold on run.dir, released when the run ends
 
 
 def setup(cfg: Config) -> Run:
@@ -159,12 +161,23 @@ def setup(cfg: Config) -> Run:
     dims = ParallelDims(p.dp, p.tp, p.pp, env.world_size)
     dims.validate(cfg.model, p, t.batch_size, t.micro_batch_size)  # before any collective
     run_dir = Path(cfg.run.dir).expanduser()
-    check_same_model(run_dir, cfg)
-    mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, cfg)
+    lock, checkpoints, resuming = _open_run_dir(cfg, run_dir, env.rank)
+    try:
+        mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
+        return _build_run(cfg, env.rank, device, autocast_dtype, dims, mesh, dataset_dir, train_shards,
+                          lock, checkpoints, resuming)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
+
+def _build_run(cfg: Config, rank: int, device, autocast_dtype, dims: ParallelDims, mesh,
+               dataset_dir: Path, train_shards, lock: RunLock | None,
+               checkpoints: CheckpointManager, resuming: bool) -> Run:
+    """The engine, optimizers, loader and logger of a run, resumed from its newest intact
+    checkpoint when there is one."""
+    t, p, run_dir = cfg.train, cfg.parallel, checkpoints.run_dir
     engine, n_params = build_engine(cfg, dims, mesh, device, autocast_dtype)
     schedulers = [build_scheduler(optimizer, t) for optimizer in engine.optimizers]
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
@@ -173,25 +186,49 @@ def setup(cfg: Config) -> Run:
     state = TrainState()
     checkpointable = {"model_optim": engine.checkpoint_state(), "scheduler": schedulers[0],
                       "dataloader": loader, "train_state": state, "rng": RNGState()}
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    checkpoints.prepare()
-    latest = checkpoints.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        checkpoints.load(checkpointable, latest)
-        for scheduler in schedulers[1:]:  # every stage's optimizer follows one schedule
-            scheduler.load_state_dict(schedulers[0].state_dict())
-        if env.rank == 0:
-            print(f"resumed from {latest} at step {state.step}", flush=True)
-    if env.rank == 0:
+    if resuming:
+        resumed = checkpoints.resume(checkpointable, cfg.checkpoint.load_step)
+        # every stage's optimizer follows one schedule; the config's optimizer keys win
+        apply_schedule(engine.optimizers, schedulers, schedulers[0].state_dict(), t)
+        if rank == 0:
+            print(f"resumed from {resumed} at step {state.step}", flush=True)
+    if rank == 0:
+        for key, (old, new) in record_config(run_dir, cfg, state.step).items():
+            print(f"config changed since the last start: {key} {old} -> {new} (from step "
+                  f"{state.step} on)", flush=True)
         truncate_metrics(run_dir / "metrics.jsonl", state.step)
         print(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
               f"({cfg.model.head_type} heads), vocab {cfg.model.vocab_size}, device {device}, "
               f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {run_dir}", flush=True)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
-                           total_steps=t.steps, start_step=state.step, enabled=env.rank == 0)
-    return Run(cfg, env.rank, device, autocast_dtype, train_shards.eos_id, engine, schedulers, loader,
+                           total_steps=t.steps, start_step=state.step, enabled=rank == 0)
+    return Run(cfg, rank, device, autocast_dtype, train_shards.eos_id, engine, schedulers, loader,
                state, checkpoints, checkpointable, logger, _validation_windows(cfg, dataset_dir),
-               list(cfg.loss.head_weights) or [1.0] * cfg.model.n_future)
+               list(cfg.loss.head_weights) or [1.0] * cfg.model.n_future, lock)
+
+
+def _open_run_dir(cfg: Config, run_dir: Path,
+                  rank: int) -> tuple[RunLock | None, CheckpointManager, bool]:
+    """Take the run dir (one writer), clear partial saves, and settle what this start does with an
+    earlier run there: resume it (same model only) or, for a fresh start, refuse or archive it."""
+    lock = claim(run_dir, rank)
+    try:
+        checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
+                                        config_text=to_yaml(cfg))
+        checkpoints.prepare()
+        if cfg.checkpoint.load_step and not cfg.checkpoint.resume:
+            raise ConfigError(f"checkpoint.load_step={cfg.checkpoint.load_step} asks to resume, but "
+                              f"checkpoint.resume=false; drop one of them")
+        resuming = cfg.checkpoint.resume and bool(checkpoints.steps())
+        if resuming:
+            check_same_model(run_dir, cfg)
+        else:
+            start_fresh(run_dir, cfg.run.overwrite, rank)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock, checkpoints, resuming
 
 
 def train_step(run: Run) -> dict:
@@ -242,20 +279,43 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None) -> Trai
                 run.checkpoints.finish()  # an async save of the last good step still counts
                 raise NonFiniteLossError(
                     f"loss or gradient norm was NaN/inf for {bad_steps} steps in a row (last at step "
-                    f"{state.step}); no such step was applied and the last good checkpoint in "
-                    f"{run.checkpoints.root} is intact. Lower train.lr or check the data.")
+                    f"{state.step}); no such step was applied. {_rewind_advice(run)}")
             if run.val_windows and state.step % t.eval_every == 0:
                 run.logger.log_eval(state.step, *evaluate(run.engine, run.val_windows, cfg, run.device,
                                                           run.autocast_dtype, run.eos_id))
             stop = should_stop is not None and should_stop(state.step)
             if not record["skipped"] and (stop or state.step == t.steps or
                                           (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0)):
-                run.checkpoints.save(run.checkpointable, state.step)
+                _save(run)
             run.checkpoints.poll()
             if stop:
                 break
         run.checkpoints.finish()
     finally:
         run.logger.close()
+        if run.lock is not None:
+            run.lock.release()
     return TrainResult(Path(cfg.run.dir).expanduser(), state.step,
                        record["head_losses"] if record else [], stopped_early=state.step < t.steps)
+
+
+def _save(run: Run) -> None:
+    """Checkpoint this step, unless its update made a parameter NaN/inf: such a state is never
+    saved (a resume from it could only produce NaN)."""
+    if not run.engine.parameters_are_finite():
+        run.checkpoints.finish()
+        raise NonFiniteLossError(f"the update of step {run.state.step} made parameters NaN/inf; it was "
+                                 f"not saved. {_rewind_advice(run)}")
+    run.checkpoints.save(run.checkpointable, run.state.step)
+
+
+def _rewind_advice(run: Run) -> str:
+    """Which checkpoints there are and the command that rewinds to the newest with a lower lr."""
+    steps = run.checkpoints.steps()
+    if not steps:
+        return "There is no checkpoint yet: lower train.lr or check the data, and start again."
+    lr = run.cfg.train.lr
+    return (f"Checkpoints in {run.checkpoints.root}: steps {', '.join(map(str, steps))}. A checkpoint "
+            f"saved just before a blow-up may already hold diverging weights: rewind to an earlier "
+            f"one with a lower learning rate, e.g. the same command plus "
+            f"checkpoint.load_step={steps[0] if len(steps) > 1 else steps[-1]} train.lr={lr / 10:g}")

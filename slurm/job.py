@@ -78,16 +78,10 @@ class StopSignals:
         """``stop`` agreed by all ranks (the trainer's ``should_stop``, polled after each step):
         every rank must stop after the same step, or the ranks that go on hang in the next
         collective. Both flags are agreed, so rank 0 knows a requeue was asked even if only
-        another rank saw the signal. This is the step's one stop collective: a tiny all-reduce."""
-        import torch
-        import torch.distributed as dist
+        another rank saw the signal. This is the step's one stop collective."""
+        from megatrain.parallel.comm import agree_flags
 
-        from megatrain.parallel.comm import all_reduce_host
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flags = torch.tensor([int(self.requeue), int(self.terminate)])
-            all_reduce_host(flags, dist.group.WORLD, op=dist.ReduceOp.MAX)
-            self.requeue, self.terminate = bool(flags[0]), bool(flags[1])
+        self.requeue, self.terminate = agree_flags([self.requeue, self.terminate])
         return self.stop
 
 

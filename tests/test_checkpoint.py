@@ -66,12 +66,21 @@ def test_keeps_only_the_last_k(tmp_path):
     assert manager.latest().name == "step_0000004"
 
 
-def test_dangling_latest_pointer_is_reported(tmp_path):
+def test_dangling_or_garbage_latest_pointer_does_not_hide_the_intact_checkpoint(tmp_path, capsys):
+    """The step folders say which checkpoints exist: a pointer at a missing folder, or garbage
+    bytes in it, is reported, and the resume loads the newest intact folder and repairs it."""
+    model, optim = _model_and_optim(0)
     manager = CheckpointManager(tmp_path, keep=2)
     manager.prepare()
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000042\n")
-    with pytest.raises(CheckpointError, match="step_0000042"):
-        manager.latest()
+    manager.save({"mo": ModelAndOptimizer(model, optim)}, step=3)
+    pointer = tmp_path / "checkpoints" / "latest"
+    for damage in (b"step_0000042\n", bytes(range(256))):
+        pointer.write_bytes(damage)
+        other, other_optim = _model_and_optim(1)
+        assert manager.resume({"mo": ModelAndOptimizer(other, other_optim)}).name == "step_0000003"
+        assert torch.equal(other[0].weight, model[0].weight)
+        assert pointer.read_text() == "step_0000003\n"
+    assert "damaged" in capsys.readouterr().out
 
 
 def test_loading_into_a_different_model_names_the_checkpoint(tmp_path):

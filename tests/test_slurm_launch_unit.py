@@ -187,8 +187,7 @@ def test_run_dir_of_another_model_is_refused_before_queueing(tmp_path):
 
     old = load_config(None, [f"run.dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(to_yaml(old))
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000050\n")
+    (tmp_path / "checkpoints" / "step_0000050").mkdir(parents=True)  # the step folders count
     check_same_model(tmp_path, old)
     with pytest.raises(ConfigError, match="model.dim differ"):
         check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}", "model.dim=256"]))
@@ -202,8 +201,7 @@ def test_resubmitting_a_run_whose_vocabulary_was_taken_from_the_dataset_is_accep
 
     saved = load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=4096"])
     (tmp_path / "config.yaml").write_text(to_yaml(saved))
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000050\n")
+    (tmp_path / "checkpoints" / "step_0000050").mkdir(parents=True)  # the step folders count
     check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}"]))  # vocab_size=0
     with pytest.raises(ConfigError, match="model.vocab_size differ"):
         check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=8192"]))

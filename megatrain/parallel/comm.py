@@ -22,3 +22,13 @@ def all_reduce_host(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.
     else:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def agree_flags(flags: list[bool]) -> list[bool]:
+    """Each flag, true if it is true on any rank of the job: one tiny all-reduce over the world
+    (nothing to do for a single process). Every rank must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(flags)
+    agreed = all_reduce_host(torch.tensor([int(f) for f in flags]), dist.group.WORLD,
+                             op=dist.ReduceOp.MAX)
+    return [bool(x) for x in agreed.tolist()]

@@ -46,7 +46,7 @@ from megatrain.optim import build_optimizer
 from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_compile
 from megatrain.parallel.pipeline import MTPStage, split_model
 from megatrain.parallel.process_group import dist_env
-from megatrain.parallel.runtime import reduce_step_stats
+from megatrain.parallel.runtime import all_finite_everywhere, reduce_step_stats
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
@@ -110,6 +110,11 @@ class DeepSpeedModel:
 
     def checkpoint_state(self) -> Stateful:
         return DeepSpeedModelAndOptimizer(self)
+
+    def parameters_are_finite(self) -> bool:
+        """Whether ZeRO's fp32 master partitions (what a checkpoint saves) are all finite."""
+        local = all(bool(torch.isfinite(flat).all()) for flat in self.master_partitions())
+        return all_finite_everywhere(local)
 
     def named_parameters(self):
         for name, p in self.engine.module.named_parameters():

@@ -50,6 +50,9 @@ class TrainingEngine(Protocol):
     def checkpoint_state(self) -> Stateful:
         """The model and optimizer in the layout-independent checkpoint form (model_state.py)."""
 
+    def parameters_are_finite(self) -> bool:
+        """Whether every parameter (on every rank) is finite; the same answer on every rank."""
+
 
 def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
                  autocast_dtype: torch.dtype | None) -> tuple[TrainingEngine, int]:

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from megatrain.config import TrainConfig
 from megatrain.mtp_loss import HeadStats
 from megatrain.optim import build_optimizer
-from megatrain.parallel.comm import all_reduce_host
+from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.parallel.model_state import ModelAndOptimizer
 from megatrain.parallel.pipeline import MTPStage
 from megatrain.parallel.topology import ParallelDims
@@ -47,6 +47,12 @@ class ParallelModel:
 
     def checkpoint_state(self) -> Stateful:
         return ModelAndOptimizer(self.stages, self.optimizers)
+
+    def parameters_are_finite(self) -> bool:
+        """Whether every parameter of the whole model is finite (each rank checks its shards)."""
+        local = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                    for p in self.parameters())
+        return all_finite_everywhere(local)
 
     # ---- parameters ------------------------------------------------------------------------------
     def parameters(self):
@@ -148,6 +154,12 @@ class ParallelModel:
                 stage.train()
         return reduce_step_stats(torch.zeros((), dtype=torch.float64), self._step_stats(), n,
                                  [self.group("pp")])[1]
+
+
+def all_finite_everywhere(local: bool) -> bool:
+    """``local`` agreed over every rank: true only if it is true on all of them."""
+    (bad,) = agree_flags([not local])
+    return not bad
 
 
 def reduce_step_stats(local_loss: torch.Tensor, stats: list[HeadStats], n_future: int,

@@ -1,0 +1,106 @@
+"""Checksums of a checkpoint's files: written with it, checked before it is trusted.
+
+A checkpoint folder holds ``checksums.json``::
+
+    {"format": "megatrain-checksums-v1", "files": {"__0_0.distcp": {"bytes": 123, "sha256": "..."},
+                                                  ".metadata": {...}, ...}}
+
+DCP itself notices a truncated file only sometimes, and bytes overwritten inside tensor data not at
+all (they load silently, and training continues from slightly different weights), so every file
+is hashed. The work is spread over the ranks (rank r hashes files r, r + world, ...), and
+``verify`` gives every rank the same verdict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatrain.files import atomic_write_text
+from megatrain.parallel.comm import all_reduce_host
+
+CHECKSUMS = "checksums.json"
+FORMAT = "megatrain-checksums-v1"
+_CHUNK = 8 << 20
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _files(folder: Path) -> list[str]:
+    """The checkpoint's own files, in a fixed order (the manifest and config copy excluded)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Hash every file of ``folder`` (a complete checkpoint not yet published) into its manifest.
+
+    Collective: every rank calls it; rank 0 writes the manifest.
+    """
+    rank, world = _world()
+    names = _files(folder)
+    mine = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+            for n in names[rank::world]}
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in part.items()}
+    if rank == 0:
+        atomic_write_text(folder / CHECKSUMS, json.dumps({"format": FORMAT, "files": mine}, indent=1))
+
+
+def problem_of(folder: Path) -> str | None:
+    """What is wrong with the checkpoint ``folder`` (None: intact), the same on every rank.
+
+    A checkpoint written before checksums existed (no manifest) is accepted if DCP's metadata is
+    there; its tensors are then only as trustworthy as the file system.
+    """
+    rank, world = _world()
+    manifest_path = folder / CHECKSUMS
+    problem = None
+    if not (folder / ".metadata").is_file():
+        problem = "its .metadata file is missing"
+    elif manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+            if manifest.get("format") != FORMAT:
+                raise ValueError(manifest.get("format"))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            problem = f"its {CHECKSUMS} is unreadable"
+        else:
+            problem = _check_files(folder, sorted(files)[rank::world], files)
+    # every rank checked a share: the checkpoint is intact only if every share is
+    flags = torch.tensor([0 if problem is None else 1])
+    all_reduce_host(flags, dist.group.WORLD if world > 1 else None, op=dist.ReduceOp.MAX)
+    if flags.item() and problem is None:
+        problem = "another rank found a damaged file (see its output)"
+    return problem
+
+
+def _check_files(folder: Path, names: list[str], expected: dict) -> str | None:
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            return f"file {name} is missing"
+        size = path.stat().st_size
+        if size != expected[name]["bytes"]:
+            return f"file {name} has {size} bytes, {expected[name]['bytes']} were written"
+        if _sha256(path) != expected[name]["sha256"]:
+            return f"file {name} does not match its checksum (the data was changed after writing)"
+    return None

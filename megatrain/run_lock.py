@@ -1,0 +1,177 @@
+"""One writer per run directory: ``run.dir/.lock``, held for the life of a training run.
+
+Two trainings writing one run directory (a SLURM requeue racing a manual restart, a typo) corrupt
+it: each rewrites ``metrics.jsonl``, prunes the other's checkpoints and renames folders under its
+feet. ``flock`` cannot prevent that on the shared file systems SLURM clusters use (it may be per
+host there), so the lock is a file created with ``O_CREAT | O_EXCL`` (atomic on POSIX and on NFSv3+)
+that records its owner::
+
+    {"owner": "<uuid>", "host": "node12", "pid": 4242, "job_id": "77", "restart": 0,
+     "started": 1764622200.0, "heartbeat": 1764622230.0}
+
+All ranks of one job are one writer: rank 0 takes the lock and the others follow its verdict.
+A thread refreshes ``heartbeat`` every ``HEARTBEAT_S``. A lock left behind is taken over only when
+its owner is provably gone:
+- same host, and its pid no longer exists;
+- the same SLURM job id with a lower restart count (SLURM ends every process of a job's previous
+  run before it starts the requeued one);
+- another SLURM job that ``squeue`` no longer knows or shows as finished;
+- or a heartbeat older than ``STALE_S`` (the owner's host died or lost the file system: a live
+  owner rewrites it 30 times in that time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from megatrain.errors import UserError
+from megatrain.files import atomic_write_text
+
+LOCK_NAME = ".lock"
+HEARTBEAT_S = 30.0
+STALE_S = 30 * HEARTBEAT_S
+
+
+class RunDirInUse(UserError):
+    """Another training holds the run directory."""
+
+
+def _job() -> tuple[str | None, int]:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    return job_id, int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _slurm_job_finished(job_id: str) -> bool:
+    """True only when ``squeue`` answers that the job is gone (unknown, or in no active state);
+    without squeue, or when it fails otherwise, nothing is proven."""
+    if shutil.which("squeue") is None:
+        return False
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format", "%T"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if done.returncode != 0:
+        return "Invalid job id" in done.stderr
+    states = set(done.stdout.split())
+    return not states & {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                         "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT",
+                         "STOPPED"}
+
+
+def owner_is_gone(holder: dict, now: float | None = None) -> str | None:
+    """Why the lock's owner is provably gone, or None if it may still be running."""
+    now = time.time() if now is None else now
+    job_id, restart = _job()
+    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+        return f"its process {holder.get('pid')} on {holder.get('host')} no longer exists"
+    if job_id is not None and holder.get("job_id") == job_id and int(holder.get("restart", 0)) < restart:
+        return f"it was run {holder.get('restart')} of SLURM job {job_id}, which is now on run {restart}"
+    other_job = holder.get("job_id")
+    if other_job and other_job != job_id and _slurm_job_finished(str(other_job)):
+        return f"its SLURM job {other_job} is no longer running"
+    age = now - float(holder.get("heartbeat", 0))
+    if age > STALE_S:
+        return f"its heartbeat is {age:.0f} s old (a live owner refreshes it every {HEARTBEAT_S:.0f} s)"
+    return None
+
+
+def describe(holder: dict) -> str:
+    job = f", SLURM job {holder['job_id']}" if holder.get("job_id") else ""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+    return f"process {holder.get('pid')} on {holder.get('host')}{job}, started {started}"
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` holds the run directory's lock (rank 0 only)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        job_id, restart = _job()
+        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                       "job_id": job_id, "restart": restart, "started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        for _ in range(3):  # a stale lock is removed, then raced for again like a fresh one
+            if self._create():
+                break
+            holder = self._read()
+            if holder is None:  # vanished between our attempt and the read: try again
+                continue
+            reason = owner_is_gone(holder)
+            if reason is None:
+                raise RunDirInUse(
+                    f"run.dir {self.path.parent} is in use by another training ({describe(holder)}; "
+                    f"lock {self.path}). Wait for it to finish, stop it, or use another run.dir; if "
+                    f"that training is certainly gone, delete {self.path}")
+            print(f"taking over the lock of {self.path.parent}: its owner is gone ({reason})",
+                  flush=True)
+            self.path.unlink(missing_ok=True)
+        else:
+            raise RunDirInUse(f"could not take the lock {self.path}: other starts keep racing for it")
+        self._thread = threading.Thread(target=self._heartbeat, name="megatrain-run-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        holder = self._read()
+        if holder is not None and holder.get("owner") == self.record["owner"]:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({**self.record, "heartbeat": time.time()}, f)
+        return True
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            # torn by a crash while it was created: an owner that died before writing it
+            return {"host": "?", "pid": -1, "heartbeat": self.path.stat().st_mtime}
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            holder = self._read()
+            if holder is None or holder.get("owner") != self.record["owner"]:
+                return  # taken over (we were presumed gone): never write over the new owner
+            try:
+                atomic_write_text(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
+            except OSError:
+                pass  # a full disk must not kill training here; the next beat tries again

@@ -1,0 +1,329 @@
+"""A run directory nothing can corrupt: each way it was lost or wedged, reproduced and shown fixed.
+
+1. two trainings in one run.dir; 2. a fresh start in a used run.dir; 3. a full disk and partial
+files; 4. a loss blow-up rewound with checkpoint.load_step and a lower lr; 5. damaged checkpoints;
+7. raw tracebacks (run.dir a file, SIGINT during a run). Point 6 (token ids) is tested with the
+data loader, the config keys of point 7 with the config.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatrain.checkpoint import DiskFullError
+from megatrain.errors import CheckpointError, ConfigError, NonFiniteLossError
+from megatrain.run_lock import LOCK_NAME, RunDirInUse, RunLock
+from tests.test_trainer import REPO, _metrics, _overrides, _train
+
+
+def _steps(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+def _latest(run):
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _checkpoint_model(folder: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = folder.parent.parent / f"{folder.name}.pt"
+    dcp_to_torch_save(str(folder), str(out))
+    return torch.load(out, weights_only=False)["model_optim"]["model"]
+
+
+def _stop_after_step_3(overrides):
+    from megatrain.config import load_config
+    from megatrain.trainer import train
+
+    assert train(load_config(None, overrides), should_stop=lambda step: step == 3).stopped_early
+
+
+def _losses(run):
+    return {r["step"]: (r["loss"], r["head_losses"]) for r in _metrics(run)}
+
+
+# ---- 1. one writer per run dir (and 7: SIGINT) ------------------------------------------------------
+def _start(args):
+    return subprocess.Popen([sys.executable, "-m", "megatrain", "train", *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(run, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{run} did not log {n} steps in {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_second_training_is_refused_and_sigint_stops_the_first_cleanly(dataset, tmp_path):
+    """Two starts in one run.dir: the second is refused at once, naming the first, and writes
+    nothing; Ctrl-C then stops the first at a step boundary with a checkpoint, exit 130."""
+    run = tmp_path / "run"
+    args = _overrides(dataset, run, **{"train.steps": 100000, "checkpoint.every": 100000})
+    first = _start(args)
+    try:
+        _wait_for_steps(run, 3)
+        second = subprocess.run([sys.executable, "-m", "megatrain", "train", *args], cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                                text=True, timeout=300)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "is in use by another training" in second.stderr and f"process {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 130, err[-2000:]
+    assert "interrupted after step" in err and "Traceback" not in err
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps == list(range(1, steps[-1] + 1)) and 3 <= steps[-1] < 100000  # nothing lost
+    assert _latest(run) == f"step_{steps[-1]:07d}"
+    assert not (run / LOCK_NAME).exists()  # released at the end
+
+
+def test_a_lock_whose_owner_is_gone_is_taken_over(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (run / LOCK_NAME).write_text(json.dumps({"owner": "x", "host": socket.gethostname(), "pid": int(dead),
+                                             "heartbeat": time.time(), "started": time.time()}))
+    _train(_overrides(dataset, run, **{"train.steps": 2}))
+    assert "its owner is gone" in capsys.readouterr().out
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_a_lock_of_a_live_process_or_a_fresh_heartbeat_elsewhere_is_respected(tmp_path, monkeypatch):
+    holder = RunLock(tmp_path)
+    holder.acquire()
+    try:
+        with pytest.raises(RunDirInUse, match=f"process {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+        record = json.loads((tmp_path / LOCK_NAME).read_text())
+        (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "host": "another-node", "pid": 1}))
+        with pytest.raises(RunDirInUse, match="another-node"):  # its heartbeat is fresh
+            RunLock(tmp_path).acquire()
+        # a requeued SLURM job's next run takes over from its previous run on another node
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "host": "another-node", "pid": 1,
+                                                      "job_id": "77", "restart": 0}))
+        RunLock(tmp_path).acquire()
+    finally:
+        holder.release()
+
+
+def test_a_lock_of_a_slurm_job_that_squeue_no_longer_knows_is_taken_over(tmp_path, monkeypatch):
+    """Proof from SLURM itself: a stand-in squeue answers for job 41 the way SLURM does for a job
+    that has left the queue, and for job 42 that it is still running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text('#!/bin/sh\ncase "$*" in *41*) echo "slurm_load_jobs error: Invalid '
+                                    'job id specified" >&2; exit 1;; *) echo RUNNING;; esac\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"owner": "x", "host": "another-node", "pid": 1, "heartbeat": time.time(),
+              "started": time.time()}
+    (run / LOCK_NAME).write_text(json.dumps({**record, "job_id": "42"}))
+    with pytest.raises(RunDirInUse, match="SLURM job 42"):
+        RunLock(run).acquire()
+    (run / LOCK_NAME).write_text(json.dumps({**record, "job_id": "41"}))
+    lock = RunLock(run)
+    lock.acquire()
+    lock.release()
+
+
+# ---- 2. fresh starts never destroy ------------------------------------------------------------------
+def test_a_fresh_start_in_a_used_run_dir_is_refused_or_archives_never_deletes(dataset, tmp_path):
+    run = tmp_path / "run"
+    _train(_overrides(dataset, run, **{"train.steps": 6, "checkpoint.every": 3}))
+    old_metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="run.overwrite=archive"):
+        _train(_overrides(dataset, run, **{"train.steps": 6, "checkpoint.resume": False}))
+    assert (run / "metrics.jsonl").read_text() == old_metrics and _steps(run) == ["step_0000003",
+                                                                                 "step_0000006"]
+    assert not (run / LOCK_NAME).exists()  # a refused start leaves no lock behind
+    _train(_overrides(dataset, run, **{"train.steps": 4, "checkpoint.every": 2,
+                                       "checkpoint.resume": False, "run.overwrite": "archive"}))
+    (archived,) = (run / "archive").iterdir()
+    assert (archived / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(p.name for p in (archived / "checkpoints").iterdir()) == [
+        "latest", "step_0000003", "step_0000006"]
+    assert _steps(run) == ["step_0000002", "step_0000004"] and _latest(run) == "step_0000004"
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_the_one_latest_names(tmp_path):
+    from megatrain.checkpoint import CheckpointManager
+    from megatrain.parallel.model_state import ModelAndOptimizer
+
+    model = torch.nn.Linear(2, 2)
+    state = {"mo": ModelAndOptimizer(model, torch.optim.AdamW(model.parameters()))}
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.prepare()
+    (tmp_path / "checkpoints" / "step_0000100").mkdir()  # a stray folder with a higher step
+    manager.save(state, step=1)
+    assert "step_0000001" in _steps(tmp_path) and _latest(tmp_path) == "step_0000001"
+
+
+# ---- 3. full disks and partial files ----------------------------------------------------------------
+def test_a_torn_metrics_line_and_a_stale_tmp_checkpoint_do_not_stop_a_resume(dataset, tmp_path):
+    run = tmp_path / "run"
+    _train(_overrides(dataset, run, **{"train.steps": 4, "checkpoint.every": 2}))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.1, "head_los')  # the disk filled up mid-line
+    (run / "checkpoints" / "step_0000005.tmp").mkdir()
+    _train(_overrides(dataset, run, **{"train.steps": 6, "checkpoint.every": 2}))
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 7))
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(size_bytes)`` mounts a tmpfs of that size and returns its path."""
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mounted = []
+
+    def mount(size_bytes: int) -> Path:
+        point = tmp_path / "disk"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k", "tmpfs",
+                               str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"this machine does not allow mounting a tmpfs: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_full_disk_is_reported_and_the_previous_checkpoint_stays_intact(dataset, tmp_path, small_disk):
+    settings = {"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3}
+    probe = tmp_path / "probe"
+    _train(_overrides(dataset, probe, **{**settings, "train.steps": 2}))
+    one = sum(p.stat().st_size for p in (probe / "checkpoints" / "step_0000002").iterdir())
+    run = small_disk(int(one * 1.5) + (256 << 10)) / "run"  # room for one checkpoint, not two
+    with pytest.raises(DiskFullError, match=f"disk full at {run / 'checkpoints'}") as caught:
+        _train(_overrides(dataset, run, **settings))
+    assert "GB" in str(caught.value) and "previous checkpoint is intact" in str(caught.value)
+    assert _latest(run) == "step_0000002" and _steps(run) == ["step_0000002"]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert not (run / LOCK_NAME).exists()
+    moved = tmp_path / "moved"  # "free space": the same run dir on a disk with room
+    shutil.copytree(run, moved)
+    _train(_overrides(dataset, moved, **settings))
+    assert [r["step"] for r in _metrics(moved)] == list(range(1, 7)) and _latest(moved) == "step_0000006"
+
+
+# ---- 4. a loss blow-up is rewound ------------------------------------------------------------------
+def test_a_blow_up_is_rewound_with_load_step_and_a_lower_lr(dataset, tmp_path):
+    run = tmp_path / "run"
+    good = _overrides(dataset, run, **{"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 5})
+    _train(good)
+    blowup = _overrides(dataset, run, **{"train.steps": 30, "checkpoint.every": 2, "checkpoint.keep": 5,
+                                         "train.lr": 1e6})
+    with pytest.raises(NonFiniteLossError) as caught:
+        _train(blowup)
+    message = str(caught.value)
+    assert "checkpoint.load_step=2" in message and "train.lr=100000" in message, message
+    saved = [int(name[5:]) for name in _steps(run)]
+    for step in saved:  # nothing non-finite was ever saved
+        for name, tensor in _checkpoint_model(run / "checkpoints" / f"step_{step:07d}").items():
+            assert torch.isfinite(tensor).all(), (step, name)
+    rewind = _overrides(dataset, run, **{"train.steps": 8, "checkpoint.every": 2, "checkpoint.keep": 5,
+                                         "train.lr": 1e-3, "checkpoint.load_step": 4})
+    _train(rewind)
+    records = _metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records[4:])
+    assert records[4]["lr"] <= 1e-3  # the new lr applies from the rewound step on
+    later = [p for p in (run / "archive").glob("rewind-*/checkpoints/step_*")]
+    assert sorted(p.name for p in later) == [f"step_{s:07d}" for s in saved if s > 4]
+    history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["step"] == 4 and history[-1]["changes"]["train.lr"] == [1e6, 1e-3]
+
+
+def test_a_resume_with_a_new_lr_uses_it_and_an_unchanged_resume_is_exact(dataset, tmp_path):
+    """Optimizer keys may change on resume (train.lr here) and apply from that step; with the
+    same config the resumed steps equal an uninterrupted run's to the bit."""
+    straight, resumed, changed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "changed"
+    settings = {"train.steps": 6, "checkpoint.every": 3, "train.warmup_steps": 0}
+    _train(_overrides(dataset, straight, **settings))
+    _stop_after_step_3(_overrides(dataset, resumed, **settings))
+    _train(_overrides(dataset, resumed, **settings))
+    assert _losses(resumed) == _losses(straight)
+    _stop_after_step_3(_overrides(dataset, changed, **settings))
+    _train(_overrides(dataset, changed, **{**settings, "train.lr": 5e-3}))
+    lrs = [r["lr"] for r in _metrics(changed)]
+    straight_lrs = [r["lr"] for r in _metrics(straight)]
+    assert lrs[:3] == straight_lrs[:3]
+    assert all(abs(a / b - 0.5) < 1e-9 for a, b in zip(lrs[3:], straight_lrs[3:])), (lrs, straight_lrs)
+
+
+# ---- 5. damaged checkpoints -------------------------------------------------------------------------
+def _flip_byte_in_tensor_data(folder: Path) -> None:
+    data = folder / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated file", "garbage metadata"])
+def test_a_damaged_checkpoint_is_reported_and_the_newest_intact_one_resumes_exactly(
+        damage, dataset, tmp_path, capsys):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    settings = {"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 3}
+    _train(_overrides(dataset, straight, **settings))
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 4}))
+    newest = run / "checkpoints" / "step_0000004"
+    if damage == "flipped byte":
+        _flip_byte_in_tensor_data(newest)
+    elif damage == "truncated file":
+        data = newest / "__0_0.distcp"
+        data.write_bytes(data.read_bytes()[:-100])
+    else:
+        (newest / ".metadata").write_bytes(os.urandom(300))
+    capsys.readouterr()
+    _train(_overrides(dataset, run, **settings))
+    out = capsys.readouterr().out
+    assert "step_0000004 is not usable" in out and "resumed from" in out and "step_0000002" in out
+    assert _losses(run) == _losses(straight)  # exact resume from step 2
+    assert list((run / "archive").glob("damaged-*/checkpoints/step_0000004"))
+
+
+def test_no_intact_checkpoint_is_a_clear_error_and_config_yaml_is_kept(dataset, tmp_path):
+    run = tmp_path / "run"
+    _train(_overrides(dataset, run, **{"train.steps": 2, "checkpoint.every": 2}))
+    before = (run / "config.yaml").read_text()
+    _flip_byte_in_tensor_data(run / "checkpoints" / "step_0000002")
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*step_0000002.*checksum"):
+        _train(_overrides(dataset, run, **{"train.steps": 4, "train.lr": 5e-3}))
+    assert (run / "config.yaml").read_text() == before  # written only after a successful load
+
+
+# ---- 7. clear errors instead of tracebacks ------------------------------------------------------------
+def test_a_run_dir_that_is_a_file_is_a_config_error(dataset, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        _train(_overrides(dataset, target))
