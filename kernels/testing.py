@@ -69,6 +69,22 @@ def run(fn, case, reduction, dtype=None, **kwargs):
     return out
 
 
+def backward_dtypes(fn, case, reduction, **kwargs):
+    """The dtypes the autograd.Function's backward itself returns, by input name. Read from
+    ``grad_fn`` directly: autograd silently casts a gradient of the wrong dtype before it reaches
+    ``.grad`` (after the wrong-dtype [V, D] tensor has been built), so ``.grad`` proves nothing."""
+    names = [k for k in ("hidden", "weight", "bias") if case[k] is not None]
+    leaves = {k: case[k].detach().requires_grad_() for k in names}
+    loss = fn(leaves["hidden"], leaves["weight"], case["targets"], bias=leaves.get("bias"),
+              reduction=reduction, **kwargs)
+    if isinstance(loss, tuple):  # (loss, n_correct)
+        loss = loss[0]
+    with torch.no_grad():  # as the autograd engine runs a backward
+        grads = loss.grad_fn.apply(torch.ones_like(loss), None)
+    # the Function's inputs start (hidden, weight, bias): bias's slot is there even when None
+    return {k: grads[i].dtype for i, k in enumerate(("hidden", "weight", "bias")) if k in names}
+
+
 def _eager(hidden, weight, targets, *, bias=None, reduction="mean", return_n_correct=True):
     """Plain torch in the inputs' own precision: [N, V] logits, F.cross_entropy."""
     logits = F.linear(hidden, weight, bias)

@@ -7,6 +7,16 @@ grad_hidden and grad_weight. Without a TP group and when gradients are wanted, t
 builds them in the same pass instead (no recompute) and the backward only scales them. A chunk
 holds at most ``CHUNK_ELEMENTS`` logits.
 
+Precision: bf16/fp16 inputs are computed in float32, as the Triton kernel computes them (its
+tensor-core dots multiply bf16 exactly and accumulate in float32): float32 logits, log-sum-exp,
+softmax, d loss / d logits and gradient sums, one rounding to the inputs' dtype at the end. So
+the reference stays the kernel's oracle in bf16 too (same argmax, same loss to float32 rounding).
+A low-precision weight is never copied whole to float32: each GEMM that reads it takes it in
+vocabulary blocks of ``CHUNK_ELEMENTS``, cast one at a time (``_weight_blocks``; a float32
+weight is used as it is). grad_weight is summed over row chunks in a float32 [V, D] buffer, the
+output's precision before its one rounding: a chunk is only ~131 rows at V = 32000, far too many
+steps for a bf16 running sum. Autocast is off inside (``autocast_off.py``).
+
 With ``tp_group`` the weight (and bias) is this rank's vocabulary shard; the per-row partials
 are combined across the group (``vocab_parallel.py``) and grad_hidden is summed across it.
 """
@@ -14,9 +24,10 @@ are combined across the group (``vocab_parallel.py``) and grad_hidden is summed 
 import torch
 import torch.distributed as dist
 
+from megatrain.kernels.autocast_off import without_autocast
 from megatrain.kernels.vocab_parallel import loss_from_partials, row_grads, shard_start
 
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits per chunk
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 logits per chunk (and of weight per cast block)
 
 
 def _row_chunks(n_rows: int, vocab: int):
@@ -25,15 +36,33 @@ def _row_chunks(n_rows: int, vocab: int):
         yield start, min(start + rows, n_rows)
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    # float32 accumulation for float32/bf16/fp16 inputs; float64 stays float64 (test oracle use).
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _acc_dtype(hidden, weight) -> torch.dtype:
+    # float32 for float32/bf16/fp16 inputs; float64 stays float64 (test oracle use).
+    either64 = torch.float64 in (hidden.dtype, weight.dtype)
+    return torch.float64 if either64 else torch.float32
 
 
-def _chunk_logits(hidden, weight_acc, bias, start, end):
-    logits = hidden[start:end].to(weight_acc.dtype) @ weight_acc.t()  # (rows, V_local)
+def _weight_blocks(weight, acc):
+    """(vocabulary slice, that block of the weight in ``acc``): the whole weight when it is in
+    ``acc`` already, else blocks of at most ``CHUNK_ELEMENTS`` cast one at a time."""
+    if weight.dtype == acc:
+        yield slice(None), weight
+        return
+    rows = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], rows):
+        yield slice(start, start + rows), weight[start:start + rows].to(acc)
+
+
+def _chunk_logits(hidden, weight, bias, start, end, acc):
+    h = hidden[start:end].to(acc)
+    if weight.dtype == acc:
+        logits = h @ weight.t()  # (rows, V_local)
+    else:
+        logits = torch.empty(end - start, weight.shape[0], dtype=acc, device=h.device)
+        for cols, w in _weight_blocks(weight, acc):
+            logits[:, cols] = h @ w.t()
     if bias is not None:
-        logits += bias.to(weight_acc.dtype)
+        logits += bias.to(acc)
     return logits
 
 
@@ -54,7 +83,9 @@ def _softmax_grad_(probs, local_t, here, row_grad):
 
 class _GradBuffers:
     """grad_hidden / grad_weight / grad_bias accumulated chunk by chunk in ``acc`` precision (in
-    the forward pass when the gradients are formed there, else in the backward)."""
+    the forward pass when the gradients are formed there, else in the backward). The buffers stay
+    in ``acc`` until the incoming gradient has scaled them (and, under TP, grad_hidden has been
+    summed over the group): the inputs' dtype is reached by one final rounding."""
 
     def __init__(self, hidden, weight, bias, acc, needs):
         need_h, need_w, need_b = needs
@@ -62,9 +93,13 @@ class _GradBuffers:
         self.weight = torch.zeros_like(weight, dtype=acc) if need_w else None
         self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
 
-    def add_chunk(self, dlogits, hidden, weight_acc, start, end):
+    def add_chunk(self, dlogits, hidden, weight, start, end):
         if self.hidden is not None:
-            self.hidden[start:end] = dlogits @ weight_acc
+            grad = None
+            for cols, w in _weight_blocks(weight, dlogits.dtype):
+                part = dlogits[:, cols] @ w  # (rows, V_block) @ (V_block, D)
+                grad = part if grad is None else grad.add_(part)
+            self.hidden[start:end] = grad
         if self.weight is not None:
             self.weight.addmm_(dlogits.t(), hidden[start:end].to(dlogits.dtype))
         if self.bias is not None:
@@ -83,9 +118,10 @@ class _GradBuffers:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, tp_group, grads_wanted):
         n_rows, vocab_local = hidden.shape[0], weight.shape[0]
-        acc = _acc_dtype(hidden)
+        acc = _acc_dtype(hidden, weight)
         vocab_start = shard_start(vocab_local, tp_group)
         valid = targets != ignore_index
         local_t, here = _local_targets(targets, valid, vocab_start, vocab_local)
@@ -93,7 +129,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         sum_exp = torch.empty(n_rows, dtype=acc, device=hidden.device)
         target_logit = torch.empty(n_rows, dtype=acc, device=hidden.device)
         arg = torch.empty(n_rows, dtype=torch.int64, device=hidden.device)
-        weight_acc = weight.to(acc)
         # Without a TP group each chunk holds whole rows, so when a backward will follow the
         # gradients are formed in this same pass (3 matmuls instead of 4: no recompute); they are
         # kept for a row gradient of 1 (sum) or 1/n_valid (mean) and scaled in backward.
@@ -102,7 +137,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = _GradBuffers(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
             unit = valid.to(acc) / (valid.sum().clamp(min=1) if reduction == "mean" else 1)
         for start, end in _row_chunks(n_rows, vocab_local):
-            logits = _chunk_logits(hidden, weight_acc, bias, start, end)
+            logits = _chunk_logits(hidden, weight, bias, start, end, acc)
             target_logit[start:end] = logits.gather(1, local_t[start:end, None]).squeeze(1)
             chunk_max, chunk_arg = logits.max(dim=-1)
             row_max[start:end] = chunk_max
@@ -112,7 +147,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if eager:
                 dlogits = _softmax_grad_(exp.div_(sum_exp[start:end, None]), local_t[start:end],
                                          here[start:end], unit[start:end])
-                grads.add_chunk(dlogits, hidden, weight_acc, start, end)
+                grads.add_chunk(dlogits, hidden, weight, start, end)
             del logits, exp
         target_logit = torch.where(here, target_logit, torch.zeros_like(target_logit))
         loss, lse, n_valid, n_correct = loss_from_partials(row_max, sum_exp, target_logit, arg,
@@ -124,22 +159,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (loss.to(hidden.dtype) if reduction == "none" else loss), n_correct
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss, _grad_n_correct):
         hidden, weight, bias, local_t, here, valid, lse, n_valid = ctx.saved_tensors
         if ctx.eager_grads is not None:  # formed in forward for a unit incoming gradient
             return (*ctx.eager_grads.results(hidden, weight, bias, grad_loss), None, None, None,
                     None, None)
         n_rows, vocab_local = hidden.shape[0], weight.shape[0]
-        acc = _acc_dtype(hidden)
+        acc = _acc_dtype(hidden, weight)
         row_grad = row_grads(grad_loss, valid, n_valid, ctx.reduction, acc)
         grads = _GradBuffers(hidden, weight, bias, acc, ctx.needs_input_grad[:3])
-        weight_acc = weight.to(acc)
         for start, end in _row_chunks(n_rows, vocab_local):
-            logits = _chunk_logits(hidden, weight_acc, bias, start, end)
+            logits = _chunk_logits(hidden, weight, bias, start, end, acc)
             softmax = torch.exp_(logits.sub_(lse[start:end, None]))  # in place
             dlogits = _softmax_grad_(softmax, local_t[start:end], here[start:end],
                                      row_grad[start:end])
-            grads.add_chunk(dlogits, hidden, weight_acc, start, end)
+            grads.add_chunk(dlogits, hidden, weight, start, end)
             del logits, softmax, dlogits
         if grads.hidden is not None and ctx.tp_group is not None:
             # hidden is replicated across the group: its gradient sums every shard's part

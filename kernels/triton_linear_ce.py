@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import triton
 
+from megatrain.kernels.autocast_off import without_autocast
 from megatrain.kernels.autotune_configs import INTERPRET
 from megatrain.kernels.ce_backward_kernel import linear_ce_dlogits_kernel
 from megatrain.kernels.ce_forward_kernel import linear_ce_forward_kernel
@@ -105,6 +106,7 @@ def backward_grads(hidden, weight, bias, targets, lse, row_grad, vocab_start, ne
 
 class _TritonLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, tp_group):
         vocab_start = shard_start(weight.shape[0], tp_group)
         m, s, target_logit, arg = forward_statistics(hidden, weight, bias, targets, vocab_start)
@@ -117,6 +119,7 @@ class _TritonLinearCrossEntropy(torch.autograd.Function):
         return (loss.to(hidden.dtype) if reduction == "none" else loss), n_correct
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss, _grad_n_correct):
         hidden, weight, bias, targets, valid, lse, n_valid = ctx.saved_tensors
         row_grad = row_grads(grad_loss, valid, n_valid, ctx.reduction, torch.float32).contiguous()

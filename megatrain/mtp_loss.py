@@ -68,6 +68,18 @@ class HeadStats:
     n_valid: torch.Tensor  # (n_future,) int64
 
 
+def _ce_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the heads' cross-entropy takes its hidden state and unembedding in.
+
+    Under autocast, autocast's dtype: the RMSNorm output is float32 there, and computing in it
+    would make a float32 copy of the unembedding (or of FSDP's bf16 compute copy) for every head
+    and run the [N, D] x [D, V] GEMMs without tensor cores. The kernels accumulate the
+    log-sum-exp and the gradients in float32 themselves. Without autocast, the hidden's dtype.
+    """
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def _head_ce(model, i, out, targets_i, ignore_index, impl):
     """Head i's summed CE and argmax hits; vocab-parallel when ``output.weight`` is a DTensor."""
     hidden = model.norm(out).flatten(0, 1)  # (B*T, D), replicated over the tp group
@@ -76,10 +88,10 @@ def _head_ce(model, i, out, targets_i, ignore_index, impl):
     if isinstance(weight, DTensor):  # (V/tp, D) local shard of the vocab-parallel unembedding
         tp_group = weight.device_mesh.get_group()
         weight = weight.to_local()  # its gradient flows back into the sharded parameter's
-    if hidden.dtype != weight.dtype:
-        # e.g. FSDP's bf16 compute copy of the weight meets the norm output, which autocast
-        # keeps in fp32 (RMSNorm runs in fp32 under autocast): compute in the hidden's dtype
-        weight = weight.to(hidden.dtype)
+    dtype = _ce_dtype(hidden)
+    # No-ops when the dtypes already agree (FSDP's bf16 compute copy of the weight under bf16
+    # autocast); otherwise a cast whose backward returns the gradient in the original dtype.
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     return fused_linear_cross_entropy(hidden, weight, targets_i.flatten(), ignore_index=ignore_index,
                                       reduction="sum", impl=impl, tp_group=tp_group,
                                       return_n_correct=True)

@@ -24,6 +24,77 @@ def test_torch_reference_matches_float64_truth(shape, dtype, reduction):
     kt.run_and_judge(fused_linear_cross_entropy, case, reduction, impl="torch")
 
 
+def _under_autocast(dtype=torch.bfloat16):
+    """``fused_linear_cross_entropy`` called, and differentiated, inside a CPU autocast region, as
+    the MTP node calls it in a bf16 training step."""
+    def call(*args, **kwargs):
+        with torch.autocast("cpu", dtype=dtype):
+            return fused_linear_cross_entropy(*args, **kwargs)
+    return call
+
+
+# every reduction on the odd shape ("sum"/"mean": gradients formed in the forward, "none": in the
+# backward); the realistic vocabulary once (its float64 truth is the slow part)
+@pytest.mark.parametrize("shape, reduction", [("odd", "mean"), ("odd", "sum"), ("odd", "none"),
+                                              ("llama_vocab", "sum")])
+def test_bf16_under_autocast_matches_float64_truth(shape, reduction):
+    """bf16 hidden and weight inside autocast (the training step's call): error vs the float64
+    truth within the judge's bound of torch's own bf16 error, n_correct exact (float32 logits),
+    gradients in the inputs' dtype."""
+    case = kt.shape_case(shape, torch.bfloat16)
+    kt.run_and_judge(_under_autocast(), case, reduction, impl="torch")
+    returned = kt.backward_dtypes(_under_autocast(), case, reduction, impl="torch")
+    assert set(returned.values()) == {torch.bfloat16}, returned
+
+
+def test_backward_dtype_check_catches_a_float32_gradient(monkeypatch):
+    """Negative control: a backward that hands back its float32 buffers is seen as such (while
+    ``.grad`` would show bf16, cast by autograd)."""
+    from megatrain.kernels import torch_reference
+
+    def float32_results(self, hidden, weight, bias, grad_loss=None):
+        return self.hidden, self.weight, self.bias
+
+    monkeypatch.setattr(torch_reference._GradBuffers, "results", float32_results)
+    case = kt.shape_case("odd", torch.bfloat16)
+    returned = kt.backward_dtypes(fused_linear_cross_entropy, case, "sum", impl="torch")
+    assert set(returned.values()) == {torch.float32}, returned
+
+
+def test_autocast_around_the_call_changes_nothing():
+    """Autocast is off inside: float32 inputs give bit-identical results inside a bf16 region."""
+    case = kt.shape_case("odd", torch.float32)
+    plain = kt.run(fused_linear_cross_entropy, case, "mean", impl="torch")
+    wrapped = kt.run(_under_autocast(), case, "mean", impl="torch")
+    for key, value in plain.items():
+        assert torch.equal(wrapped[key], value), f"{key} changed under autocast"
+
+
+def test_autocast_comparison_catches_a_leaking_region():
+    """Negative control: the same comparison sees autocast change plain torch (F.linear runs in
+    bf16 inside the region), so bit-identity above is not vacuous."""
+    case = kt.shape_case("odd", torch.float32)
+
+    def plain_torch(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return kt._eager(*args, **kwargs)
+
+    eager, leaked = kt.run(kt._eager, case, "mean"), kt.run(plain_torch, case, "mean")
+    assert not torch.equal(eager["loss"], leaked["loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_many_row_chunks_and_weight_blocks_give_the_same_result(monkeypatch, dtype):
+    """Shrink the chunk budget so that the 37 rows come in 10 chunks of at most 4 and a bf16
+    weight is cast to float32 in 12 vocabulary blocks of at most 85 (never the whole weight at
+    once): still within the judge's bounds, n_correct exact."""
+    from megatrain.kernels import torch_reference
+    monkeypatch.setattr(torch_reference, "CHUNK_ELEMENTS", 4096)
+    case = kt.shape_case("odd", dtype)
+    for reduction in ("sum", "none"):  # "sum": gradients formed in the forward; "none": backward
+        kt.run_and_judge(fused_linear_cross_entropy, case, reduction, impl="torch")
+
+
 def test_all_rows_ignored_gives_zero_loss_and_grads():
     case = kt.make_case(8, 16, 50, torch.float32, frac_ignored=1.1)
     result = kt.run(fused_linear_cross_entropy, case, "mean", impl="torch")

@@ -18,6 +18,7 @@ import torch
 
 from megatrain.kernels import fused_linear_cross_entropy
 from megatrain.kernels import testing as kt
+from tests.test_mtp_loss import HEAD_TYPES, assert_bf16_step_matches_fp32, autocast_step, tiny_mtp_case
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,6 +63,46 @@ def test_kernel_equals_torch_reference_in_fp32():
     for key, err in kt.errors(kernel, reference).items():
         assert err <= 1e-5 * reference[key].abs().max().item(), (key, err)
     assert int(kernel["n_correct"]) == int(reference["n_correct"])
+
+
+@here
+def test_kernel_equals_torch_reference_in_bf16():
+    """Both compute float32 logits from bf16 inputs: the same argmax and the same loss up to
+    float32 summation order, so the reference is the kernel's oracle in bf16 too."""
+    case = kt.shape_case("odd", torch.bfloat16, device=DEVICE)
+    kernel = kt.run(fused_linear_cross_entropy, case, "sum", impl="triton")
+    reference = kt.run(fused_linear_cross_entropy, case, "sum", impl="torch")
+    assert int(kernel["n_correct"]) == int(reference["n_correct"])
+    err = kt.errors(kernel, reference)["loss"]
+    assert err <= 1e-5 * reference["loss"].abs().item(), (err, reference["loss"])
+
+
+@here
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_kernel_under_bf16_autocast_matches_float64_truth(reduction):
+    """Called and differentiated inside an autocast region, as in a bf16 training step: the host
+    code's GEMMs must not be recast; gradients come back in bf16."""
+    def call(*args, **kwargs):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return fused_linear_cross_entropy(*args, **kwargs)
+
+    case = kt.shape_case("odd", torch.bfloat16, device=DEVICE)
+    kt.run_and_judge(call, case, reduction, impl="triton")
+    returned = kt.backward_dtypes(call, case, reduction, impl="triton")
+    assert set(returned.values()) == {torch.bfloat16}, returned
+
+
+@here
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_bf16_autocast_mtp_step_matches_fp32(tiny_model_cfg, head_type):
+    """A training step through the MTP node with the Triton loss under bf16 autocast (every head
+    type, two micro-batches) against float32: loss within 1%, gradients close."""
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, head_type, 4)
+    model, window, targets = model.to(DEVICE), window.to(DEVICE), targets.to(DEVICE)
+    fp32 = autocast_step(model, window, targets, scales, impl="triton")
+    bf16 = autocast_step(model, window, targets, scales, impl="triton",
+                         autocast_dtype=torch.bfloat16, micro=2)
+    assert_bf16_step_matches_fp32(bf16, fp32)
 
 
 @here

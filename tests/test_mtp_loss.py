@@ -1,15 +1,20 @@
 """The sequential-heads loss node equals the naive all-logits loss, with gradients."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
+import megatrain.mtp_loss
+from megatrain.kernels import fused_linear_cross_entropy
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, mtp_loss, mtp_loss_naive
 
 HEAD_TYPES = ["transformer", "linear", "causal", "anticausal"]
 
 
-def _setup(tiny_model_cfg, head_type, n_future, seed=0):
+def tiny_mtp_case(tiny_model_cfg, head_type, n_future, seed=0):
+    """A tiny model, a (4, 17) token window, its head targets and per-head loss scales."""
     torch.manual_seed(seed)
     cfg = tiny_model_cfg(head_type=head_type, n_future=n_future, n_layers=5)
     model = MTPTransformer(cfg, max_seq_len=16)
@@ -50,7 +55,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 @pytest.mark.parametrize("n_future", [1, 4])
 def test_sequential_heads_match_naive_with_grad_accumulation(tiny_model_cfg, head_type, n_future):
-    model, window, targets, scales = _setup(tiny_model_cfg, head_type, n_future)
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, head_type, n_future)
     loss_ref, grads_ref = _run_naive(model, window, targets, scales)
     for micro in (4, 2, 1):  # one micro-batch, then gradient accumulation over 2 and 4
         loss, grads = _run_sequential(model, window, targets, scales, micro)
@@ -62,7 +67,7 @@ def test_sequential_heads_match_naive_with_grad_accumulation(tiny_model_cfg, hea
 @pytest.mark.parametrize("head_type", ["transformer", "causal"])
 def test_head_gradients_follow_incoming_gradient_scale(tiny_model_cfg, head_type):
     """Loss scaling (e.g. x1024, or 1/accumulation) must scale head *and* trunk gradients."""
-    model, window, targets, scales = _setup(tiny_model_cfg, head_type, 3)
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, head_type, 3)
     _, grads = _run_sequential(model, window, targets, scales, micro=4)
     _, scaled = _run_sequential(model, window, targets, scales, micro=4, loss_scale=1024.0)
     # One call over the whole name -> gradient mapping: a failure names the parameter itself.
@@ -72,7 +77,7 @@ def test_head_gradients_follow_incoming_gradient_scale(tiny_model_cfg, head_type
 
 def test_comparison_catches_a_wrong_gradient(tiny_model_cfg):
     """Negative control: a 1% error in one head's weight is visible to the same check."""
-    model, window, targets, scales = _setup(tiny_model_cfg, "transformer", 3)
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, "transformer", 3)
     _, grads_ref = _run_naive(model, window, targets, scales)
     wrong = scales.clone()
     wrong[2] *= 1.01
@@ -80,9 +85,84 @@ def test_comparison_catches_a_wrong_gradient(tiny_model_cfg):
     assert _max_diff(grads, grads_ref) > 1e-6
 
 
+def autocast_step(model, window, targets, scales, *, impl, autocast_dtype=None, micro=None):
+    """A training step's loss and gradients as the trainer runs it: float32 parameters, trunk and
+    loss under ``autocast(autocast_dtype)`` when given, backward outside, ``micro``-row
+    micro-batches. Device: the model's."""
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    total, micro = 0.0, micro or window.shape[0]
+    for s in range(0, window.shape[0], micro):
+        region = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                  else nullcontext())
+        with region:
+            hidden = model.trunk(window[s:s + micro, :-1])
+            loss, _ = mtp_loss(model, hidden, targets[:, s:s + micro], scales, impl=impl)
+        loss.backward()
+        total += loss.item()
+    return total, _grads(model)
+
+
+def assert_bf16_step_matches_fp32(bf16, fp32, loss_rtol=0.01, grad_rtol=0.03):
+    """bf16 autocast vs float32: losses within ``loss_rtol``, each parameter's gradient within
+    ``grad_rtol`` in relative norm (measured: ~1e-5 and ~1% on the tiny model)."""
+    (loss16, grads16), (loss32, grads32) = bf16, fp32
+    assert abs(loss16 - loss32) <= loss_rtol * abs(loss32), f"bf16 loss {loss16} vs fp32 {loss32}"
+    assert grads16.keys() == grads32.keys()
+    for name, g in grads32.items():
+        assert grads16[name].dtype == g.dtype == torch.float32, name
+        rel = ((grads16[name] - g).norm() / g.norm()).item()
+        assert rel <= grad_rtol, f"{name}: bf16 gradient differs from fp32 by {rel:.2%} (relative norm)"
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_bf16_autocast_step_matches_fp32(tiny_model_cfg, head_type, monkeypatch):
+    """The torch loss path under bf16 autocast, gradient accumulation included: it runs (it used
+    to fail on dtypes), the heads' cross-entropy gets bf16 hidden and weight (no float32 copy of
+    the unembedding per head), and loss and gradients agree with float32."""
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, head_type, 4)
+    seen = []
+
+    def spy(hidden, weight, targets_i, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return fused_linear_cross_entropy(hidden, weight, targets_i, **kwargs)
+
+    monkeypatch.setattr(megatrain.mtp_loss, "fused_linear_cross_entropy", spy)
+    fp32 = autocast_step(model, window, targets, scales, impl="torch")
+    assert set(seen) == {(torch.float32, torch.float32)}, seen
+    seen.clear()
+    bf16 = autocast_step(model, window, targets, scales, impl="torch",
+                         autocast_dtype=torch.bfloat16, micro=2)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}, seen
+    assert_bf16_step_matches_fp32(bf16, fp32)
+
+
+def test_bf16_comparison_catches_a_wrong_head_weight(tiny_model_cfg):
+    """Negative control: one head weighted 5% off (a 1-2% change of the total) fails the check."""
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, "transformer", 4)
+    fp32 = autocast_step(model, window, targets, scales, impl="torch")
+    wrong = scales.clone()
+    wrong[0] *= 1.05
+    bf16 = autocast_step(model, window, targets, wrong, impl="torch", autocast_dtype=torch.bfloat16)
+    with pytest.raises(AssertionError, match="bf16 loss"):
+        assert_bf16_step_matches_fp32(bf16, fp32)
+
+
+def test_bf16_autocast_eval_matches_fp32(tiny_model_cfg):
+    """The forward-only path (evaluation under no_grad) under bf16 autocast."""
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, "causal", 3)
+    losses = []
+    for enabled in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss, stats = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales, impl="torch")
+        assert torch.isfinite(stats.loss_sum).all()
+        losses.append(loss.item())
+    assert abs(losses[1] - losses[0]) <= 0.01 * abs(losses[0]), losses
+
+
 def test_heads_params_get_no_grad_when_frozen_trunk_only_eval(tiny_model_cfg):
     """Under no_grad the loss runs forward-only and returns the same value."""
-    model, window, targets, scales = _setup(tiny_model_cfg, "anticausal", 3)
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, "anticausal", 3)
     with torch.no_grad():
         loss_eval, stats = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales)
     loss_ref, _ = _run_naive(model, window, targets, scales)
@@ -91,7 +171,7 @@ def test_heads_params_get_no_grad_when_frozen_trunk_only_eval(tiny_model_cfg):
 
 
 def test_stats_report_per_head_mean_loss_and_accuracy(tiny_model_cfg):
-    model, window, targets, scales = _setup(tiny_model_cfg, "transformer", 2)
+    model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, "transformer", 2)
     hidden = model.trunk(window[:, :-1])
     _, stats = mtp_loss(model, hidden, targets, scales)
     logits = torch.stack([model.logits(o) for o in model.head_outputs(hidden)])  # (n, B, T, V)

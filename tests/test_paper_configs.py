@@ -1,0 +1,58 @@
+"""The paper-size configs have Llama-2's shapes: SwiGLU widths rounded to multiples of 256, so the
+6.7B and 13B models match Llama-2 7B / 13B (and Meta's released 7B MTP models) layer for layer."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatrain.config import load_config
+from megatrain.model.mtp import MTPTransformer, count_parameters
+from megatrain.model.transformer import ffn_hidden_dim
+
+PAPER = Path(__file__).resolve().parent.parent / "configs" / "paper"
+CONFIGS = sorted(PAPER.glob("*.yaml"))
+
+# Llama-2's published shapes (params.json: multiple_of 256) and parameter counts (untied input and
+# output embeddings, vocabulary 32000).
+LLAMA2_FFN_WIDTH = {4096: 11008, 5120: 13824}
+LLAMA2_PARAMETERS = {"6.7b": 6_738_415_616, "13b": 13_015_864_320}
+
+
+def _model_cfg(path, *overrides):
+    return load_config(path, list(overrides)).model
+
+
+def test_paper_configs_are_found():
+    """The parametrized checks below are not vacuous."""
+    assert len(CONFIGS) >= 13, f"expected the 13 shipped configs under {PAPER}: {CONFIGS}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_round_ffn_width_as_llama2(path):
+    assert _model_cfg(path).multiple_of == 256, f"{path.name}: set model.multiple_of: 256"
+
+
+@pytest.mark.parametrize("name, dim", [("6.7b_n1", 4096), ("6.7b_n4", 4096),
+                                       ("6.7b_bytes_n8", 4096), ("13b_n1", 5120), ("13b_n4", 5120)])
+def test_ffn_width_matches_llama2(name, dim):
+    cfg = _model_cfg(PAPER / f"{name}.yaml")
+    assert cfg.dim == dim
+    assert ffn_hidden_dim(cfg) == LLAMA2_FFN_WIDTH[dim], (name, ffn_hidden_dim(cfg))
+
+
+def test_ffn_width_check_catches_the_old_rounding():
+    """Negative control: the old rounding (multiple_of 64) gives 10944 at 6.7B, not 11008."""
+    cfg = _model_cfg(PAPER / "6.7b_n4.yaml", "model.multiple_of=64")
+    assert ffn_hidden_dim(cfg) == 10944 != LLAMA2_FFN_WIDTH[4096]
+
+
+@pytest.mark.parametrize("size", list(LLAMA2_PARAMETERS))
+@pytest.mark.parametrize("n_future", [1, 4])
+def test_parameter_count_matches_llama2(size, n_future):
+    """Parameter-matched MTP (L - n trunk layers + n head layers) has exactly Llama-2's count;
+    built on the meta device, so nothing is allocated."""
+    cfg = _model_cfg(PAPER / f"{size}_n{n_future}.yaml")
+    with torch.device("meta"):
+        model = MTPTransformer(cfg, max_seq_len=16)
+    assert count_parameters(model) == LLAMA2_PARAMETERS[size], (size, n_future, count_parameters(model))
