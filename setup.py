@@ -18,7 +18,8 @@ setup(
     version="0.1.0",
     description="Distributed pretraining of multi-token prediction language models",
     python_requires=">=3.10",
-    packages=["megatrain", "megatrain.model", "megatrain.data", "megatrain.parallel", *SUBPACKAGE_DIRS],
+    packages=["megatrain", "megatrain.model", "megatrain.data", "megatrain.parallel", "megatrain.inference",
+              *SUBPACKAGE_DIRS],
     package_dir={"megatrain": "megatrain", **SUBPACKAGE_DIRS},
     package_data={"megatrain.slurm": ["*.sh"]},
     # torch is deliberately a loose floor: the installer puts the wanted build (CPU wheel 2.13.0
@@ -37,6 +38,9 @@ setup(
         "slurm": ["submitit>=1.5"],
         "gpu": ["triton>=3.0"],
         "deepspeed": ["deepspeed"],
+        # `megatrain export --format hf`; pinned to the versions tested with the CPU torch 2.13.0
+        # (neither asks for another torch).
+        "hf": ["transformers==5.24.0", "safetensors==0.8.0"],
         "dev": ["pytest", "pytest-timeout", "triton>=3.0", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},

@@ -1,6 +1,7 @@
 """megatrain: train, prepare data for, submit and inspect multi-token prediction runs.
 
-Subcommands: ``train``, ``data prepare``, ``config``, ``submit`` and ``status`` (SLURM).
+Subcommands: ``train``, ``generate``, ``export``, ``data prepare``, ``config``, ``submit`` and
+``status`` (SLURM).
 
 The library never parses argv; this module turns arguments into a Config and calls it. Errors the
 user can fix (``UserError``) are printed as one message without a traceback, exit status 2.
@@ -13,6 +14,8 @@ import sys
 
 from megatrain.data_pipelines.prepare import add_prepare_arguments
 from megatrain.errors import UserError
+from megatrain.inference.export import FORMATS, export_run
+from megatrain.inference.generate_cli import add_generate_arguments, run_generate
 from megatrain.slurm.cli import add_status_arguments, add_submit_arguments, run_status, run_submit
 from megatrain.slurm.data import add_slurm_data_arguments
 
@@ -53,6 +56,15 @@ def _config(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    result = export_run(args.run_dir, args.format, args.out, args.checkpoint)
+    print(f"exported {result.checkpoint} as {args.format} to {result.out}: {', '.join(result.files)}")
+    if result.tokenizer is None:
+        print("note: the run's dataset is not on this machine; the export has no tokenizer.json",
+              file=sys.stderr)
+    return 0
+
+
 def _data_prepare(args) -> int:
     from megatrain.data_pipelines.prepare import run_prepare
 
@@ -81,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     train.set_defaults(func=_train)
+
+    generate = commands.add_parser("generate", help="complete a prompt with a trained model "
+                                                    "(greedy, sampling, self-speculative decoding)")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
+
+    export = commands.add_parser("export", help="write a run's model in Meta's or Hugging Face's format")
+    export.add_argument("--run-dir", required=True, help="run directory of a training run")
+    export.add_argument("--checkpoint", type=int, metavar="STEP",
+                        help="the checkpoint of this step (default: the newest intact one)")
+    export.add_argument("--format", required=True, choices=FORMATS,
+                        help="meta: consolidated.pth + params.json, every head (loads with "
+                             "generate --from and init.path); hf: a transformers Llama of the trunk "
+                             "+ head 1, the other heads in extra_heads.safetensors")
+    export.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
+    export.set_defaults(func=_export)
 
     config = commands.add_parser("config", help="print the resolved config or the reference")
     config.add_argument("--config", help="YAML config file")

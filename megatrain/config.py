@@ -142,6 +142,17 @@ class RunConfig:
                                    "aside to `run.dir/archive/<timestamp>/` first. Nothing is ever deleted.")
 
 
+@dataclass
+class InitConfig:
+    # Named ``path``, not ``from`` as issue 10 spells it: ``from`` is a Python keyword, so no
+    # dataclass field (and hence no OmegaConf key of a structured config) can carry that name.
+    path: str = doc("", "Start a fresh run from the weights of a `megatrain export --format meta` folder "
+                        "(or Meta's own release folder: consolidated.pth + params.json) instead of "
+                        "the random initialisation; the model.* shape must match its params.json "
+                        "and the optimizer state starts fresh. A resume ignores it (the checkpoint "
+                        "wins). Empty = random initialisation.")
+
+
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 DP_ENGINES = ("fsdp", "deepspeed")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
@@ -195,6 +206,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:

@@ -20,6 +20,7 @@ from megatrain.config import Config, to_yaml
 from megatrain.data.loader import WindowLoader, val_batches
 from megatrain.data.shards import open_split
 from megatrain.errors import ConfigError, NonFiniteLossError
+from megatrain.inference.meta_format import read_init_weights
 from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
 from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import apply_schedule, build_scheduler
@@ -178,7 +179,11 @@ def _build_run(cfg: Config, rank: int, device, autocast_dtype, dims: ParallelDim
     """The engine, optimizers, loader and logger of a run, resumed from its newest intact
     checkpoint when there is one."""
     t, p, run_dir = cfg.train, cfg.parallel, checkpoints.run_dir
-    engine, n_params = build_engine(cfg, dims, mesh, device, autocast_dtype)
+    # init.path seeds a fresh start only: a resume's weights are its checkpoint's
+    init_weights = read_init_weights(cfg.init.path, cfg.model) if cfg.init.path and not resuming else None
+    engine, n_params = build_engine(cfg, dims, mesh, device, autocast_dtype, init_weights)
+    if init_weights is not None and rank == 0:
+        print(f"initial weights from {cfg.init.path} (init.path); optimizer state fresh", flush=True)
     schedulers = [build_scheduler(optimizer, t) for optimizer in engine.optimizers]
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = WindowLoader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatrain.model.kv_cache import ModelCache
 from megatrain.model.layout import LayerLayout
 
 
@@ -55,22 +56,29 @@ class MTPHeads:
     def heads_are_chained(self) -> bool:
         return self.head_type in ("causal", "anticausal")
 
-    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seq_len: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables for positions 0..seq_len-1, or (B, T, .) for each row's ``positions``."""
+        if positions is not None:
+            return self.rope_cos[positions], self.rope_sin[positions]
         return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
 
-    def head_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Head i's output before the shared norm: (B, T, D) -> (B, T, D)."""
+    def head_forward(self, i: int, x: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Head i's output before the shared norm: (B, T, D) -> (B, T, D). With ``cache`` (inference)
+        the tokens sit at the cache's current positions and head i's keys and values are kept."""
         head = self.head_module(i)
         if not self.layout.heads_are_blocks:
             return head(x)
-        return head(x, *self.rope(x.shape[1]))
+        if cache is None:
+            return head(x, *self.rope(x.shape[1]))
+        path = self.layout.head_path(i)
+        return head(x, *self.rope(x.shape[1], cache[path].positions), cache[path])
 
-    def head_outputs(self, trunk_hidden: torch.Tensor) -> list[torch.Tensor]:
+    def head_outputs(self, trunk_hidden: torch.Tensor, cache: ModelCache | None = None) -> list[torch.Tensor]:
         """Every head's pre-norm output, head 0 first."""
         outs: list[torch.Tensor | None] = [None] * self.n_future
         x = trunk_hidden
         for i in self.head_order:
-            outs[i] = self.head_forward(i, x)
+            outs[i] = self.head_forward(i, x, cache)
             if self.heads_are_chained:
                 x = outs[i]
         return outs

@@ -14,6 +14,7 @@ from torch import nn
 
 from megatrain.config import ModelConfig
 from megatrain.model.heads import MTPHeads
+from megatrain.model.kv_cache import ModelCache
 from megatrain.model.layout import LayerLayout
 from megatrain.model.transformer import TransformerBlock, rope_tables
 
@@ -64,12 +65,18 @@ class MTPTransformer(MTPHeads, nn.Module):
                     p.copy_(initial_value(name, p.shape, self.cfg, self.seed))
 
     # ---- forward ---------------------------------------------------------------------------
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embedding and trunk layers: tokens (B, T) -> hidden (B, T, D)."""
+    def trunk(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Embedding and trunk layers: tokens (B, T) -> hidden (B, T, D). With ``cache``
+        (inference) the tokens sit at the cache's current positions."""
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(tokens.shape[1])
+        if cache is None:
+            cos, sin = self.rope(tokens.shape[1])
+            for key in self.layout.trunk_keys:
+                h = self.layers[key](h, cos, sin)
+            return h
         for key in self.layout.trunk_keys:
-            h = self.layers[key](h, cos, sin)
+            layer_cache = cache[f"layers.{key}"]
+            h = self.layers[key](h, *self.rope(tokens.shape[1], layer_cache.positions), layer_cache)
         return h
 
     def forward(self, tokens: torch.Tensor, return_all_heads: bool = False) -> torch.Tensor:

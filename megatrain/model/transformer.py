@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain.config import ModelConfig
+from megatrain.model.kv_cache import LayerCache
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -33,10 +34,12 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1), (x2, x3) ... as Meta's complex-number RoPE does."""
-    # x: (B, T, n_heads, head_dim); cos/sin: (T, head_dim // 2)
+    # x: (B, T, n_heads, head_dim); cos/sin: (T, head_dim // 2), or (B, T, head_dim // 2) when the
+    # rows sit at different positions (inference with a KV cache)
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[:, :, None, :], sin[:, :, None, :]) if cos.dim() == 3 else \
+        (cos[None, :, None, :], sin[None, :, None, :])
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -53,14 +56,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 instead of n_heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)  # (B, T, H_kv, hd)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.backend == "xformers":
+        if cache is not None:  # inference: attend to every cached position up to the query's
+            k, v, mask = cache.update(k, v)  # (B, span, H_kv, hd), mask (B, 1, T, span)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                enable_gqa=k.shape[2] != q.shape[2]).transpose(1, 2)
+        elif self.backend == "xformers":
             out = _xformers_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(
@@ -104,6 +113,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))

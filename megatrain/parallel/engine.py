@@ -7,6 +7,7 @@ data parallelism only). ``build_engine`` is the only place that tells them apart
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -55,12 +56,14 @@ class TrainingEngine(Protocol):
 
 
 def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
-                 autocast_dtype: torch.dtype | None) -> tuple[TrainingEngine, int]:
+                 autocast_dtype: torch.dtype | None,
+                 init_weights: Mapping[str, torch.Tensor] | None = None) -> tuple[TrainingEngine, int]:
     """This rank's engine for ``parallel.dp_engine`` and the model's parameter count.
 
     FSDP/TP/PP build on the meta device, shard, then materialise only this rank's shards (no rank
     ever holds the whole model); DeepSpeed partitions a materialised module itself and builds its
-    AdamW inside (deepspeed_engine.py).
+    AdamW inside (deepspeed_engine.py). ``init_weights`` (full tensors by parameter name:
+    ``init.path``) replace the initial values, in both engines.
     """
     t, p = cfg.train, cfg.parallel
     max_seq_len = cfg.model.max_seq_len or cfg.data.seq_len
@@ -69,12 +72,14 @@ def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, devic
                   impl=cfg.loss.impl, compile_blocks=t.compile)
     if p.dp_engine == "deepspeed":
         model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed).to(device)
+        if init_weights is not None:  # before ZeRO partitions the parameters and copies its fp32 master
+            model.load_state_dict(init_weights, strict=True)
         engine = parallelize_deepspeed(model, t, p, bf16=autocast_dtype == torch.bfloat16, **common)
         return engine, count_parameters(model)
     with torch.device("meta"):
         model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed)
     fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
     engine = parallelize_mtp(model, dims, mesh, p, param_dtype=fsdp_dtype, **common)
-    materialize(engine.stages, device, t.seed, max_seq_len)
+    materialize(engine.stages, device, t.seed, max_seq_len, init_weights)
     engine.attach_optimizers(t, device.type)
     return engine, count_parameters(model)

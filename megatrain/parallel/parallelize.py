@@ -14,6 +14,8 @@ allocates and initialises only this rank's shards of a model built on the meta d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -55,12 +57,17 @@ def apply_compile(stage: MTPStage) -> None:
         block.compile()
 
 
-def materialize(stages: list[MTPStage], device: torch.device, seed: int, max_seq_len: int) -> None:
+def materialize(stages: list[MTPStage], device: torch.device, seed: int, max_seq_len: int,
+                weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Allocate stages built on the meta device and fill them with the model's initial weights.
 
     Each rank computes every parameter it holds from the parameter's name (``initial_value``) and
     keeps its shard of it, so no rank ever holds the whole model and every layout starts from
     the single-process weights. Memory: one full parameter at a time, on the CPU.
+
+    ``weights`` (full tensors by parameter name, e.g. an exported model's for ``init.path``)
+    replaces the computed values; each rank still keeps only its shards (a memory-mapped
+    ``weights`` reads only the parameters this rank holds).
     """
     # Wrappers applied from outside add these to parameter names; the model's names lack them.
     wrappers = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -70,7 +77,7 @@ def materialize(stages: list[MTPStage], device: torch.device, seed: int, max_seq
             for name, param in stage.named_parameters():
                 for wrapper in wrappers:
                     name = name.replace(wrapper, "")
-                full = initial_value(name, param.shape, stage.cfg, seed)
+                full = initial_value(name, param.shape, stage.cfg, seed) if weights is None else weights[name]
                 if isinstance(param, DTensor):  # this rank's shard (TP and/or FSDP), no comms
                     shard = distribute_tensor(full, param.device_mesh, param.placements,
                                               src_data_rank=None).to_local()

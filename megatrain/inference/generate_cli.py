@@ -1,0 +1,131 @@
+"""``megatrain generate``: complete a prompt with a trained model, plainly or self-speculatively.
+
+The model comes from a run directory (its newest intact checkpoint, or ``--checkpoint STEP``,
+whatever layout it was trained with) or from a Meta-format export (``--from``); the tokenizer is
+the training dataset's, or the ``tokenizer.json`` inside the export folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from megatrain.errors import ConfigError, UserError
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-dir", help="run directory of a training run")
+    source.add_argument("--from", dest="export_dir", metavar="EXPORT_DIR",
+                        help="a folder written by `megatrain export --format meta`")
+    parser.add_argument("--checkpoint", type=int, metavar="STEP",
+                        help="with --run-dir: this step's checkpoint (default: the newest intact one)")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to complete")
+    prompt.add_argument("--prompt-file", help="a file holding the text to complete")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="self-speculative decoding: heads 2..n draft, head 1 verifies (same "
+                             "output as plain greedy decoding; samples from head 1's distribution)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--json", action="store_true",
+                        help="print {text, tokens, forwards, tokens_per_forward, accepted_per_head, "
+                             "tokens_per_s} as JSON")
+    return parser
+
+
+def run_generate(args) -> int:
+    from megatrain.inference.generate import Generator, Sampling
+
+    _check(args)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    tokenizer, eos_id, load, trained_len = _source(args)
+    prompt = tokenizer.encode(text, add_special_tokens=False).ids
+    if not prompt:
+        raise ConfigError("the prompt is empty after tokenization; give some text with --prompt")
+    # RoPE tables for every position this request reaches; past the trained context the model
+    # extrapolates, which it may do badly: say so
+    need = len(prompt) + args.max_new_tokens + 8
+    if trained_len and len(prompt) + args.max_new_tokens > trained_len:
+        print(f"note: {len(prompt)} prompt + {args.max_new_tokens} new tokens exceed the "
+              f"{trained_len} the model was trained on; quality may degrade", file=sys.stderr)
+    model = load(max(need, trained_len or 0), device, dtype)
+    try:
+        result = Generator(model).generate([prompt], args.max_new_tokens,
+                                           sampling=Sampling(args.temperature, args.top_p, args.seed),
+                                           speculative=args.speculative, eos_id=eos_id)
+    except ValueError as err:  # a request the model cannot serve: the user's to fix
+        raise ConfigError(str(err)) from None
+    tokens = result.tokens[0]
+    completion = tokenizer.decode([t for t in tokens if t != eos_id])
+    if args.json:
+        print(json.dumps({"text": completion, "tokens": tokens, "forwards": result.forwards,
+                          "tokens_per_forward": result.tokens_per_forward,
+                          "accepted_per_head": result.accepted_per_head,
+                          "tokens_per_s": len(tokens) / max(result.seconds, 1e-9)}))
+    else:
+        sys.stdout.write(text + completion + "\n")
+        if args.speculative:
+            print(f"[{result.tokens_per_forward:.2f} tokens per forward; kept per head: "
+                  + " ".join(f"{a:.2f}" for a in result.accepted_per_head) + "]", file=sys.stderr)
+    return 0
+
+
+def _check(args) -> None:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.checkpoint is not None and args.export_dir:
+        raise ConfigError("--checkpoint picks a step of a --run-dir; an export folder holds one model")
+    if args.prompt_file and not Path(args.prompt_file).is_file():
+        raise ConfigError(f"--prompt-file {args.prompt_file} does not exist")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is visible; use --device cpu")
+
+
+def _source(args):
+    """The tokenizer, EOS id, a loader ``(max_seq_len, device, dtype) -> model`` and the trained
+    context length (None if unknown) of a run directory's checkpoint or of an export folder."""
+    from tokenizers import Tokenizer
+
+    from megatrain.data_pipelines.vocab import EOS_TOKEN
+    from megatrain.inference.export import TOKENIZER_FILE, dataset_tokenizer
+    from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint, load_exported
+
+    if args.export_dir:
+        path = Path(args.export_dir) / TOKENIZER_FILE
+        if not path.is_file():
+            raise UserError(f"{args.export_dir} has no {TOKENIZER_FILE}: export it from a run whose "
+                            f"dataset is on this machine, or copy the tokenizer there")
+        tokenizer = Tokenizer.from_file(str(path))
+
+        def load_export(max_seq_len, device, dtype):
+            return load_exported(args.export_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)[0]
+        return tokenizer, tokenizer.token_to_id(EOS_TOKEN), load_export, None
+    folder = checkpoint_folder(args.run_dir, args.checkpoint)  # verified once, here
+    cfg = config_of(folder)
+    found = dataset_tokenizer(cfg)
+    if found is None:
+        raise UserError(f"the dataset of {args.run_dir} (data.path={cfg.data.path or 'the default'}) is "
+                        f"not on this machine, so there is no tokenizer; export the run with its "
+                        f"tokenizer and use --from")
+    path, eos_id = found
+
+    def load_run(max_seq_len, device, dtype):
+        return load_checkpoint(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)[0]
+    return Tokenizer.from_file(str(path)), eos_id, load_run, cfg.model.max_seq_len or cfg.data.seq_len

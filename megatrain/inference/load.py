@@ -1,0 +1,120 @@
+"""Load a trained MTP model into one process for inference, whatever layout it was trained with.
+
+A run directory's checkpoints hold the model in a layout-independent form (parameter names of the
+whole model, full tensors; megatrain.parallel.model_state), so tp/pp/FSDP/ZeRO checkpoints all
+load here alike. Only the model's section is read: optimizer state stays on disk. An exported
+folder in Meta's format (inference/meta_format.py) loads with ``load_exported``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megatrain.checkpoint import CheckpointManager
+from megatrain.checkpoint_integrity import problem_of
+from megatrain.config import Config, load_config, validate
+from megatrain.errors import CheckpointError, ConfigError
+from megatrain.inference.meta_format import PARAMS_FILE, WEIGHTS_FILE, read_meta
+from megatrain.model.mtp import MTPTransformer
+from megatrain.model.transformer import rope_tables
+
+MODEL_KEY = ("model_optim", "model")  # where the trainer's checkpoint keeps the model's tensors
+EXPORT_CONTEXT = 4096  # RoPE positions of a model loaded from an export (no training length recorded)
+
+
+def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint of ``step``, or the newest intact one, of a run directory."""
+    manager = CheckpointManager(Path(run_dir), keep=1)
+    steps = manager.steps()
+    if not steps:
+        raise CheckpointError(f"{run_dir} holds no checkpoint (no checkpoints/step_* folder); "
+                              f"give the run.dir of a training run that saved one")
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (there are: "
+                                  f"{', '.join(map(str, steps))})")
+        candidates = [step]
+    else:
+        candidates = sorted(steps, reverse=True)
+    problems = []
+    for candidate in candidates:
+        folder = manager.path_of(candidate)
+        problem = problem_of(folder)
+        if problem is None:
+            return folder
+        problems.append(f"{folder.name}: {problem}")
+    raise CheckpointError(f"no intact checkpoint in {run_dir}: {'; '.join(problems)}")
+
+
+def config_of(folder: Path) -> Config:
+    """The config a checkpoint was saved with (older checkpoints: the run directory's)."""
+    for path in (folder / "config.yaml", folder.parent.parent / "config.yaml"):
+        if path.is_file():
+            return load_config(path)
+    raise CheckpointError(f"no config.yaml in {folder} or its run directory; cannot rebuild the model")
+
+
+def build_for_inference(cfg: Config, max_seq_len: int | None = None,
+                        device: str | torch.device = "cpu") -> MTPTransformer:
+    """An MTPTransformer of ``cfg``'s shape with uninitialised weights (to be loaded) and RoPE
+    tables for ``max_seq_len`` positions (default: the training length)."""
+    max_seq_len = max_seq_len or cfg.model.max_seq_len or cfg.data.seq_len
+    with torch.device("meta"):  # no random init of weights that are about to be overwritten
+        model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=cfg.train.seed)
+    model.to_empty(device=device)
+    cos, sin = rope_tables(cfg.model.dim // cfg.model.n_heads, max_seq_len, cfg.model.rope_theta)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    return model
+
+
+def load_model(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32,
+               max_seq_len: int | None = None) -> tuple[MTPTransformer, Config]:
+    """The model of a run directory's checkpoint (newest intact, or ``step``), in eval mode."""
+    return load_checkpoint(checkpoint_folder(run_dir, step), device=device, dtype=dtype,
+                           max_seq_len=max_seq_len)
+
+
+def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    max_seq_len: int | None = None) -> tuple[MTPTransformer, Config]:
+    """``load_model`` of one checkpoint folder (from ``checkpoint_folder``: already verified)."""
+    cfg = config_of(folder)
+    model = build_for_inference(cfg, max_seq_len, device)
+    state = {name: torch.empty_like(p, device="cpu") for name, p in model.state_dict().items()}
+    try:
+        dcp.load({MODEL_KEY[0]: {MODEL_KEY[1]: state}}, checkpoint_id=str(folder))
+    except Exception as err:  # noqa: BLE001 - any DCP failure is "cannot load", with its cause
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise CheckpointError(f"cannot load the model from {folder}: {lines[-1]}") from err
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype).eval(), cfg
+
+
+def load_exported(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  max_seq_len: int | None = None) -> tuple[MTPTransformer, Config]:
+    """The model of a Meta-format folder (``megatrain export --format meta``, or Meta's own release),
+    in eval mode, with the Config its params.json describes (``data.seq_len`` = ``model.max_seq_len``,
+    every other key at its default).
+
+    params.json does not record a context length: RoPE tables cover ``max_seq_len`` positions,
+    default ``EXPORT_CONTEXT`` (Llama 2's).
+    """
+    state, model_cfg = read_meta(path)
+    model_cfg.max_seq_len = max_seq_len or EXPORT_CONTEXT
+    cfg = Config(model=model_cfg)
+    cfg.data.seq_len = model_cfg.max_seq_len  # no training length either: the context is the length
+    try:
+        validate(cfg)
+    except ConfigError as err:  # the keys are params.json's, not a config file's
+        raise CheckpointError(f"{Path(path) / PARAMS_FILE} describes an impossible model: {err}") from None
+    model = build_for_inference(cfg, device=device)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # names missing, extra or misshapen parameters
+        raise CheckpointError(f"{Path(path) / WEIGHTS_FILE} does not match its {PARAMS_FILE}: "
+                              f"{str(err).strip().splitlines()[1].strip()}") from None
+    return model.to(dtype).eval(), cfg

@@ -1,0 +1,178 @@
+"""Inference: KV cache == full forward, self-speculative greedy == greedy, speculative sampling
+keeps head 1's distribution, and a trained run's checkpoint loads whatever its layout."""
+
+import pytest
+import torch
+
+from megatrain.config import ModelConfig
+from megatrain.inference.generate import Generator, Sampling
+from megatrain.model.kv_cache import ModelCache
+from megatrain.model.mtp import MTPTransformer
+from megatrain.mtp_loss import build_head_targets, mtp_loss
+from megatrain.trainer import head_scales
+
+HEAD_TYPES = ["transformer", "causal", "anticausal", "linear"]
+VOCAB = 16
+
+
+def _cfg(head_type="transformer", n_future=3, **kw):
+    base = dict(n_layers=5, n_future=n_future, dim=32, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                multiple_of=16, head_type=head_type)
+    return ModelConfig(**{**base, **kw})
+
+
+def _counting(batch, length, generator):
+    """Sequences that count up by a row-specific step mod VOCAB: every head can learn them."""
+    start = torch.randint(0, VOCAB, (batch, 1), generator=generator)
+    step = torch.randint(1, 4, (batch, 1), generator=generator)
+    return (start + step * torch.arange(length)) % VOCAB
+
+
+def _trained(head_type, n_future=3, steps=60):
+    """A tiny model whose heads have learned the counting task (so drafts get accepted)."""
+    torch.manual_seed(0)
+    cfg = _cfg(head_type, n_future)
+    model = MTPTransformer(cfg, max_seq_len=96)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        window = _counting(16, 25, g)
+        targets = build_head_targets(window, n_future)
+        scales = head_scales((targets != -100).flatten(1).sum(1), [1.0] * n_future)
+        loss, _ = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales, impl="torch")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return {head_type: _trained(head_type) for head_type in HEAD_TYPES}
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_prefill_and_cached_steps_equal_a_full_forward(head_type):
+    torch.manual_seed(0)
+    model = MTPTransformer(_cfg(head_type), max_seq_len=64, seed=3).eval()
+    tokens = torch.randint(0, VOCAB, (3, 20))
+    full = model(tokens, return_all_heads=True)  # (B, T, n, V)
+    cache = ModelCache.for_model(model, 3, 40)
+    parts = []
+    for lo, hi in ((0, 11), (11, 12), (12, 20)):  # prefill, one token, a block
+        cache.at(torch.arange(lo, hi).expand(3, hi - lo))
+        outs = model.head_outputs(model.trunk(tokens[:, lo:hi], cache), cache)
+        parts.append(torch.stack([model.logits(o) for o in outs], dim=-2))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_speculative_greedy_is_greedy_token_for_token_with_rows_accepting_differently(head_type, trained):
+    model = trained[head_type]
+    g = torch.Generator().manual_seed(5)
+    in_task = _counting(3, 7, g).tolist()
+    off_task = torch.randint(0, VOCAB, (2, 5), generator=g).tolist()  # drafts rarely agree here
+    prompts = in_task + off_task + [[4]]
+    generator = Generator(model)
+    plain = generator.generate(prompts, 40)
+    spec = generator.generate(prompts, 40, speculative=True)
+    assert spec.tokens == plain.tokens
+    assert plain.tokens_per_forward == 1.0
+    # the heads learned the task: most drafts are kept, so far fewer forwards are needed
+    assert spec.tokens_per_forward > 2.0, (spec.tokens_per_forward, spec.accepted_per_head)
+    assert spec.forwards < plain.forwards / 1.8
+    assert spec.accepted_per_head[0] == 1.0 and len(spec.accepted_per_head) == 3
+
+
+def test_speculative_greedy_equals_greedy_for_an_untrained_model_with_eos():
+    """Random heads: drafts are mostly rejected, every row rolls back; EOS ends a row early."""
+    torch.manual_seed(0)
+    model = MTPTransformer(_cfg(n_future=4, n_layers=6), max_seq_len=96, seed=7).eval()
+    generator = Generator(model)
+    prompts = [[1, 2, 3], [5], [9, 9, 9, 9, 9, 9]]
+    plain = generator.generate(prompts, 30)
+    eos = plain.tokens[0][5]
+    plain = generator.generate(prompts, 30, eos_id=eos)
+    spec = generator.generate(prompts, 30, eos_id=eos, speculative=True)
+    assert spec.tokens == plain.tokens and plain.tokens[0][-1] == eos and len(plain.tokens[0]) <= 6
+
+
+def _pairs(tokens, n_rows):
+    counts = torch.zeros(VOCAB, VOCAB)
+    for row in tokens[:n_rows]:
+        counts[row[0], row[1]] += 1
+    return counts / counts.sum()
+
+
+def test_speculative_sampling_keeps_head_1s_distribution(trained, monkeypatch):
+    """The first two sampled tokens of 4000 rows against head 1's exact joint distribution: as
+    close as sampling noise allows, like plain sampling; a negative control that keeps every
+    draft is far off."""
+    import math
+
+    import megatrain.inference.generate as gen
+
+    model, prompt, rows = trained["transformer"], [3, 5, 7], 4000
+    warp = Sampling(temperature=1.5, top_p=0.95)  # an uncertain continuation: drafts get rejected
+    with torch.no_grad():
+        first = warp.probs(model(torch.tensor([prompt]))[0, -1])  # (V,)
+        second = warp.probs(model(torch.tensor([prompt + [t] for t in range(VOCAB)]))[:, -1])  # (V, V)
+    exact = first[:, None] * second
+    noise = 0.5 * (2 * exact * (1 - exact) / (math.pi * rows)).sqrt().sum()  # E[TV] of N samples
+
+    def tv(speculative, seed):
+        result = Generator(model).generate([prompt] * rows, 2, speculative=speculative,
+                                           sampling=Sampling(1.5, 0.95, seed))
+        return 0.5 * (_pairs(result.tokens, rows) - exact).abs().sum(), result
+
+    plain_tv, _ = tv(False, 11)
+    spec_tv, spec = tv(True, 12)
+    assert 0.2 < spec.accepted_per_head[1] < 0.9  # the acceptance rule is really exercised
+    assert plain_tv < 1.6 * noise and spec_tv < 1.6 * noise, (plain_tv, spec_tv, noise)
+
+    def keep_everything(p_logits, drafts, draft_probs, sampling, generator):
+        n_kept = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.long)
+        return n_kept, torch.multinomial(sampling.probs(p_logits[:, -1]), 1, generator=generator)[:, 0]
+
+    monkeypatch.setattr(gen, "_speculative_sampling", keep_everything)
+    assert tv(True, 12)[0] > 4 * noise
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = Sampling(temperature=1.0, top_p=0.7).probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])))
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_too_long_a_generation_is_refused_clearly():
+    model = MTPTransformer(_cfg(), max_seq_len=16).eval()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Generator(model).generate([[1, 2, 3]], 20)
+
+
+def test_generate_cli_from_a_run_dir_and_from_its_export(dataset, tmp_path, capsys):
+    """`megatrain generate` on a trained run: --json fields, speculative == plain greedy, and the
+    Meta export of the same checkpoint generates the same tokens."""
+    import json
+
+    from megatrain.cli import main
+    from tests.test_trainer import _overrides, _train
+
+    run = tmp_path / "run"
+    _train(_overrides(dataset, run, **{"train.steps": 4, "model.n_future": 3}))
+    capsys.readouterr()
+    common = ["--prompt", "def function_3(values", "--max-new-tokens", "12", "--json"]
+
+    def generate(*args):
+        assert main(["generate", *args, *common]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    plain = generate("--run-dir", str(run))
+    spec = generate("--run-dir", str(run), "--speculative")
+    assert spec["tokens"] == plain["tokens"] and spec["text"] == plain["text"]
+    assert len(plain["tokens"]) == 12 and plain["tokens_per_forward"] == 1.0
+    assert len(spec["accepted_per_head"]) == 3 and spec["tokens_per_s"] > 0
+    assert main(["export", "--run-dir", str(run), "--format", "meta", "--out", str(tmp_path / "meta")]) == 0
+    capsys.readouterr()
+    assert generate("--from", str(tmp_path / "meta"))["tokens"] == plain["tokens"]
+    assert main(["generate", "--run-dir", str(run), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens=0" in capsys.readouterr().err
