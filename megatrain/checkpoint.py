@@ -43,7 +43,7 @@ def _rank() -> int:
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """DCP warns on every call without a process group; one process is a normal run here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
@@ -203,7 +203,7 @@ class CheckpointManager:
             if _rank() == 0 and tmp.exists():
                 shutil.rmtree(tmp)
             _barrier()
-            with _quiet_single_process():
+            with quiet_single_process():
                 if self.async_save:
                     self._pending = (dcp.async_save(state, checkpoint_id=str(tmp),
                                                     process_group=self._group), step)
@@ -293,7 +293,7 @@ class CheckpointManager:
                 if isinstance(obj, RNGState):
                     flat[name] = {k: v for k, v in flat[name].items()
                                   if any(key.startswith(f"{name}.{k}.") for key in saved)}
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.load(flat, checkpoint_id=str(path))
         # DCP wraps rank failures in CheckpointException, which derives from BaseException; a
         # damaged .metadata fails to unpickle with any of several exception types.

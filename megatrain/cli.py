@@ -37,6 +37,10 @@ def _train(args) -> int:
                   f"{result.run_dir}: run the same command to resume", file=sys.stderr, flush=True)
         else:
             _print_done(result)
+            if not dist.is_initialized() and result.step > 0:
+                from megatrain.inference.generate_cli import print_sample
+
+                print_sample(result.run_dir)  # one process holds the whole model: show it working
     shutdown_distributed(exit_code=code)  # with a process group: leaves it and exits
     return code
 

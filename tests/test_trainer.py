@@ -153,6 +153,9 @@ def test_embedded_default_trains_and_every_head_loss_falls(tmp_path):
     assert len(first) == 4  # the default is n_future=4
     assert all(b < a - 1.0 for a, b in zip(first, last)), (first, last)
     assert "done: step 40" in result.stdout
+    # it ends by showing the heads at work: a self-speculative greedy completion of a code prompt
+    assert "sample (greedy, " in result.stdout and "tokens per forward with 4 heads" in result.stdout
+    assert "def fibonacci(n):" in result.stdout
 
 
 @pytest.mark.slow

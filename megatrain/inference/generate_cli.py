@@ -129,3 +129,30 @@ def _source(args):
     def load_run(max_seq_len, device, dtype):
         return load_checkpoint(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)[0]
     return Tokenizer.from_file(str(path)), eos_id, load_run, cfg.model.max_seq_len or cfg.data.seq_len
+
+
+SAMPLE_PROMPT = "def fibonacci(n):\n"
+
+
+def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:
+    """After a single-process training run: a greedy completion of a code prompt from the model
+    just trained, decoded self-speculatively, and how many tokens each forward produced, so the
+    point of the extra heads shows at the end of the first run."""
+    from tokenizers import Tokenizer
+
+    from megatrain.inference.export import dataset_tokenizer
+    from megatrain.inference.generate import Generator
+    from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint
+
+    folder = checkpoint_folder(run_dir)
+    cfg = config_of(folder)
+    found = dataset_tokenizer(cfg)
+    if found is None:
+        return
+    tokenizer = Tokenizer.from_file(str(found[0]))
+    prompt = tokenizer.encode(SAMPLE_PROMPT, add_special_tokens=False).ids
+    model, _ = load_checkpoint(folder, max_seq_len=len(prompt) + max_new_tokens + cfg.model.n_future + 1)
+    result = Generator(model).generate([prompt], max_new_tokens, speculative=True, eos_id=found[1])
+    completion = tokenizer.decode([t for t in result.tokens[0] if t != found[1]])
+    print(f"sample (greedy, {result.tokens_per_forward:.2f} tokens per forward with "
+          f"{cfg.model.n_future} heads):\n{SAMPLE_PROMPT}{completion}", flush=True)

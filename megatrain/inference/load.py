@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from megatrain.checkpoint import CheckpointManager
+from megatrain.checkpoint import CheckpointManager, quiet_single_process
 from megatrain.checkpoint_integrity import problem_of
 from megatrain.config import Config, load_config, validate
 from megatrain.errors import CheckpointError, ConfigError
@@ -86,7 +86,8 @@ def load_checkpoint(folder: Path, *, device: str | torch.device = "cpu", dtype: 
     model = build_for_inference(cfg, max_seq_len, device)
     state = {name: torch.empty_like(p, device="cpu") for name, p in model.state_dict().items()}
     try:
-        dcp.load({MODEL_KEY[0]: {MODEL_KEY[1]: state}}, checkpoint_id=str(folder))
+        with quiet_single_process():
+            dcp.load({MODEL_KEY[0]: {MODEL_KEY[1]: state}}, checkpoint_id=str(folder))
     except Exception as err:  # noqa: BLE001 - any DCP failure is "cannot load", with its cause
         lines = str(err).strip().splitlines() or [type(err).__name__]
         raise CheckpointError(f"cannot load the model from {folder}: {lines[-1]}") from err

@@ -1,9 +1,10 @@
 """Llama-style transformer block: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 Parameter names follow Meta's Llama / multi-token-prediction checkpoints (``attention.wq``,
-``feed_forward.w1``, ``attention_norm`` ...), so that converting to and from those checkpoints is a
-matter of names, not of layout (no converter exists yet). The module knows nothing about process
-groups: parallelism is applied from outside (megatrain.parallel).
+``feed_forward.w1``, ``attention_norm`` ...), so converting to and from those checkpoints
+(megatrain/inference/meta_format.py) is a matter of names, not of layout. The module knows
+nothing about process groups: parallelism is applied from outside (megatrain.parallel).
+Attention takes an optional KV cache for inference (model/kv_cache.py); training never passes one.
 """
 
 from __future__ import annotations
