@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -58,6 +59,10 @@ def claim(run_dir: Path, rank: int) -> RunLock | None:
             except PermissionError as err:
                 raise ConfigError(f"run.dir={run_dir} is not writable ({err.strerror}); give a "
                                   f"folder you can write to") from None
+            except OSError as err:  # e.g. ENOSPC: not even the lock file fits
+                raise UserError(f"cannot take run.dir={run_dir}: {err.strerror}"
+                                + ("; the disk is full: free space and run the same command again"
+                                   if err.errno == errno.ENOSPC else "")) from None
         except UserError as err:
             error = err
     (failed,) = agree_flags([error is not None])
