@@ -153,8 +153,12 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({**self.record, "heartbeat": time.time()}, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({**self.record, "heartbeat": time.time()}, f)
+        except OSError:  # e.g. a full disk: leave no half-written lock to block the next start
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def _read(self) -> dict | None:
@@ -163,7 +167,8 @@ class RunLock:
         except FileNotFoundError:
             return None
         except (ValueError, UnicodeDecodeError):
-            # torn by a crash while it was created: an owner that died before writing it
+            # torn by a crash (kill -9) while it was created: an owner that died before writing
+            # it fully; its age alone can prove it gone
             return {"host": "?", "pid": -1, "heartbeat": self.path.stat().st_mtime}
 
     def _heartbeat(self) -> None:
