@@ -126,6 +126,17 @@ class CheckpointManager:
         return sorted(int(m.group(1)) for p in self.root.iterdir()
                       if p.is_dir() and (m := STEP_DIR.match(p.name)))
 
+    def candidates(self, step: int = 0, asked_as: str = "step") -> list[int]:
+        """The checkpoints to try, newest first; only ``step``'s when one is asked for (under the
+        name ``asked_as``, for the error if it does not exist)."""
+        steps = self.steps()
+        if not step:
+            return sorted(steps, reverse=True)
+        if step not in steps:
+            raise CheckpointError(f"{asked_as}={step}: there is no checkpoint of that step in "
+                                  f"{self.root} (there are: {', '.join(map(str, steps)) or 'none'})")
+        return [step]
+
     def path_of(self, step: int) -> Path:
         return self.root / f"step_{step:07d}"
 
@@ -152,16 +163,9 @@ class CheckpointManager:
         or later ones when rewinding to ``load_step``) are moved to ``run.dir/archive/``, never
         deleted, and ``latest`` then names the loaded one. Returns it, or None if there is none.
         """
-        steps = self.steps()
-        if load_step:
-            if load_step not in steps:
-                raise CheckpointError(
-                    f"checkpoint.load_step={load_step}: there is no checkpoint of that step in "
-                    f"{self.root} (there are: {', '.join(map(str, steps)) or 'none'})")
-            candidates = [load_step]
-        else:
+        candidates = self.candidates(load_step, asked_as="checkpoint.load_step")
+        if not load_step:
             self.latest()  # only to report a damaged pointer: the folders say what exists
-            candidates = sorted(steps, reverse=True)
         failures = []
         for step in candidates:
             path = self.path_of(step)

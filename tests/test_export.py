@@ -255,5 +255,5 @@ def test_cli_export_prints_the_files_and_refuses_bad_input(trained_run, tmp_path
     assert "consolidated.pth, params.json, tokenizer.json" in capsys.readouterr().out
     assert main(["export", "--run-dir", str(trained_run), "--checkpoint", "7", "--format", "meta",
                  "--out", str(tmp_path / "other")]) == 2
-    assert "no checkpoint of step 7" in capsys.readouterr().err
+    assert "--checkpoint=7: there is no checkpoint of that step" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()

@@ -28,19 +28,11 @@ EXPORT_CONTEXT = 4096  # RoPE positions of a model loaded from an export (no tra
 def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
     """The checkpoint of ``step``, or the newest intact one, of a run directory."""
     manager = CheckpointManager(Path(run_dir), keep=1)
-    steps = manager.steps()
-    if not steps:
+    if not manager.steps():
         raise CheckpointError(f"{run_dir} holds no checkpoint (no checkpoints/step_* folder); "
                               f"give the run.dir of a training run that saved one")
-    if step is not None:
-        if step not in steps:
-            raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (there are: "
-                                  f"{', '.join(map(str, steps))})")
-        candidates = [step]
-    else:
-        candidates = sorted(steps, reverse=True)
     problems = []
-    for candidate in candidates:
+    for candidate in manager.candidates(step or 0, asked_as="--checkpoint"):
         folder = manager.path_of(candidate)
         problem = problem_of(folder)
         if problem is None:
