@@ -110,13 +110,22 @@ class Generator:
     # ---- forwards ------------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache,
                  all_heads: bool) -> list[torch.Tensor]:
-        """Logits (B, T, V) of head 1, or of every head, for tokens at ``positions``."""
+        """Pre-norm outputs (B, T, D) of head 1, or of every head, for tokens at ``positions``.
+
+        Hidden states, not logits: every position must pass through each head layer (its KV cache
+        needs it), but the unembedding, at small widths the costliest part, is applied only
+        where a token is read off (``_logits_at``)."""
         cache.at(positions)
         hidden = self.model.trunk(tokens, cache)
         if all_heads or self.model.head_type == "anticausal":  # anticausal: head 1 reads head 2
             outs = self.model.head_outputs(hidden, cache)
-            return [self.model.logits(out) for out in (outs if all_heads else outs[:1])]
-        return [self.model.logits(self.model.head_forward(0, hidden, cache))]
+            return outs if all_heads else outs[:1]
+        return [self.model.head_forward(0, hidden, cache)]
+
+    def _logits_at(self, head_out: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of one head at block position ``at`` (B,) of each row, as float32 on the CPU."""
+        rows = torch.arange(head_out.shape[0], device=head_out.device)
+        return self.model.logits(head_out[rows, at.to(head_out.device)]).float().cpu()
 
     def _prefill(self, prompts, cache, all_heads: bool) -> list[torch.Tensor]:
         """Run the prompts (right-padded) in one forward; logits at each row's last prompt token."""
@@ -126,10 +135,9 @@ class Generator:
         for r, p in enumerate(prompts):
             tokens[r, :len(p)] = torch.tensor(p, device=device)
         positions = torch.arange(width, device=device).expand(len(prompts), width)
-        logits = self._forward(tokens, positions, cache, all_heads)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        rows = torch.arange(len(prompts), device=device)
-        return [head_logits[rows, last] for head_logits in logits]  # each (B, V)
+        outs = self._forward(tokens, positions, cache, all_heads)
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        return [self._logits_at(out, last) for out in outs]  # each (B, V)
 
     # ---- plain decoding --------------------------------------------------------------------------
     def _plain(self, state, cache, logits, sampling, generator) -> None:
@@ -139,7 +147,9 @@ class Generator:
             if not state.active():
                 break
             positions = state.lengths[:, None] - 1  # the token just emitted is not in the cache yet
-            logits = self._forward(nxt[:, None].to(positions.device), positions, cache, False)[0][:, 0]
+            device = self.model.rope_cos.device
+            out = self._forward(nxt[:, None].to(device), positions.to(device), cache, False)[0]
+            logits = self._logits_at(out, torch.zeros(state.batch, dtype=torch.long))
             state.forwards += 1
             nxt = _pick(logits, sampling, generator)
 
@@ -148,17 +158,14 @@ class Generator:
         n, batch = self.n, state.batch
         rows = torch.arange(batch)
         t0 = _pick(logits[0], sampling, generator)
-        at_prompt_end = torch.zeros(batch, dtype=torch.long)
-        drafts, draft_probs = self._draft([lg[:, None] for lg in logits[1:]], at_prompt_end, sampling,
-                                          generator)
+        drafts, draft_probs = self._draft(logits[1:], sampling, generator)
         while state.active():
             block = torch.cat([t0[:, None], drafts], dim=1)  # (B, n): t0, d1 .. d_{n-1}
             positions = state.lengths[:, None] + torch.arange(n)  # t0 sits at the row's length
-            head_logits = self._forward(block.to(self.model.rope_cos.device),
-                                        positions.to(self.model.rope_cos.device), cache, True)
+            outs = self._forward(block.to(self.model.rope_cos.device),
+                                 positions.to(self.model.rope_cos.device), cache, True)
             state.forwards += 1
-            head_logits = [lg.float().cpu() for lg in head_logits]
-            p = head_logits[0]  # (B, n, V): head 1 after each block token
+            p = self.model.logits(outs[0]).float().cpu()  # (B, n, V): head 1 after each block token
             if sampling.greedy:
                 predicted = p.argmax(-1)  # (B, n)
                 kept = (drafts == predicted[:, :-1]).long().cumprod(dim=1)  # (B, n-1)
@@ -168,14 +175,14 @@ class Generator:
                 n_kept, t0_next = _speculative_sampling(p, drafts, draft_probs, sampling, generator)
             emitted = [[int(t0[r])] + drafts[r, :int(n_kept[r])].tolist() for r in range(batch)]
             state.emit(emitted, accepted_drafts=n_kept.tolist())
-            drafts, draft_probs = self._draft([lg for lg in head_logits[1:]], n_kept, sampling, generator)
+            # heads 2..n draft after the last kept token: only there are they unembedded
+            drafts, draft_probs = self._draft([self._logits_at(out, n_kept) for out in outs[1:]],
+                                              sampling, generator)
             t0 = t0_next
 
-    def _draft(self, head_logits: list[torch.Tensor], at: torch.Tensor, sampling, generator):
-        """Heads 2..n's tokens after block position ``at`` of each row: (B, n-1), and the
-        distributions they were drawn from (sampling only)."""
-        rows = torch.arange(at.shape[0])
-        picked = [lg.float().cpu()[rows, at] for lg in head_logits]  # each (B, V)
+    def _draft(self, picked: list[torch.Tensor], sampling, generator):
+        """Heads 2..n's tokens from their logits (B, V) each: (B, n-1), and the distributions
+        they were drawn from (sampling only)."""
         if sampling.greedy:
             return torch.stack([lg.argmax(-1) for lg in picked], dim=1), None
         probs = [sampling.probs(lg) for lg in picked]
