@@ -31,10 +31,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from megatrain.checkpoint_integrity import problem_of, write_checksums
+from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text, fsync_dir
-from megatrain.parallel.comm import all_reduce_host
+from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.run_dir import STEP_DIR, archive
 
 
@@ -190,14 +190,14 @@ class CheckpointManager:
 
     def _make_latest(self, step: int, archive_label: str) -> None:
         """Archive the checkpoints newer than ``step`` and point ``latest`` at it."""
-        if _rank() == 0:
+        def archive_newer_and_point():
             newer = [self.path_of(s) for s in self.steps() if s > step]
             if newer:
                 target = archive(self.run_dir, newer, archive_label)
                 _say(f"moved {', '.join(p.name for p in newer)} to {target}")
             if (self.latest() or Path()).name != self.path_of(step).name:
                 atomic_write_text(self.root / "latest", self.path_of(step).name + "\n")
-        _barrier()
+        _on_rank_0(archive_newer_and_point, f"make {self.path_of(step).name} the latest checkpoint")
 
     # ---- saving ----------------------------------------------------------------------------------
     def save(self, state: dict, step: int) -> None:
@@ -247,19 +247,20 @@ class CheckpointManager:
         then move ``latest``."""
         _barrier()  # main-thread agreement on the default group (see poll)
         tmp, final = self._tmp(step), self.path_of(step)
-        if _rank() == 0 and self.config_text is not None:
-            atomic_write_text(tmp / "config.yaml", self.config_text)
-        _barrier()
-        write_checksums(tmp)
-        _barrier()
-        if _rank() == 0:
-            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            atomic_write_text(self.root / "latest", final.name + "\n")
-            self._prune(keep_also=final)
-        _barrier()
+        if self.config_text is not None:
+            _on_rank_0(lambda: atomic_write_text(tmp / "config.yaml", self.config_text),
+                       f"write the config into {tmp}")
+        manifest = checksums_text(tmp)  # collective: every rank hashes a share
+        _on_rank_0(lambda: self._rename_and_point(tmp, final, manifest), f"publish {final}")
+
+    def _rename_and_point(self, tmp: Path, final: Path, manifest: str) -> None:
+        atomic_write_text(tmp / CHECKSUMS, manifest)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        self._prune(keep_also=final)
 
     @contextlib.contextmanager
     def _disk_full_is_reported(self, tmp: Path):
@@ -288,14 +289,16 @@ class CheckpointManager:
         """Load ``state`` (name -> Stateful) from ``path``; every key must be in the checkpoint.
 
         The one exception is a rank's RNG entry: a run resumed on more ranks than it was saved
-        with has no RNG state for the new ranks, and they keep their fresh seeds.
+        with has no RNG state for the new ranks, and they keep their fresh seeds; a checkpoint
+        saved without CUDA has no CUDA generator state for a resume on a machine with one.
         """
         flat = {name: obj.state_dict() for name, obj in state.items()}
         try:
             saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
             for name, obj in state.items():
-                if isinstance(obj, RNGState):
-                    flat[name] = {k: v for k, v in flat[name].items()
+                if isinstance(obj, RNGState):  # only the ranks and generators the saver had
+                    flat[name] = {k: {g: t for g, t in v.items() if f"{name}.{k}.{g}" in saved}
+                                  for k, v in flat[name].items()
                                   if any(key.startswith(f"{name}.{k}.") for key in saved)}
             with quiet_single_process():
                 dcp.load(flat, checkpoint_id=str(path))
@@ -314,6 +317,23 @@ class CheckpointManager:
         for old in steps[:-self.keep]:
             if old.name not in protected:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _on_rank_0(action, what: str) -> None:
+    """Run a file-system action on rank 0 and let every rank learn whether it failed, so that a
+    failure there (a full disk, say) is raised on every rank instead of leaving the others waiting
+    in their next collective."""
+    error = None
+    if _rank() == 0:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the agreement
+            error = err
+    (failed,) = agree_flags([error is not None])
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"rank 0 could not {what} (its output says why)")
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatrain.files import atomic_write_text
 from megatrain.parallel.comm import all_reduce_host
 
 CHECKSUMS = "checksums.json"
@@ -47,10 +46,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(folder: Path) -> None:
-    """Hash every file of ``folder`` (a complete checkpoint not yet published) into its manifest.
+def checksums_text(folder: Path) -> str:
+    """The manifest of every file of ``folder`` (a complete checkpoint not yet published), as the
+    text of its ``checksums.json``; the caller writes it (on rank 0).
 
-    Collective: every rank calls it; rank 0 writes the manifest.
+    Collective: every rank calls it and hashes its share of the files.
     """
     rank, world = _world()
     names = _files(folder)
@@ -60,8 +60,7 @@ def write_checksums(folder: Path) -> None:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
         mine = {k: v for part in gathered for k, v in part.items()}
-    if rank == 0:
-        atomic_write_text(folder / CHECKSUMS, json.dumps({"format": FORMAT, "files": mine}, indent=1))
+    return json.dumps({"format": FORMAT, "files": mine}, indent=1)
 
 
 def problem_of(folder: Path) -> str | None:
@@ -81,10 +80,13 @@ def problem_of(folder: Path) -> str | None:
             files = manifest["files"]
             if manifest.get("format") != FORMAT:
                 raise ValueError(manifest.get("format"))
+            # any failure here is this checkpoint's problem, never an exception that would leave
+            # this rank out of the verdict's all-reduce below while the others wait in it
+            problem = _check_files(folder, sorted(files)[rank::world], files)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             problem = f"its {CHECKSUMS} is unreadable"
-        else:
-            problem = _check_files(folder, sorted(files)[rank::world], files)
+        except OSError as err:
+            problem = f"reading it failed ({err.strerror or err})"
     # every rank checked a share: the checkpoint is intact only if every share is
     flags = torch.tensor([0 if problem is None else 1])
     all_reduce_host(flags, dist.group.WORLD if world > 1 else None, op=dist.ReduceOp.MAX)

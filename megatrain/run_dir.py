@@ -65,6 +65,8 @@ def claim(run_dir: Path, rank: int) -> RunLock | None:
                                    if err.errno == errno.ENOSPC else "")) from None
         except UserError as err:
             error = err
+        except Exception as err:  # noqa: BLE001 - e.g. a lock file of another shape: say so everywhere
+            error = UserError(f"cannot take run.dir={run_dir}: {type(err).__name__}: {err}")
     (failed,) = agree_flags([error is not None])
     if error is not None:
         raise error
@@ -76,7 +78,9 @@ def claim(run_dir: Path, rank: int) -> RunLock | None:
 def start_fresh(run_dir: Path, overwrite: str, rank: int) -> None:
     """A start that resumes nothing, in a run dir that may hold an earlier run's outputs: refuse
     (``run.overwrite=refuse``) or move them to ``archive/`` (``archive``); never delete them."""
-    if not has_history(run_dir):
+    # one verdict for every rank: rank 0 may already be moving the old run while another looks
+    (history,) = agree_flags([has_history(run_dir)])
+    if not history:
         return
     if overwrite != "archive":
         raise ConfigError(

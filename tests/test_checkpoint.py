@@ -112,3 +112,19 @@ def test_async_save_publishes_latest_only_when_written(tmp_path):
     manager.load({"mo": ModelAndOptimizer(other, other_optim)}, manager.latest())
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_saved_without_cuda_resumes_on_a_machine_with_it(tmp_path, monkeypatch):
+    """RNG state: a CPU-only save has no CUDA generator; a resume where CUDA is visible keeps
+    that generator as it is instead of failing on the missing key."""
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.prepare()
+    torch.manual_seed(5)
+    manager.save({"rng": RNGState()}, step=1)
+    expected = torch.rand(2)
+    set_cuda = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.zeros(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_cuda.append)
+    manager.load({"rng": RNGState()}, manager.latest())
+    assert torch.equal(torch.rand(2), expected) and set_cuda == []

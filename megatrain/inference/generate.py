@@ -88,6 +88,8 @@ class Generator:
         sampling = sampling or Sampling()
         if speculative and self.n == 1:
             speculative = False  # nothing to draft with: plain decoding is the same thing
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         need = max(len(p) for p in prompts) + max_new_tokens + self.n
