@@ -38,6 +38,7 @@ from megatrain.files import atomic_write_text
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_S = 30 * HEARTBEAT_S
+TAKEOVER_SETTLE_S = 1.0
 
 
 class RunDirInUse(UserError):
@@ -109,12 +110,13 @@ class RunLock:
         self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                        "job_id": job_id, "restart": restart, "started": time.time()}
         self._stop = threading.Event()
+        self._lost = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
         for _ in range(3):  # a stale lock is removed, then raced for again like a fresh one
             if self._create():
-                break
+                return self._start_heartbeat()
             holder = self._read()
             if holder is None:  # vanished between our attempt and the read: try again
                 continue
@@ -124,13 +126,31 @@ class RunLock:
                     f"run.dir {self.path.parent} is in use by another training ({describe(holder)}; "
                     f"lock {self.path}). Wait for it to finish, stop it, or use another run.dir; if "
                     f"that training is certainly gone, delete {self.path}")
+            if self._read() != holder:  # replaced since we judged it: judge the new one
+                continue
             print(f"taking over the lock of {self.path.parent}: its owner is gone ({reason})",
                   flush=True)
             self.path.unlink(missing_ok=True)
-        else:
-            raise RunDirInUse(f"could not take the lock {self.path}: other starts keep racing for it")
+            if self._create():
+                # Two starts that judged the same dead owner may both get here, the later one
+                # replacing the earlier one's fresh lock: after a pause only one still owns it.
+                time.sleep(TAKEOVER_SETTLE_S)
+                now = self._read() or {}
+                if now.get("owner") != self.record["owner"]:
+                    raise RunDirInUse(f"run.dir {self.path.parent} was taken over by another start "
+                                      f"at the same moment ({describe(now)}); this one stops")
+                return self._start_heartbeat()
+        raise RunDirInUse(f"could not take the lock {self.path}: other starts keep racing for it")
+
+    def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat, name="megatrain-run-lock", daemon=True)
         self._thread.start()
+
+    @property
+    def lost(self) -> bool:
+        """True once another start took the lock over (this run was presumed gone: suspended
+        or stopped for longer than STALE_S): this run must stop writing the run dir."""
+        return self._lost.is_set()
 
     def release(self) -> None:
         self._stop.set()
@@ -175,7 +195,8 @@ class RunLock:
         while not self._stop.wait(HEARTBEAT_S):
             holder = self._read()
             if holder is None or holder.get("owner") != self.record["owner"]:
-                return  # taken over (we were presumed gone): never write over the new owner
+                self._lost.set()  # taken over (we were presumed gone): never write over the new owner
+                return
             try:
                 atomic_write_text(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
             except OSError:

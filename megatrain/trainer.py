@@ -25,10 +25,10 @@ from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
 from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import apply_schedule, build_scheduler
 from megatrain.parallel import ParallelDims, init_distributed
-from megatrain.parallel.comm import all_reduce_host
+from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.parallel.engine import TrainingEngine, build_engine
 from megatrain.run_dir import check_same_model, claim, record_config, start_fresh
-from megatrain.run_lock import RunLock
+from megatrain.run_lock import RunDirInUse, RunLock
 
 
 @dataclass
@@ -305,8 +305,13 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None) -> Trai
 
 
 def _save(run: Run) -> None:
-    """Checkpoint this step, unless its update made a parameter NaN/inf: such a state is never
-    saved (a resume from it could only produce NaN)."""
+    """Checkpoint this step, unless another start has taken the run dir over (then writing on
+    would corrupt it) or the step's update made a parameter NaN/inf (a resume from such a state
+    could only produce NaN)."""
+    (lost,) = agree_flags([run.lock is not None and run.lock.lost])
+    if lost:  # another start took the run dir over: writing on would corrupt it
+        raise RunDirInUse(f"another training took over {run.checkpoints.run_dir} while this one ran "
+                          f"(it was presumed gone); step {run.state.step} was not saved")
     if not run.engine.parameters_are_finite():
         run.checkpoints.finish()
         raise NonFiniteLossError(f"the update of step {run.state.step} made parameters NaN/inf; it was "

@@ -150,6 +150,49 @@ def test_a_lock_of_a_slurm_job_that_squeue_no_longer_knows_is_taken_over(tmp_pat
     lock.release()
 
 
+def test_two_starts_taking_over_the_same_dead_lock_leave_one_owner(tmp_path, monkeypatch):
+    """Both judged the same dead owner; the later one replaced the earlier one's fresh lock
+    while it paused to check: the earlier one sees that and stops."""
+    import megatrain.run_lock as run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).write_text(json.dumps({"owner": "dead", "host": "another-node", "pid": 1,
+                                             "heartbeat": 0.0, "started": 0.0}))
+    rival = {"owner": "rival", "host": "another-node", "pid": 2, "heartbeat": time.time(),
+             "started": time.time()}
+    monkeypatch.setattr(run_lock.time, "sleep", lambda s: (run / LOCK_NAME).write_text(json.dumps(rival)))
+    with pytest.raises(RunDirInUse, match="taken over by another start at the same moment"):
+        RunLock(run).acquire()
+    assert json.loads((run / LOCK_NAME).read_text())["owner"] == "rival"
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_writing_a_checkpoint(dataset, tmp_path, monkeypatch):
+    """Presumed gone (e.g. suspended for longer than the stale age) and taken over: the heartbeat
+    notices, and the next save stops the run instead of writing into the other's run dir."""
+    import megatrain.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    run = tmp_path / "run"
+    other = {"owner": "new-owner", "host": "another-node", "pid": 2, "heartbeat": time.time(),
+             "started": time.time()}
+
+    def taken_over_after_step_2(step):
+        if step == 2:
+            (run / LOCK_NAME).write_text(json.dumps(other))
+            time.sleep(0.5)  # a heartbeat passes
+        return False
+
+    from megatrain.config import load_config
+    from megatrain.trainer import train
+
+    with pytest.raises(RunDirInUse, match="took over"):
+        train(load_config(None, _overrides(dataset, run, **{"train.steps": 6, "checkpoint.every": 3})),
+              should_stop=taken_over_after_step_2)
+    assert not (run / "checkpoints" / "step_0000003").exists()
+    assert json.loads((run / LOCK_NAME).read_text())["owner"] == "new-owner"  # left alone
+
+
 # ---- 2. fresh starts never destroy ------------------------------------------------------------------
 def test_a_fresh_start_in_a_used_run_dir_is_refused_or_archives_never_deletes(dataset, tmp_path):
     run = tmp_path / "run"
