@@ -163,8 +163,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_n_correct):
         hidden, weight, bias, local_t, here, valid, lse, n_valid = ctx.saved_tensors
         if ctx.eager_grads is not None:  # formed in forward for a unit incoming gradient
-            return (*ctx.eager_grads.results(hidden, weight, bias, grad_loss), None, None, None,
-                    None, None)
+            # Hand the buffers over: kept on ctx they would live as long as the graph does.
+            eager, ctx.eager_grads = ctx.eager_grads, None
+            return (*eager.results(hidden, weight, bias, grad_loss), None, None, None, None, None)
         n_rows, vocab_local = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden, weight)
         row_grad = row_grads(grad_loss, valid, n_valid, ctx.reduction, acc)

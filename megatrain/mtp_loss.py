@@ -29,6 +29,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from megatrain.kernels import fused_linear_cross_entropy
+from megatrain.profiling.phases import phase
 
 
 def build_head_targets(window: torch.Tensor, n_future: int, ignore_index: int = -100,
@@ -123,28 +124,38 @@ class SequentialHeadsLoss(torch.autograd.Function):
             """Head i's forward + CE + backward from input x; returns grad w.r.t. x."""
             nonlocal total
             x = x.detach().requires_grad_(True)
+            head = i + 1  # phases name heads 1-based
             with torch.enable_grad():
-                out = model.head_forward(i, x)
-                ce_sum, hits = _head_ce(model, i, out, targets[i], ignore_index, impl)
-                scaled = ce_sum.float() * head_scales[i]
-                head_params = model.head_params(i)
-                outputs, grad_outputs = [scaled], [None]
-                if grad_out is not None:  # chained: later heads' gradient w.r.t. this output
-                    outputs.append(out)
-                    grad_outputs.append(grad_out)
-                grads = torch.autograd.grad(outputs, [x, *head_params], grad_outputs,
-                                            allow_unused=True)
-            accumulate(grads[1:], head_params)
-            loss_sum[i] = ce_sum.detach().double().cpu()
+                with phase(f"head{head}.forward", head=head):
+                    out = model.head_forward(i, x)
+                with phase(f"head{head}.loss", head=head):
+                    ce_sum, hits = _head_ce(model, i, out, targets[i], ignore_index, impl)
+                    scaled = ce_sum.float() * head_scales[i]
+                with phase(f"head{head}.backward", head=head):
+                    head_params = model.head_params(i)
+                    outputs, grad_outputs = [scaled], [None]
+                    if grad_out is not None:  # chained: later heads' gradient w.r.t. this output
+                        outputs.append(out)
+                        grad_outputs.append(grad_out)
+                    grads = torch.autograd.grad(outputs, [x, *head_params], grad_outputs,
+                                                allow_unused=True)
+                    # Drop the head's graph now: its nodes (the CE's, with its gradient buffers)
+                    # live as long as a tensor refers to them, i.e. until run_head returns.
+                    ce_sum, scaled = ce_sum.detach(), scaled.detach()
+                    accumulate(grads[1:], head_params)
+                    grad_x = grads[0]
+                    del grads, outputs, out  # summed in / done with: free them before the next head
+            loss_sum[i] = ce_sum.double().cpu()
             n_correct[i] = hits.cpu()
-            total = total + scaled.detach()
-            return grads[0]
+            total = total + scaled
+            return grad_x
 
         if not model.heads_are_chained:
             grad_trunk = None
             for i in model.head_order:
                 g = run_head(i, trunk_hidden, None)
                 grad_trunk = g if grad_trunk is None else grad_trunk.add_(g)
+                del g  # else it stays alive (B x T x D) through the next head
         else:
             # Inputs of every head along the chain, without a graph (B, T, D each).
             order = model.head_order
@@ -207,12 +218,17 @@ def _forward_only(model, trunk_hidden, targets, head_scales, ignore_index, impl)
 
 
 def mtp_loss_naive(model, trunk_hidden, targets, head_scales, ignore_index=-100):
-    """Reference: every head's full logits alive at once, plain autograd. For tests only."""
-    outs = model.head_outputs(trunk_hidden)
-    total = 0.0
-    for i, out in enumerate(outs):
-        logits = model.logits(out).float().flatten(0, 1)
-        ce = torch.nn.functional.cross_entropy(logits, targets[i].flatten(), ignore_index=ignore_index,
-                                               reduction="sum")
-        total = total + ce * head_scales[i]
+    """Reference: every head's full logits alive at once, plain autograd. For tests, and for
+    ``megatrain profile memory --compare-naive`` (its heads' backward runs in the trunk's)."""
+    total, x = 0.0, trunk_hidden
+    for i in model.head_order:  # the loop of model.head_outputs, with each head's phases marked
+        with phase(f"head{i + 1}.forward", head=i + 1):
+            out = model.head_forward(i, x)
+        with phase(f"head{i + 1}.loss", head=i + 1):
+            logits = model.logits(out).float().flatten(0, 1)
+            ce = torch.nn.functional.cross_entropy(logits, targets[i].flatten(),
+                                                   ignore_index=ignore_index, reduction="sum")
+            total = total + ce * head_scales[i]
+        if model.heads_are_chained:
+            x = out
     return total

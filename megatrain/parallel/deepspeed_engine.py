@@ -47,10 +47,13 @@ from megatrain.parallel.parallelize import apply_activation_checkpointing, apply
 from megatrain.parallel.pipeline import MTPStage, split_model
 from megatrain.parallel.process_group import dist_env
 from megatrain.parallel.runtime import all_finite_everywhere, reduce_step_stats
+from megatrain.profiling.phases import phase, phase_context
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
+
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000  # elements: ZeRO's reduce_bucket_size default
 
 def import_deepspeed(device_type: str):
     """Import DeepSpeed for ``device_type``; a missing install is a ConfigError naming the fix."""
@@ -67,11 +70,22 @@ def import_deepspeed(device_type: str):
     return deepspeed
 
 
+def bucket_elements(n_params: int) -> int:
+    """Elements of ZeRO's gradient reduce (and all-gather) buckets: DeepSpeed's default of 5e8,
+    or the model's size if that is smaller. The buckets are allocated whole at start-up - 2 GB
+    per rank in float32 at the default, whatever the model's size (measured: a 2M-parameter
+    model's ZeRO-2 and ZeRO-3 ranks each held ~1.9 GiB before their first step)."""
+    return min(DEEPSPEED_DEFAULT_BUCKET, max(n_params, 1))
+
+
 def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, dp: int, local_batch: int,
-                     micro_batch_size: int, bf16: bool, extra: dict | None = None) -> dict:
+                     micro_batch_size: int, bf16: bool, extra: dict | None = None,
+                     n_params: int = DEEPSPEED_DEFAULT_BUCKET) -> dict:
     """The DeepSpeed config megatrain generates; ``extra`` is merged into it (tests, tuning)."""
     micro = micro_batch_size or local_batch
-    zero: dict = {"stage": parallel.zero_stage}
+    bucket = bucket_elements(n_params)
+    zero: dict = {"stage": parallel.zero_stage, "reduce_bucket_size": bucket,
+                  "allgather_bucket_size": bucket}
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
@@ -150,8 +164,11 @@ class DeepSpeedModel:
         local_loss = torch.zeros((), dtype=torch.float64)
         for k, start in enumerate(starts):
             self.engine.set_gradient_accumulation_boundary(k == len(starts) - 1)
-            loss = self.engine(tokens[start:start + micro], targets[:, start:start + micro].transpose(0, 1))
-            self.engine.backward(loss * self.grad_scale, scale_wrt_gas=False)
+            with phase_context(stage=0, microbatch=k):
+                loss = self.engine(tokens[start:start + micro],
+                                   targets[:, start:start + micro].transpose(0, 1))
+                with phase("trunk.backward"):
+                    self.engine.backward(loss * self.grad_scale, scale_wrt_gas=False)
             local_loss += loss.detach().double().cpu()
         return reduce_step_stats(local_loss, stage.stats, stage.n_future, [self.group("dp")])
 
@@ -163,7 +180,8 @@ class DeepSpeedModel:
         computes the norm first and skips a step whose norm is NaN/inf; a non-finite loss with a
         finite norm still counts as not applied, as in ``ParallelModel.optimizer_step``.
         """
-        self.engine.step()
+        with phase("optimizer.step"):
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         return norm, math.isfinite(loss) and bool(self.engine.was_step_applied())
@@ -227,7 +245,8 @@ def build_deepspeed_model(stage: MTPStage, train: TrainConfig, parallel: Paralle
     param_group_of = {name.replace(WRAPPER_PREFIX, ""): group_by_id[id(p)]
                       for name, p in stage.named_parameters()}
     config = deepspeed_config(train, parallel, dp=dp, local_batch=local_batch,
-                              micro_batch_size=micro_batch_size, bf16=bf16, extra=extra_config)
+                              micro_batch_size=micro_batch_size, bf16=bf16, extra=extra_config,
+                              n_params=sum(p.numel() for p in stage.parameters()))
     if parallel.zero_stage == 3:
         keep_gathered_for_the_loss(deepspeed, stage)
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer, config=config,

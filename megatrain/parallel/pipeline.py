@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from megatrain.model.heads import MTPHeads
 from megatrain.model.layout import SHARED_BY_HEADS
 from megatrain.mtp_loss import mtp_loss
+from megatrain.profiling.phases import phase, phase_context
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "interleaved_1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
@@ -69,20 +70,23 @@ class MTPStage(MTPHeads, nn.Module):
         self.sequence_parallel_mesh: DeviceMesh | None = None  # set by apply_tp(sequence_parallel=True)
         self.head_scales: torch.Tensor | None = None
         self.stats: list = []
+        # the last stage's loss; `megatrain profile memory --compare-naive` swaps in the all-logits one
+        self.loss_fn = mtp_loss
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The sequence length comes from the targets: under sequence parallelism the hidden state
         # between stages is a sequence shard (B, T/tp, D).
-        cos, sin = self.rope(targets.shape[-1])
-        h = self.tok_embeddings(x) if self.is_first else x
-        for key in self.trunk_keys:
-            h = self.layers[key](h, cos, sin)
-        if not self.is_last:
-            return h
-        if self.sequence_parallel_mesh is not None:
-            h = gather_sequence(h, self.sequence_parallel_mesh)  # (B, T/tp, D) -> (B, T, D)
-        loss, stats = mtp_loss(self, h, targets.transpose(0, 1), self.head_scales,
-                               self.ignore_index, self.impl)
+        with phase("trunk.forward"):
+            cos, sin = self.rope(targets.shape[-1])
+            h = self.tok_embeddings(x) if self.is_first else x
+            for key in self.trunk_keys:
+                h = self.layers[key](h, cos, sin)
+            if not self.is_last:
+                return h
+            if self.sequence_parallel_mesh is not None:
+                h = gather_sequence(h, self.sequence_parallel_mesh)  # (B, T/tp, D) -> (B, T, D)
+        loss, stats = self.loss_fn(self, h, targets.transpose(0, 1), self.head_scales,
+                                   self.ignore_index, self.impl)
         self.stats.append(stats)
         return loss
 
@@ -120,10 +124,29 @@ def _loss_is_output(output, _target):
     return output
 
 
+class PhasedPipelineStage(PipelineStage):
+    """A PipelineStage that tells the memory profiler (megatrain.profiling.phases) which stage and
+    microbatch each schedule action runs, and marks its backward as ``trunk.backward``. The stage's
+    own forward marks ``trunk.forward`` and the heads' phases. Nothing changes when no profiler runs."""
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        with phase_context(stage=self.stage_index, microbatch=fwd_chunk_id):
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        with phase_context(stage=self.stage_index, microbatch=bwd_chunk_id), phase("trunk.backward"):
+            return super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
+        with phase_context(stage=self.stage_index, microbatch=bwd_chunk_id), phase("trunk.backward"):
+            return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+
 def build_schedule(stages: list[MTPStage], pp_mesh: DeviceMesh, schedule: str, n_microbatches: int,
                    device: torch.device):
     group = pp_mesh.get_group()
-    pipeline_stages = [PipelineStage(s, s.stage_index, s.n_stages, device, group=group) for s in stages]
+    pipeline_stages = [PhasedPipelineStage(s, s.stage_index, s.n_stages, device, group=group)
+                       for s in stages]
     cls = SCHEDULES[schedule]
     if cls in (ScheduleGPipe, Schedule1F1B):
         return cls(pipeline_stages[0], n_microbatches, loss_fn=_loss_is_output, scale_grads=False)

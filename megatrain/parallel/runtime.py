@@ -25,6 +25,7 @@ from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.parallel.model_state import ModelAndOptimizer
 from megatrain.parallel.pipeline import MTPStage
 from megatrain.parallel.topology import ParallelDims
+from megatrain.profiling.phases import phase, phase_context
 
 
 @dataclass
@@ -92,9 +93,11 @@ class ParallelModel:
         if self.schedule is None:
             stage = self.stages[0]
             micro = micro_batch_size or tokens.shape[0]
-            for start in range(0, tokens.shape[0], micro):
-                loss = stage(tokens[start:start + micro], targets[:, start:start + micro].transpose(0, 1))
-                loss.backward()
+            for micro_step, start in enumerate(range(0, tokens.shape[0], micro)):
+                with phase_context(stage=stage.stage_index, microbatch=micro_step):
+                    loss = stage(tokens[start:start + micro], targets[:, start:start + micro].transpose(0, 1))
+                    with phase("trunk.backward"):
+                        loss.backward()
                 local_loss += loss.detach().double()
         else:
             losses: list[torch.Tensor] = []
@@ -121,12 +124,13 @@ class ParallelModel:
     def optimizer_step(self, loss: float) -> tuple[float, bool]:
         """Clip by the global gradient norm and apply AdamW unless the loss or the norm is NaN/inf;
         zero the gradients either way. Returns (gradient norm before clipping, applied)."""
-        grad_norm = self.clip_grad_norm_(self.grad_clip)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        for optimizer in self.optimizers:
-            if finite:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        with phase("optimizer.step"):
+            grad_norm = self.clip_grad_norm_(self.grad_clip)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            for optimizer in self.optimizers:
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
     def evaluate(self, tokens: torch.Tensor, targets: torch.Tensor) -> HeadStats:
