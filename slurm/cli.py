@@ -34,6 +34,10 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--job-name", default="megatrain", help="SLURM job name")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resource request and the sbatch script; submit nothing")
+    parser.add_argument("--device-memory-gb", type=float, default=80.0,
+                        help="memory of one GPU in GB, for the memory plan of GPU jobs (default 80)")
+    parser.add_argument("--no-plan-check", action="store_true",
+                        help="submit a GPU job even when `megatrain plan` predicts it will not fit")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
 
 
@@ -53,7 +57,8 @@ def run_submit(args) -> int:
     from megatrain.slurm.submit import submit
 
     cfg = load_config(args.config, args.overrides)  # a bad key stops here, before anything else
-    result = submit(cfg, resources_from_args(args), dry_run=args.dry_run, command=args.command_line)
+    result = submit(cfg, resources_from_args(args), dry_run=args.dry_run, command=args.command_line,
+                    plan_check=not args.no_plan_check, device_memory_gb=args.device_memory_gb)
     print(f"resources: {result.resources.describe()}")
     if args.dry_run:
         print(f"run dir: {result.run_dir} (dry run: nothing written, nothing queued)")

@@ -146,9 +146,32 @@ def sbatch_text(executor) -> str:
     return inner._make_submission_file_text(inner._submitit_command_str, uuid.uuid4().hex)
 
 
+def check_memory_plan(cfg: Config, res: Resources, device_memory_gb: float) -> None:
+    """Refuse a GPU job whose largest rank the planner predicts will not fit in device memory."""
+    from megatrain.planning.plan import make_plan, suggestions
+
+    try:
+        plan = make_plan(cfg, device_memory_gb, res.world_size)
+    except ConfigError as err:  # e.g. the vocabulary is not known here: say so, do not block
+        print(f"megatrain: warning: no memory plan for this job ({err})", file=sys.stderr)
+        return
+    if plan.fits:
+        return
+    worst = plan.worst
+    fixes = "; ".join(f"{d} ({b / 1e9:.1f} GB)" for d, b in suggestions(plan, res.gpus_per_node))
+    raise ConfigError(
+        f"megatrain plan predicts {plan.peak_bytes / 1e9:.1f} GB on rank {worst.rank} (pipeline stage "
+        f"{'+'.join(map(str, worst.stages))}, at {worst.peak_phase}), more than --device-memory-gb "
+        f"{device_memory_gb:g}; " + (f"changes that would fit: {fixes}; " if fixes else "")
+        + "see `megatrain plan` with the same arguments, or pass --no-plan-check to submit anyway")
+
+
 def submit(cfg: Config, res: Resources, *, dry_run: bool = False, command: list[str] | None = None,
-           train_fn: Callable | None = None) -> SubmitResult:
-    """Validate, then queue ``cfg`` as one SLURM job (or, with ``dry_run``, only render it)."""
+           train_fn: Callable | None = None, plan_check: bool = True,
+           device_memory_gb: float = 80.0) -> SubmitResult:
+    """Validate, then queue ``cfg`` as one SLURM job (or, with ``dry_run``, only render it).
+
+    GPU jobs are checked against the memory planner first (``plan_check``)."""
     res.validate()
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.run.dir)
@@ -157,6 +180,8 @@ def submit(cfg: Config, res: Resources, *, dry_run: bool = False, command: list[
     check_no_active_job(run_dir)
     partition = check_fits(res, read_partitions())
     check_process_layout(cfg, res)
+    if plan_check and res.gpus_per_node:
+        check_memory_plan(cfg, res, device_memory_gb)
     res = dataclasses.replace(res, partition=partition.name)
     warn_missing_data(cfg)
 

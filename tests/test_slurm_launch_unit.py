@@ -272,3 +272,21 @@ def test_a_signal_seen_by_one_rank_stops_every_rank_after_the_same_step(tmp_path
     for p in procs:
         p.join(timeout=60)
     assert results == [(0, [False, True], True), (1, [False, True], True)], results
+
+
+@pytest.mark.skipif(shutil.which("srun") is None, reason="submitit's SLURM executor needs srun on PATH")
+def test_a_gpu_layout_predicted_not_to_fit_is_refused_unless_told_otherwise(monkeypatch, tmp_path):
+    """The 13B README layout on 16 GB GPUs: refused with the planner's numbers and fixes;
+    --no-plan-check submits it anyway; on the documented 80 GB GPUs it is accepted (test above)."""
+    import megatrain.slurm.submit as submit_mod
+
+    monkeypatch.setattr(submit_mod, "read_partitions", lambda: _gpu_cluster())
+    cfg = load_config(REPO / "configs" / "paper" / "13b_n4.yaml",
+                      [f"run.dir={tmp_path}/run", "data.path=/shared/data", "parallel.dp=8",
+                       "parallel.tp=8", "parallel.pp=2", "parallel.sequence_parallel=true"])
+    res = Resources(nodes=16, gpus_per_node=8, time_min=60, partition="gpu")
+    with pytest.raises(ConfigError, match=r"megatrain plan predicts [\d.]+ GB on rank \d+ .*"
+                                          r"--device-memory-gb 16.*--no-plan-check"):
+        submit_mod.submit(cfg, res, dry_run=True, device_memory_gb=16)
+    result = submit_mod.submit(cfg, res, dry_run=True, device_memory_gb=16, plan_check=False)
+    assert "#SBATCH --nodes=16" in result.sbatch_script
