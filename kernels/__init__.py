@@ -56,7 +56,10 @@ def fused_linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_ind
                                return_n_correct=False):
     """Cross-entropy of ``hidden [N, D] @ weight[V, D].T (+ bias[V])`` against ``targets [N]``.
 
-    Never materialises the [N, V] logits. Differentiable w.r.t. hidden, weight and bias.
+    Never materialises the [N, V] logits. Differentiable w.r.t. hidden, weight and bias. When
+    gradients are wanted (grad mode on, an input requiring grad) and ``reduction`` is "sum" or
+    "mean", the gradients are formed during this call and the backward only scales them by the
+    incoming gradient (torch: without TP; triton: also under TP); see kernels/DESIGN.md.
     ``reduction``: "mean" (over non-ignored rows; float32), "sum" (float32) or "none" (per row,
     in hidden's dtype, 0 on ignored rows).
     ``tp_group``: vocabulary-parallel mode: ``weight``/``bias`` are this rank's contiguous,

@@ -1,10 +1,11 @@
 """Backward kernel: recompute a logits tile and turn it into d loss / d logits.
 
 One program owns a [BLOCK_N, BLOCK_V] tile of a *row chunk* (rows row_start ..
-row_start + n_rows). It recomputes the tile (``logits_tile``), forms
-``(softmax - onehot(target)) * row_grad`` with the saved global log-sum-exp, and stores it into
-the chunk's dlogits buffer DL [n_rows, V]. The host then multiplies that buffer into
-grad_hidden and grad_weight with two GEMMs; see DESIGN.md for why the chunk buffer exists and
+row_start + n_rows) of a vocabulary slice (the host passes the slice as W, with its first id as
+vocab_start, as for a TP shard). It recomputes the tile (``logits_tile``), forms
+``(softmax - onehot(target)) * row_grad`` with the known global log-sum-exp, and stores it into
+the [rows x vocabulary] tile buffer DL. The host then multiplies that buffer into grad_hidden and
+grad_weight with two GEMMs (the "tiles" scheme); see DESIGN.md for why the buffer exists and
 what it costs.
 """
 

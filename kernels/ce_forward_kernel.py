@@ -7,6 +7,13 @@ to it ``s``, the target logit (0 when the target is not in this split) and the f
 the max. Nothing logits-sized is ever written: the outputs are [n_splits, N] partials that the
 host combines exactly like the tensor-parallel ranks' partials (``vocab_parallel.py``).
 Splitting the vocabulary keeps the GPU busy when N / BLOCK_N is below the number of SMs.
+
+With ``STORE_EXP`` (the forward that also forms the gradients, DESIGN.md) each tile's
+``exp(z - m)`` is written to a row chunk's buffer E [rows, V] in its dtype, with ``m`` (the running
+max it was taken against) written per EXP_GROUP columns to GMAX [rows, V / EXP_GROUP]: the softmax
+is then ``e * exp(m - lse)`` once the lse is known, without recomputing the logits. Storing
+``exp(z - m)`` in [0, 1] rather than z keeps a uniform relative precision in bf16: a stored bf16
+logit near 20 would be off by up to 0.06, i.e. 6% in its probability.
 """
 
 import triton
@@ -15,15 +22,20 @@ import triton.language as tl
 from megatrain.kernels.autotune_configs import autotune_configs
 from megatrain.kernels.logits_tile import logits_tile
 
+# EXP_GROUP columns share one stored running max; it divides every BLOCK_V and the split quantum.
+EXP_GROUP = 128
 
-@triton.autotune(configs=autotune_configs(small_tile=True), key=["N", "V", "D"])
+
+@triton.autotune(configs=autotune_configs(small_tile=True), key=["N", "V", "D", "STORE_EXP"])
 @triton.jit
 def linear_ce_forward_kernel(
     H, W, B, T,                      # hidden (N, D), weight (V, D), bias (V) or None, targets (N)
     M_OUT, S_OUT, TGT_OUT, ARG_OUT,  # (n_splits, N): max, sum exp(z - max), target logit, argmax
+    E, GMAX,                         # STORE_EXP only: (N, V) exp(z - m), (N, V / EXP_GROUP) m
     N, V, D, vocab_start, V_PER_SPLIT,
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_hn, stride_hd, stride_wv, stride_wd, stride_en, stride_gn,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_EXP: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # row blocks vary fastest: concurrent programs share weight tiles
@@ -55,8 +67,18 @@ def linear_ce_forward_kernel(
         z_arg = tl.min(tl.where(z == z_max[:, None], offs_v[None, :], 2147483647), 1)
         arg = tl.where(z_max > m, z_arg.to(tl.int64), arg)
         m_new = tl.maximum(m, z_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        e = tl.exp(z - m_new[:, None])  # in [0, 1]; 0 on masked columns
+        s = s * tl.exp(m - m_new) + tl.sum(e, 1)
         m = m_new
+        if STORE_EXP:
+            tl.store(E + rows64[:, None] * stride_en + cols64[None, :], e.to(E.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
+            # one m per GROUP columns of this tile (splits and tiles start on group boundaries);
+            # a tile reaching past its split must not write the next split's groups
+            offs_g = v0 // GROUP + tl.arange(0, BLOCK_V // GROUP)
+            g_mask = row_mask[:, None] & (offs_g * GROUP < v_hi)[None, :]
+            tl.store(GMAX + rows64[:, None] * stride_gn + offs_g.to(tl.int64)[None, :],
+                     tl.broadcast_to(m_new[:, None], (BLOCK_N, BLOCK_V // GROUP)), mask=g_mask)
         is_target = (cols64[None, :] == target[:, None]) & col_mask[None, :]  # not the next split's
         target_logit += tl.sum(tl.where(is_target, z, 0.0), 1)
 

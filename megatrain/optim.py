@@ -1,4 +1,5 @@
-"""AdamW and the paper's schedule: linear warmup, then cosine decay to a fraction of the peak."""
+"""AdamW (torch's, or apex's FusedAdam) and the paper's schedule: linear warmup, then cosine
+decay to a fraction of the peak."""
 
 from __future__ import annotations
 
@@ -7,18 +8,38 @@ import math
 import torch
 
 from megatrain.config import TrainConfig
+from megatrain.errors import ConfigError
+from megatrain.model.transformer import APEX_BUILD_HINT
 
 DECAY_GROUP = 0  # index of the param group with weight decay; the other has none
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s trainable parameters, as ``train.optimizer`` chooses: torch's own
+    (fused on CUDA) or apex's FusedAdam in AdamW mode (CUDA only). Same param groups either way."""
     # Norm gains (1-D) get no weight decay; matrices and embeddings do (Llama recipe).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "apex_fused_adam":
+        return _apex_fused_adam(groups, cfg, device_type)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device_type == "cuda")
+
+
+def _apex_fused_adam(groups, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    if device_type != "cuda":
+        raise ConfigError(f"train.optimizer=apex_fused_adam runs on CUDA only, but the optimizer "
+                          f"steps on {device_type}; use train.optimizer=adamw (torch's AdamW).")
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError as err:
+        raise ConfigError(f"train.optimizer=apex_fused_adam but apex's FusedAdam is not importable "
+                          f"({err}). {APEX_BUILD_HINT}; or set train.optimizer=adamw (the default: "
+                          f"torch's fused AdamW).") from err
+    # adam_w_mode: decoupled weight decay, i.e. AdamW, as torch's (eps 1e-8 like torch's default)
+    return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, adam_w_mode=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -16,7 +16,7 @@ from megatrain.config import ModelConfig
 from megatrain.model.heads import MTPHeads
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.layout import LayerLayout
-from megatrain.model.transformer import TransformerBlock, rope_tables
+from megatrain.model.transformer import TransformerBlock, build_norm, rope_tables
 
 
 def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ class MTPTransformer(MTPHeads, nn.Module):
         self.layers = nn.ModuleDict({key: TransformerBlock(cfg) for key in self.layout.layer_keys})
         n_extra = cfg.n_future - 1 if self.layout.heads_are_blocks else 0
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(n_extra))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = build_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatrain.config import ModelConfig
+from megatrain.errors import ConfigError
 from megatrain.model.kv_cache import LayerCache
+
+# apex is not on PyPI (the PyPI package named `apex` is an unrelated web toolkit, which also
+# imports as `apex`): NVIDIA's is built from source against the installed CUDA torch.
+APEX_BUILD_HINT = ("NVIDIA apex is not on PyPI (the PyPI package named 'apex' is an unrelated web "
+                   "toolkit); build it from source on the CUDA machine: git clone "
+                   "https://github.com/NVIDIA/apex && cd apex && pip install -v "
+                   "--no-build-isolation --config-settings '--build-option=--cpp_ext' "
+                   "--config-settings '--build-option=--cuda_ext' ./")
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -106,16 +115,46 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """An RMSNorm over ``cfg.dim`` from ``model.norm_impl``. apex's FusedRMSNorm names its gain
+    ``weight`` like ``nn.RMSNorm``, so checkpoints and the init are the same either way."""
+    if cfg.norm_impl == "apex":
+        try:
+            from apex.normalization import FusedRMSNorm
+        except ImportError as err:
+            raise ConfigError(f"model.norm_impl=apex but apex's FusedRMSNorm is not importable "
+                              f"({err}). {APEX_BUILD_HINT}; or set model.norm_impl=torch (the "
+                              f"default: nn.RMSNorm, fused by train.compile).") from err
+        return FusedRMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm = build_norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = build_norm(cfg)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None = None) -> torch.Tensor:
         # cache by keyword: the sequence-parallel plan prepares exactly (x, cos, sin) positionally
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache=cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.attention(in_compute_dtype(self.attention_norm(x)), cos, sin, cache=cache)
+        return h + self.feed_forward(in_compute_dtype(self.ffn_norm(h)))
+
+
+def in_compute_dtype(normed: torch.Tensor) -> torch.Tensor:
+    """A norm's float32 output in autocast's dtype, cast once for the projections that read it.
+
+    Under autocast RMSNorm returns float32 and each of wq/wk/wv (w1/w3) would cast it to bf16
+    itself and keep its own copy for backward: three (two) bf16 copies of the activation per norm.
+    Measured with the memory planner's trace at the 13B config (2 x 4096 tokens, tp 8, bf16): 1.33 GB
+    kept per layer and microbatch before, 1.07 GB after. The values are identical
+    (the same rounding of the same float32 numbers); only the projections' input gradients now
+    meet in bf16 before the cast back, as they would with bf16 weights.
+    """
+    device = normed.device.type
+    if torch.is_autocast_enabled(device):
+        return normed.to(torch.get_autocast_dtype(device))
+    return normed
