@@ -1,18 +1,23 @@
-"""``megatrain data prepare``: source files -> filtered, deduplicated, tokenized ``.ds`` shards.
+"""``megatrain data prepare``: source files or dataset shards -> filtered, deduplicated, tokenized
+``.ds`` shards.
 
-Stages (datatrove ``LocalPipelineExecutor``s; K = ``tasks``; W = ``output_dir/.work``):
+The driver lists ``--input`` once (``inputs.list_inputs``) into W/input_files.txt; then the stages
+(datatrove ``LocalPipelineExecutor``s; K = ``tasks``; W = ``output_dir/.work``):
 
-1. (K) read source files -> length / longest-line / alnum filters -> W/filtered -> content hashes
+1. (K) read source files or JSONL/Parquet shards -> language / length / longest-line / alnum
+   filters -> W/filtered -> content hashes
 2. (1) exact dedup: find every document whose content appeared earlier in source-path order
 3. (K) drop exact duplicates -> W/unique -> MinHash signatures (code-aware regex word tokenizer)
 4. (buckets) MinHash buckets     5. (1) MinHash clusters
 6. (K) drop near duplicates -> W/final -> split hashes
-   then, in this process: val threshold, tokenizer (``bytes`` built, ``bpe`` trained on train docs)
-7. (K) train documents -> DocumentTokenizer -> ``train/*.ds``   8. (K) same for ``val/``
+   then, in this process: val threshold, tokenizer (``bytes`` built, ``bpe`` trained on train docs,
+   a tokenizer.json copied)
+7. (K) every document -> tokenized into ``train/*.ds`` or ``val/*.ds`` by its split, languages recorded
 
 Outputs do not depend on ``tasks``: tasks read contiguous slices of the sorted file list, dedup keeps
 the first occurrence in path order, and a document's split is a function of (seed, id) only.
-``manifest.json`` is written last and atomically: a folder with a manifest is a complete dataset.
+``manifest.json`` is written last and atomically: a folder with a manifest is a complete dataset; a
+prepare that fails on bad input removes what it wrote.
 """
 
 from __future__ import annotations
@@ -28,19 +33,24 @@ import time
 from pathlib import Path
 
 from megatrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, MAX_TOKEN_IDS_KEY, shard_max_token_id
+from megatrain.data_pipelines.inputs import DEFAULT_TEXT_KEY
+from megatrain.data_pipelines.languages import DEFAULT_LANGUAGES, extensions_for, parse_languages
 from megatrain.errors import DataError
 from megatrain.files import atomic_write_text, exclusive_lock
 
 TOKENIZER_FILE = "tokenizer.json"
 IN_PROGRESS_MARKER = ".prepare-in-progress.json"
 WORK_DIR = ".work"
-PIPELINE_VERSION = 1  # bump when a change to the pipeline changes its output: invalidates caches
+INPUT_LIST = "input_files.txt"  # in WORK_DIR: the driver's list of input files, read by every task
+PIPELINE_VERSION = 2  # bump when a change to the pipeline changes its output: invalidates caches
 
 DEFAULT_EXCLUDE_DIRS = ("__pycache__", "site-packages", "dist-packages", "node_modules")
 # the stdlib's own test suites are ~60% of its code; leaving them out keeps the default corpus
 # small (~730 files, 12 MB) and more like ordinary code
 STDLIB_TEST_DIRS = ("test", "tests", "idle_test")
 DEFAULT_CORPUS_VOCAB_SIZE = 4096
+# how long a process waits for another one building the default corpus (~1 min on 2 cores)
+DEFAULT_BUILD_WAIT_S = 3600.0
 
 # names this module may delete when it restarts an unfinished prepare in the same folder; the
 # ".tmp" ones are the temporary files of megatrain.files.atomic_write_text, left by a crash mid-write
@@ -53,8 +63,15 @@ class PrepareConfig:
     """Everything that determines a prepared dataset (``tasks``/``progress`` only change speed)."""
 
     source: str
-    tokenizer: str = "bpe"
-    vocab_size: int = 32000
+    tokenizer: str = "bpe"  # bpe | bytes | the absolute path of a tokenizer.json
+    vocab_size: int = 32000  # bpe's target; 257 for bytes; 0 for a tokenizer file (its own)
+    eos_token: str = ""  # a tokenizer file's end-of-document token (resolved by load_tokenizer_file)
+    tokenizer_sha256: str = ""  # a tokenizer file's content: a changed file is another dataset
+    languages: tuple[str, ...] = DEFAULT_LANGUAGES
+    text_key: str = DEFAULT_TEXT_KEY
+    id_key: str = ""
+    language_key: str = ""
+    keep_metadata: tuple[str, ...] = ()
     val_fraction: float = 0.02
     seed: int = 0
     min_chars: int = 32
@@ -69,8 +86,8 @@ class PrepareConfig:
     pipeline_version: int = PIPELINE_VERSION
 
     def validate(self) -> None:
-        if self.tokenizer not in ("bpe", "bytes"):
-            raise DataError(f"--tokenizer must be 'bpe' or 'bytes', got {self.tokenizer!r}")
+        if self.tokenizer not in ("bpe", "bytes") and not self.tokenizer_sha256:
+            raise DataError(f"--tokenizer must be bpe, bytes or a tokenizer.json, got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and not 257 < self.vocab_size <= 2**32:
             raise DataError(
                 f"--vocab-size {self.vocab_size} is too small for a BPE tokenizer: it needs 256 byte tokens, "
@@ -105,6 +122,12 @@ def prepare_dataset(
     *,
     tokenizer: str = "bpe",
     vocab_size: int = 32000,
+    eos_token: str = "",
+    languages: str | tuple[str, ...] = DEFAULT_LANGUAGES,
+    text_key: str = DEFAULT_TEXT_KEY,
+    id_key: str = "",
+    language_key: str = "",
+    keep_metadata: tuple[str, ...] = (),
     tasks: int = 1,
     val_fraction: float = 0.02,
     seed: int = 0,
@@ -112,29 +135,50 @@ def prepare_dataset(
     max_chars: int = 1_000_000,
     max_line_length: int = 1000,
     min_alnum_fraction: float = 0.25,
-    extensions: tuple[str, ...] = (".py",),
+    extensions: tuple[str, ...] | None = None,
     exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
     progress: bool = True,
     run_stage=None,
 ) -> dict:
-    """Prepare ``input_dir``'s source files into a megatrain dataset in ``output_dir``; returns the
-    manifest. If ``output_dir`` already holds a completed dataset with the same config, returns its
+    """Prepare ``input_dir`` (a folder of source files, or JSONL/Parquet shards: see ``inputs``) into
+    a megatrain dataset in ``output_dir``; returns the manifest. ``tokenizer``: bpe, bytes, or the
+    path of a Hugging Face tokenizer.json; ``extensions`` (for folders) default to ``languages``'.
+    If ``output_dir`` already holds a completed dataset with the same config, returns its
     manifest without doing any work; a folder holding anything else is never overwritten.
     ``run_stage`` runs one pipeline stage (default: datatrove's LocalPipelineExecutor here; the
     CLI passes megatrain.slurm.data.SlurmStageRunner for ``--executor slurm``)."""
-    input_path = Path(input_dir).expanduser().resolve()
+    from megatrain.data_pipelines import vocab
+
+    input_spec = str(input_dir)
+    if "://" not in input_spec:
+        input_spec = str(Path(input_spec).expanduser().resolve())
     output_path = Path(output_dir).expanduser().resolve()
+    tokenizer_sha256 = ""
+    if tokenizer not in ("bpe", "bytes"):  # an existing tokenizer: refuse a bad one before any work
+        tokenizer_file = vocab.resolve_tokenizer_file(tokenizer)
+        eos_token = vocab.load_tokenizer_file(tokenizer_file, eos_token)[1]
+        tokenizer, tokenizer_sha256, vocab_size = str(tokenizer_file), vocab.file_sha256(tokenizer_file), 0
+    elif tokenizer == "bytes":
+        vocab_size = vocab.BYTES_VOCAB_SIZE  # fixed: the flag does not apply
+    languages = parse_languages(languages)
     config = PrepareConfig(
-        source=str(input_path),
+        source=input_spec,
         tokenizer=tokenizer,
-        vocab_size=257 if tokenizer == "bytes" else int(vocab_size),  # bytes: fixed, ignore the flag
+        vocab_size=int(vocab_size),
+        eos_token=eos_token if tokenizer_sha256 else "",
+        tokenizer_sha256=tokenizer_sha256,
+        languages=languages,
+        text_key=text_key,
+        id_key=id_key,
+        language_key=language_key,
+        keep_metadata=tuple(keep_metadata),
         val_fraction=float(val_fraction),
         seed=int(seed),
         min_chars=int(min_chars),
         max_chars=int(max_chars),
         max_line_length=int(max_line_length),
         min_alnum_fraction=float(min_alnum_fraction),
-        extensions=tuple(extensions),
+        extensions=tuple(extensions) if extensions else extensions_for(languages),
         exclude_dirs=tuple(exclude_dirs),
     )
     config.validate()
@@ -145,39 +189,38 @@ def prepare_dataset(
     # ensure_default_dataset): the first builds, the others wait and then reuse its result
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output_path.parent / f".{output_path.name}.prepare-lock"):
-        return _prepare_locked(config, input_path, output_path, tasks=tasks, progress=progress,
-                               run_stage=run_stage)
+        return _prepare_locked(config, output_path, tasks=tasks, progress=progress, run_stage=run_stage)
 
 
-def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, *, tasks: int,
-                    progress: bool, run_stage=None) -> dict:
+def _prepare_locked(config: PrepareConfig, output_path: Path, *, tasks: int, progress: bool,
+                    run_stage=None) -> dict:
     cached = _check_output_dir(output_path, config)
     if cached is not None:
         if progress:
             print(f"[data prepare] {output_path} already holds this dataset: reusing it", file=sys.stderr)
         return cached
 
-    from megatrain.data_pipelines.steps import list_source_files
+    from megatrain.data_pipelines.inputs import list_inputs, write_file_list
 
-    if not input_path.is_dir():
-        raise DataError(f"input folder {input_path} does not exist (or is not a folder): check --input")
-    n_files = len(list_source_files(str(input_path), config.extensions, config.exclude_dirs))
-    if n_files == 0:
-        raise DataError(
-            f"input folder {input_path} has no files ending in {', '.join(config.extensions)} (skipping "
-            f"folders {', '.join(config.exclude_dirs)} and hidden ones): check --input and --extensions"
-        )
-
+    inputs = list_inputs(config.source, config.extensions, config.exclude_dirs)  # once, for every task
+    created = not output_path.exists()
     output_path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_path / IN_PROGRESS_MARKER, json.dumps({"config": config.to_json()}, indent=2))
+    (output_path / WORK_DIR).mkdir(exist_ok=True)
+    write_file_list(str(output_path / WORK_DIR / INPUT_LIST), inputs.files)
     started = time.perf_counter()
     from loguru import logger
 
     if not progress:
         logger.disable("datatrove")
     try:
-        manifest = _run_pipeline(config, output_path, tasks=tasks, progress=progress,
+        manifest = _run_pipeline(config, output_path, inputs, tasks=tasks, progress=progress,
                                  run_stage=run_stage or _run_stage)
+    except DataError:
+        # bad input: nothing of this attempt is worth keeping (a crash keeps its work for a look),
+        # except the task logs of a stage run elsewhere (SLURM), which its error points to
+        _remove_own_outputs(output_path, remove_folder=created, keep_logs=run_stage is not None)
+        raise
     finally:
         if not progress:
             logger.enable("datatrove")
@@ -191,21 +234,31 @@ def _prepare_locked(config: PrepareConfig, input_path: Path, output_path: Path, 
     return manifest
 
 
-def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, progress: bool = True) -> Path:
+def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, progress: bool = True,
+                           wait_timeout_s: float = DEFAULT_BUILD_WAIT_S) -> Path:
     """The embedded default corpus: this interpreter's stdlib ``.py`` files without its test suites,
-    BPE vocab 4096. Built once into ``cache_dir/<name>`` and reused while its manifest matches."""
+    BPE vocab 4096. Built once into ``cache_dir/<name>`` and reused while its manifest matches.
+    When many processes (ranks, nodes, jobs) ask at once, one builds and the others wait for its
+    manifest, at most ``wait_timeout_s`` (``build_once``)."""
+    from megatrain.data_pipelines.build_once import build_once
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    name = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bpe{DEFAULT_CORPUS_VOCAB_SIZE}"
+    name = (f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bpe{DEFAULT_CORPUS_VOCAB_SIZE}"
+            f"-v{PIPELINE_VERSION}")
     output_dir = Path(cache_dir).expanduser().resolve() / name
-    prepare_dataset(
-        stdlib,
-        output_dir,
-        tokenizer="bpe",
-        vocab_size=DEFAULT_CORPUS_VOCAB_SIZE,
-        tasks=tasks,
-        exclude_dirs=DEFAULT_EXCLUDE_DIRS + STDLIB_TEST_DIRS,
-        progress=progress,
-    )
+
+    def build() -> None:
+        prepare_dataset(
+            stdlib,
+            output_dir,
+            tokenizer="bpe",
+            vocab_size=DEFAULT_CORPUS_VOCAB_SIZE,
+            tasks=tasks,
+            exclude_dirs=DEFAULT_EXCLUDE_DIRS + STDLIB_TEST_DIRS,
+            progress=progress,
+        )
+
+    build_once(output_dir, build, what="the default corpus", timeout_s=wait_timeout_s, progress=progress)
     return output_dir
 
 
@@ -216,10 +269,39 @@ def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, prog
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = PrepareConfig(source="")
-    parser.add_argument("--input", required=True, help="folder of source files (searched recursively)")
+    parser.add_argument(
+        "--input", required=True,
+        help="a folder of source files (searched recursively), or JSONL / JSONL.gz / Parquet shards: one "
+             "file, a folder of them, or a glob (any fsspec path)",
+    )  # fmt: skip
     parser.add_argument("--output", required=True, help="dataset folder to create (must be empty or absent)")
-    parser.add_argument("--tokenizer", choices=("bpe", "bytes"), default=defaults.tokenizer)
+    parser.add_argument(
+        "--tokenizer", default=defaults.tokenizer, metavar="bpe|bytes|PATH",
+        help="bpe (trained on the corpus), bytes, or an existing Hugging Face tokenizer.json (or its folder)",
+    )  # fmt: skip
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary size")
+    parser.add_argument(
+        "--eos-token", default="",
+        help="the end-of-document token of a --tokenizer PATH (default: its tokenizer_config.json's, else "
+             "a common one it has: <|endoftext|>, </s>, ...)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--languages", default=",".join(defaults.languages),
+        help="comma-separated languages to keep, e.g. python,c,cpp,java,javascript,go,rust, or all (folders: "
+             "chosen by file suffix; shards: by a language column, else a path column's suffix)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--text-key", default=defaults.text_key,
+        help=f"shards: the column holding the text (default {DEFAULT_TEXT_KEY}, falling back to text)",
+    )  # fmt: skip
+    parser.add_argument("--id-key", default="", help="shards: the column of document ids (default: none)")
+    parser.add_argument(
+        "--language-key", default="", help="shards: the language column (default: language, else lang)"
+    )
+    parser.add_argument(
+        "--keep-metadata", default="", metavar="COLUMNS",
+        help="shards: comma-separated columns kept on the documents, e.g. path,repo_name,license",
+    )  # fmt: skip
     parser.add_argument("--tasks", type=int, default=1, help="parallel datatrove tasks")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the train/val split")
@@ -228,8 +310,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--max-line-length", type=int, default=defaults.max_line_length)
     parser.add_argument("--min-alnum-fraction", type=float, default=defaults.min_alnum_fraction)
     parser.add_argument(
-        "--extensions", default=",".join(defaults.extensions),
-        help="comma-separated file suffixes, e.g. .py,.pyi",
+        "--extensions", default="",
+        help="folders: comma-separated file suffixes, e.g. .py,.pyi (default: those of --languages)",
     )
     parser.add_argument(
         "--exclude-dir", action="append", default=[], metavar="NAME",
@@ -242,12 +324,20 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def run_prepare(args: argparse.Namespace, run_stage=None) -> dict:
-    extensions = tuple(e.strip() for e in args.extensions.split(",") if e.strip())
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(e.strip() for e in text.split(",") if e.strip())
+
     return prepare_dataset(
         args.input,
         args.output,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
+        eos_token=args.eos_token,
+        languages=args.languages,
+        text_key=args.text_key,
+        id_key=args.id_key,
+        language_key=args.language_key,
+        keep_metadata=items(args.keep_metadata),
         tasks=args.tasks,
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -255,7 +345,7 @@ def run_prepare(args: argparse.Namespace, run_stage=None) -> dict:
         max_chars=args.max_chars,
         max_line_length=args.max_line_length,
         min_alnum_fraction=args.min_alnum_fraction,
-        extensions=extensions,
+        extensions=items(args.extensions) or None,
         exclude_dirs=DEFAULT_EXCLUDE_DIRS + tuple(args.exclude_dir),
         progress=not args.no_progress,
         run_stage=run_stage,
@@ -267,8 +357,9 @@ def format_summary(manifest: dict) -> str:
     sp = manifest["splits"]
     lines = [
         f"[data prepare] {manifest['source']} -> {manifest.get('output', '')} in {s.get('seconds', '?')} s",
-        f"  files read           {s['files_read']}",
-        f"  dropped non-UTF-8    {s['dropped_non_utf8']}   empty {s['dropped_empty']}",
+        f"  files read           {s['files_read']} ({manifest.get('input_kind', 'source files')})",
+        f"  dropped non-UTF-8    {s['dropped_non_utf8']}   empty {s['dropped_empty']}   "
+        f"other languages {s.get('dropped_other_language', 0)}",
         f"  dropped too short    {s['dropped_too_short']}   too long {s['dropped_too_long']}",
         f"  dropped long lines   {s['dropped_long_lines']}   low alnum {s['dropped_low_alnum']}",
         f"  exact duplicates     {s['exact_duplicates']}   near duplicates {s['near_duplicates']}",
@@ -280,6 +371,8 @@ def format_summary(manifest: dict) -> str:
             f"  {split:<5} documents {sp[split]['documents']:>8}   tokens {sp[split]['tokens']:>12}"
             f"   shards {len(sp[split]['files'])}"
         )
+    for lang, counts in sorted(manifest.get("languages", {}).items()):
+        lines.append(f"  {lang:<14} documents {counts['documents']:>8}   tokens {counts['tokens']:>12}")
     return "\n".join(lines)
 
 
@@ -291,6 +384,22 @@ def format_summary(manifest: dict) -> str:
 def _config_diff(saved: dict, wanted: dict) -> list[str]:
     keys = sorted(set(saved) | set(wanted))
     return [k for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def _remove_own_outputs(output_path: Path, remove_folder: bool, keep_logs: bool = False) -> None:
+    """Deletes what a prepare wrote; ``keep_logs`` keeps ``logs/`` and the in-progress marker, which
+    lets the next prepare in this folder clean it up."""
+    kept = ("logs", IN_PROGRESS_MARKER) if keep_logs else ()
+    for name in _OWN_OUTPUTS:
+        if name in kept:
+            continue
+        target = output_path / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    if remove_folder and output_path.is_dir() and not any(output_path.iterdir()):
+        output_path.rmdir()
 
 
 def _check_output_dir(output_path: Path, config: PrepareConfig) -> dict | None:
@@ -378,7 +487,7 @@ def _val_threshold(hashes, val_fraction: float) -> int:
     return threshold
 
 
-def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: bool, run_stage) -> dict:
+def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progress: bool, run_stage) -> dict:
     import numpy as np
     import orjson
     from datatrove.pipeline.dedup import (
@@ -392,6 +501,8 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
     from datatrove.utils.text import TextNormConfig
 
     from megatrain.data_pipelines import steps, vocab
+    from megatrain.data_pipelines.inputs import SOURCE_FILES
+    from megatrain.data_pipelines.readers import ShardReader
 
     work = out / WORK_DIR
     logs = out / "logs"
@@ -401,16 +512,26 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
         return JsonlWriter(str(work / folder), output_filename="${rank}.jsonl", compression=None)
 
     # 1. read + quality filters
-    reader = steps.SourceFileReader(
-        str(config.source), config.extensions, config.exclude_dirs, progress=progress
-    )
+    paths_file = str(work / INPUT_LIST)
+    if inputs.kind == SOURCE_FILES:
+        reader = steps.SourceFileReader(
+            inputs.root, config.extensions, config.exclude_dirs, progress=progress, paths_file=paths_file,
+            languages=config.languages,
+        )  # fmt: skip
+    else:
+        reader = ShardReader(
+            inputs.root, paths_file, text_key=config.text_key, id_key=config.id_key,
+            keep_metadata=config.keep_metadata, language_key=config.language_key, languages=config.languages,
+            progress=progress,
+        )  # fmt: skip
+    language = steps.LanguageFilter(config.languages)
     length = steps.LengthFilter(config.min_chars, config.max_chars)
     longest_line = steps.LongestLineFilter(config.max_line_length)
     alnum = steps.AlnumFractionFilter(config.min_alnum_fraction)
     hash_writer = steps.ContentHashWriter(str(work / "hashes"))
     st1 = run_stage(
         "1_read_filter",
-        [reader, length, longest_line, alnum, jsonl_writer("filtered"), hash_writer],
+        [reader, language, length, longest_line, alnum, jsonl_writer("filtered"), hash_writer],
         tasks=K, workers=K, logs=logs,
     )  # fmt: skip
 
@@ -470,16 +591,25 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
         [steps.read_uint64_file(str(work / "split"), f"{r:05d}.splithash") for r in range(K)]
     )
     if len(split_hashes) == 0:
+        read = _step_totals(st1, reader)
         raise DataError(
-            f"no documents of {config.source} survived filtering and dedup: loosen --min-chars, "
-            "--max-line-length or --min-alnum-fraction, or check --input"
+            f"no documents of {config.source} survived filtering and dedup ({int(read.get('documents', 0))} "
+            f"read from {len(inputs.files)} files, {int(_step_totals(st1, language).get('dropped', 0))} of "
+            f"them not in --languages {','.join(config.languages)}): check --input and --languages "
+            "(or --language-key), or loosen --min-chars, --max-line-length or --min-alnum-fraction"
         )
     val_threshold = _val_threshold(split_hashes, config.val_fraction)
 
     # tokenizer
     tokenizer_path = out / TOKENIZER_FILE
+    eos_token = vocab.EOS_TOKEN
     if config.tokenizer == "bytes":
         tok = vocab.build_bytes_tokenizer()
+    elif config.tokenizer_sha256:  # an existing tokenizer.json, copied as it is
+        tokenizer_file = Path(config.tokenizer)
+        if vocab.file_sha256(tokenizer_file) != config.tokenizer_sha256:
+            raise DataError(f"--tokenizer {tokenizer_file} changed while this prepare ran: run it again")
+        tok, eos_token = vocab.load_tokenizer_file(tokenizer_file, config.eos_token)
     else:
 
         def train_texts():
@@ -496,35 +626,36 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
         if progress:
             print(f"[data prepare] training BPE tokenizer (vocab {config.vocab_size})", file=sys.stderr)
         tok = vocab.train_bpe_tokenizer(train_texts(), config.vocab_size, progress=progress)
-    tok.save(str(tokenizer_path))
-    eos_id = tok.token_to_id(vocab.EOS_TOKEN)
-    vocab_size = tok.get_vocab_size()
-    token_size = 4 if vocab_size > 2**16 else 2  # datatrove's rule
+    if config.tokenizer_sha256:
+        shutil.copyfile(config.tokenizer, tokenizer_path)
+    else:
+        tok.save(str(tokenizer_path))
+    eos_id = tok.token_to_id(eos_token)
+    vocab_size = vocab.tokenizer_vocab_size(tok)
+    token_size = 4 if tok.get_vocab_size() > 2**16 else 2  # datatrove's rule (DocumentTokenizer)
+    if vocab_size > 2**16 and token_size == 2:
+        raise DataError(f"--tokenizer {config.tokenizer}: token ids reach {vocab_size - 1}, past what uint16 "
+                        "shards hold, but its vocabulary counts fewer tokens: remove the gaps in its ids")
 
-    # 7-8. tokenize each split
-    splits = {}
-    for i, split in enumerate(("train", "val")):
-        run_stage(
-            f"{7 + i}_tokenize_{split}",
-            [
-                steps.RankJsonlReader(str(work / "final")),
-                steps.SplitFilter(split, config.seed, val_threshold),
-                steps.LiteralSpecialsDocumentTokenizer(
-                    str(out / split),
-                    tokenizer_name_or_path=str(tokenizer_path),
-                    eos_token=vocab.EOS_TOKEN,
-                    shuffle_documents=False,  # the loader shuffles windows; keep the order reproducible
-                    save_final_metadata=False,
-                ),
-            ],
-            tasks=K, workers=K, logs=logs,
-        )  # fmt: skip
-        splits[split] = _collect_split(out, split, token_size)
+    # 7. tokenize each document into its split
+    run_stage(
+        "7_tokenize",
+        [
+            steps.RankJsonlReader(str(work / "final")),
+            # no shuffling: the loader shuffles windows, and the order stays reproducible
+            steps.SplitTokenizer(str(out), str(work / "languages"), tokenizer_path=str(tokenizer_path),
+                                 eos_token=eos_token, seed=config.seed, val_threshold=val_threshold),
+        ],
+        tasks=K, workers=K, logs=logs,
+    )  # fmt: skip
+    splits = {split: _collect_split(out, split, token_size, work / "languages" / split)
+              for split in ("train", "val")}
 
     r1 = _step_totals(st1, reader)
     ln = _step_totals(st1, length)
     stats = {
         "files_read": int(r1.get("input_files", 0)),
+        "dropped_other_language": int(_step_totals(st1, language).get("dropped", 0)),
         "dropped_non_utf8": int(r1.get("dropped_non_utf8", 0)),
         "dropped_empty": int(r1.get("dropped_empty", 0)),
         "dropped_too_short": int(ln.get("dropped_too_short", 0)),
@@ -538,14 +669,24 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
     if n_docs != len(split_hashes):
         raise RuntimeError(f"tokenized {n_docs} documents but {len(split_hashes)} survived dedup")
 
+    languages: dict[str, dict[str, int]] = {}
+    for entry in splits.values():
+        for lang, counts in entry["languages"].items():
+            total = languages.setdefault(lang, {"documents": 0, "tokens": 0})
+            total["documents"] += counts["documents"]
+            total["tokens"] += counts["tokens"]
     return {
         "format": MANIFEST_FORMAT,
         "tokenizer": config.tokenizer,
         "tokenizer_file": TOKENIZER_FILE,
         "vocab_size": vocab_size,
         "eos_id": eos_id,
+        "eos_token": eos_token,
         "token_size": token_size,
         "splits": splits,
+        "languages": dict(sorted(languages.items())),
+        "input_kind": inputs.kind,
+        "input_files": len(inputs.files),
         "source": config.source,
         "output": str(out),
         "config": {**config.to_json(), "tasks": tasks},
@@ -553,11 +694,15 @@ def _run_pipeline(config: PrepareConfig, out: Path, *, tasks: int, progress: boo
     }
 
 
-def _collect_split(out: Path, split: str, token_size: int) -> dict:
-    """Lists a split's non-empty ``.ds`` files (deleting empty ones) with token and document counts
-    and each file's largest token id, which open_split checks against the tokenizer's vocabulary
-    without reading the shards."""
+def _collect_split(out: Path, split: str, token_size: int, languages_dir: Path) -> dict:
+    """Lists a split's non-empty ``.ds`` files (deleting empty ones) with token and document counts,
+    each file's largest token id (which open_split checks against the tokenizer's vocabulary without
+    reading the shards) and documents and tokens per language (from the task's SplitTokenizer
+    list, in the same order as the documents of its ``.ds`` file)."""
+    import numpy as np
+
     files, tokens, documents, max_ids = [], 0, 0, []
+    per_language: dict[str, dict[str, int]] = {}
     folder = out / split
     for ds in sorted(folder.glob("*.ds")) if folder.is_dir() else []:
         index = ds.with_name(ds.name + ".index")
@@ -568,6 +713,17 @@ def _collect_split(out: Path, split: str, token_size: int) -> dict:
             continue
         files.append(f"{split}/{ds.name}")
         tokens += n_tokens
-        documents += index.stat().st_size // 8
+        doc_ends = np.fromfile(index, dtype="<u8")
+        documents += len(doc_ends)
         max_ids.append(shard_max_token_id(ds, token_size))
-    return {"files": files, "tokens": tokens, "documents": documents, MAX_TOKEN_IDS_KEY: max_ids}
+        rank = int(ds.name.split("_")[0])  # datatrove names a task's file "{rank:05d}_unshuffled.ds"
+        langs = (languages_dir / f"{rank:05d}.languages").read_text().splitlines()
+        if len(langs) != len(doc_ends):
+            raise RuntimeError(f"{ds} holds {len(doc_ends)} documents but {len(langs)} languages recorded")
+        lengths = np.diff(doc_ends, prepend=np.uint64(0)).astype(np.int64)
+        for lang, length in zip(langs, lengths.tolist()):
+            entry = per_language.setdefault(lang, {"documents": 0, "tokens": 0})
+            entry["documents"] += 1
+            entry["tokens"] += length
+    return {"files": files, "tokens": tokens, "documents": documents, MAX_TOKEN_IDS_KEY: max_ids,
+            "languages": dict(sorted(per_language.items()))}

@@ -23,11 +23,13 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.readers.jsonl import JsonlReader
-from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer
+from datatrove.utils.tokenization import PipelineStepWithTokenizer
 from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer
 from tqdm import tqdm
 
+from megatrain.data_pipelines.inputs import read_file_list
+from megatrain.data_pipelines.languages import DEFAULT_LANGUAGES, keeps, language_of_path
 from megatrain.data_pipelines.prepare import DEFAULT_EXCLUDE_DIRS
 from megatrain.data_pipelines.vocab import EOS_TOKEN
 
@@ -76,10 +78,16 @@ class SourceFileReader(BaseDiskReader):
         extensions: tuple[str, ...] = (".py",),
         exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
         progress: bool = True,
+        paths_file: str | None = None,
+        languages: tuple[str, ...] = DEFAULT_LANGUAGES,
     ):
+        """``paths_file``: the driver's list of files (``inputs.write_file_list``); without it the
+        reader lists the folder itself."""
         super().__init__(data_folder, file_progress=progress)
         self.extensions = tuple(extensions)
         self.exclude_dirs = tuple(exclude_dirs)
+        self.files_list = paths_file
+        self.languages = tuple(languages)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         with self.data_folder.open(filepath, "rb") as f:
@@ -92,13 +100,16 @@ class SourceFileReader(BaseDiskReader):
         if not text:
             self.stat_update("dropped_empty")
             return
-        yield Document(text=text, id=filepath, metadata={"path": filepath})
+        language = language_of_path(filepath, self.languages)
+        yield Document(text=text, id=filepath, metadata={"path": filepath, "language": language})
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        local_path = self.data_folder.path
-        files = list_source_files(local_path, self.extensions, self.exclude_dirs)
+        if self.files_list:
+            files = read_file_list(self.files_list)
+        else:
+            files = list_source_files(self.data_folder.path, self.extensions, self.exclude_dirs)
         shard = contiguous_shard(files, rank, world_size)
         desc = f"reading files (task {rank})"
         for filepath in tqdm(shard, desc=desc, unit="file", disable=not self.file_progress):
@@ -178,6 +189,19 @@ class AlnumFractionFilter(BaseFilter):
     def filter(self, doc: Document) -> bool:
         n_alnum = sum(ch.isalnum() for ch in doc.text)
         return n_alnum >= self.min_alnum_fraction * len(doc.text)
+
+
+class LanguageFilter(BaseFilter):
+    """Keeps the documents of the selected ``--languages`` (``metadata["language"]``, set by the readers)."""
+
+    name = "🌐 language"
+
+    def __init__(self, languages: tuple[str, ...]):
+        super().__init__()
+        self.languages = tuple(languages)
+
+    def filter(self, doc: Document) -> bool:
+        return keeps(self.languages, doc.metadata.get("language", ""))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,48 +354,66 @@ class SplitHashWriter(PipelineStep):
         yield
 
 
-class SplitFilter(PipelineStep):
-    """Keeps the documents of one split: ``val`` iff ``split_hash(id, seed) < val_threshold``."""
-
-    type = "🔀 - SPLIT"
-
-    def __init__(self, split: str, seed: int, val_threshold: int):
-        assert split in ("train", "val")
-        self.name = f"keep {split}"  # before super().__init__(), which names the stats after it
-        super().__init__()
-        self.split = split
-        self.seed = seed
-        self.val_threshold = val_threshold
-
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            is_val = split_hash(doc.id, self.seed) < self.val_threshold
-            if is_val == (self.split == "val"):
-                self.stat_update(StatHints.forwarded)
-                yield doc
-
-
 # ------------------------------------------------------------------------------------------------
 # Tokenization
 # ------------------------------------------------------------------------------------------------
 
 
-class LiteralSpecialsDocumentTokenizer(DocumentTokenizer):
-    """datatrove's DocumentTokenizer with special-token parsing switched off for the text.
+class SplitTokenizer(PipelineStepWithTokenizer):
+    """Sink: tokenizes each document once, into its split's shard (``val`` iff ``split_hash(id, seed)
+    < val_threshold``): ``<output>/<split>/{rank:05d}_unshuffled.ds`` (+ ``.index``), written with
+    datatrove's TokenizedFile like its DocumentTokenizer does, and the documents' languages in the
+    same order to ``<languages>/<split>/{rank:05d}.languages``, from which the driver counts
+    documents and tokens per language without reading the shards again.
 
-    ``encode_special_tokens`` is not saved in tokenizer.json, so it must be set on the loaded object:
-    without it a literal ``<|endoftext|>`` in a source file would become an EOS id. The EOS appended
-    after each document by the post-processor is unaffected.
+    One pass for both splits: the split is per document, so a stage per split would read and
+    filter every document twice. Special-token parsing is off for the text
+    (``encode_special_tokens`` is not saved in tokenizer.json, so it is set on the loaded object):
+    a literal ``<|endoftext|>`` in a source file stays text; the EOS the post-processor appends
+    after each document is unaffected.
     """
 
+    type = "🔢 - TOKENIZER"
+    name = "✍️ tokenize by split"
+
+    def __init__(self, output_folder: DataFolderLike, languages_folder: DataFolderLike, *,
+                 tokenizer_path: str, eos_token: str, seed: int, val_threshold: int, batch_size: int = 1000):
+        super().__init__(tokenizer_path, eos_token)
+        self.output_folder = get_datafolder(output_folder)
+        self.languages_folder = get_datafolder(languages_folder)
+        self.seed = seed
+        self.val_threshold = val_threshold
+        self.batch_size = batch_size
+
     @property
-    def tokenizer(self):
-        tok = self.__dict__.get("_literal_tokenizer")
-        if tok is None:
-            tok = DocumentTokenizer.tokenizer.func(self)  # the cached_property's loader
-            tok.encode_special_tokens = True
-            self.__dict__["_literal_tokenizer"] = tok
+    def literal_tokenizer(self):
+        tok = self.tokenizer  # datatrove's cached loader, with the EOS post-processor
+        tok.encode_special_tokens = True
         return tok
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from datatrove.pipeline.tokens.tokenizer import TokenizedFile
+        from datatrove.utils.batching import batched
+
+        tokenizer = self.literal_tokenizer
+        files, languages = {}, {"train": [], "val": []}
+        for split in languages:
+            files[split] = TokenizedFile(self.output_folder, f"{split}/{rank:05d}_unshuffled.ds",
+                                         token_size=self.token_size)
+        for batch in batched(data, self.batch_size):
+            with self.track_time(unit="batch"):
+                encoded = tokenizer.encode_batch([doc.text for doc in batch])
+                for doc, enc in zip(batch, encoded):
+                    split = "val" if split_hash(doc.id, self.seed) < self.val_threshold else "train"
+                    files[split].write(enc.ids, None)
+                    languages[split].append(doc.metadata.get("language", "unknown"))
+                    self.stat_update(f"{split}_tokens", value=len(enc.ids))
+        for split, file in files.items():
+            file.close()
+            with self.languages_folder.open(f"{split}/{rank:05d}.languages", "w") as f:
+                f.writelines(lang + "\n" for lang in languages[split])
+        return
+        yield
 
 
 __all__ = [
@@ -381,13 +423,13 @@ __all__ = [
     "ContentHashWriter",
     "ExactDedupFilter",
     "ExactDedupFind",
+    "LanguageFilter",
     "LengthFilter",
-    "LiteralSpecialsDocumentTokenizer",
     "LongestLineFilter",
     "RankJsonlReader",
     "SourceFileReader",
-    "SplitFilter",
     "SplitHashWriter",
+    "SplitTokenizer",
     "contiguous_shard",
     "list_source_files",
     "split_hash",

@@ -25,7 +25,7 @@ from megatrain.errors import DataError
 STATE_FORMAT = "megatrain-window-loader-v1"
 
 
-class _Windows:
+class Windows:
     """Global window index -> (shard, start token); windows are numbered shard by shard."""
 
     def __init__(self, shards: ShardSet, seq_len: int):
@@ -72,6 +72,31 @@ class _Windows:
         return torch.from_numpy(out)
 
 
+class EpochOrder:
+    """The endless shuffled sequence of ``count`` windows: epoch e is the permutation
+    ``default_rng([seed, e])``; ``window_ids(k)`` is the window at absolute positions k."""
+
+    def __init__(self, count: int, seed: int):
+        self.count = count
+        self.seed = seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:  # a batch spans at most two epochs... unless an epoch is tiny
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return self._perms[epoch]
+
+    def window_ids(self, absolute: np.ndarray) -> np.ndarray:
+        epochs, positions = np.divmod(absolute, self.count)
+        window_ids = np.empty_like(absolute)
+        for e in np.unique(epochs).tolist():
+            mask = epochs == e
+            window_ids[mask] = self._permutation(e)[positions[mask]]
+        return window_ids
+
+
 class WindowLoader:
     """Shuffled training batches for one data-parallel rank; see the module docstring."""
 
@@ -102,7 +127,7 @@ class WindowLoader:
                 f"{shards.vocab_size}"
             )
         self.shards = shards
-        self.windows = _Windows(shards, seq_len)
+        self.windows = Windows(shards, seq_len)
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // dp_size
@@ -111,18 +136,11 @@ class WindowLoader:
         self.seed = seed
         self.epoch = 0
         self.position = 0  # windows of the current epoch already consumed (by all ranks together)
-        self._perms: dict[int, np.ndarray] = {}
+        self._order = EpochOrder(self.windows.count, seed)
 
     @property
     def windows_per_epoch(self) -> int:
         return self.windows.count
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:  # a batch spans at most two epochs... unless an epoch is tiny
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.windows.count)
-        return self._perms[epoch]
 
     def next_batch(self) -> torch.Tensor:
         """This rank's ``(global_batch_size // dp_size, seq_len + 1)`` int64 tokens of the next step."""
@@ -130,11 +148,7 @@ class WindowLoader:
         base = self.epoch * n + self.position  # absolute index in the endless window sequence
         first = base + self.dp_rank * self.local_batch_size
         absolute = np.arange(first, first + self.local_batch_size, dtype=np.int64)
-        epochs, positions = np.divmod(absolute, n)
-        window_ids = np.empty_like(absolute)
-        for e in np.unique(epochs).tolist():
-            mask = epochs == e
-            window_ids[mask] = self._permutation(e)[positions[mask]]
+        window_ids = self._order.window_ids(absolute)
         self.epoch, self.position = divmod(base + self.global_batch_size, n)
         return self.windows.gather(window_ids)
 
@@ -194,7 +208,7 @@ def val_batches(
     ``(batch_size, seq_len + 1)`` int64 batches, the last one possibly smaller."""
     if batch_size < 1:
         raise DataError(f"validation batch_size must be >= 1, got {batch_size}")
-    windows = _Windows(shards, seq_len)
+    windows = Windows(shards, seq_len)
     n_batches = -(-windows.count // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
