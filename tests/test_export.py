@@ -18,8 +18,9 @@ from megatrain.config import Config, ModelConfig, load_config
 from megatrain.errors import CheckpointError, ConfigError, UserError
 from megatrain.inference import export as export_module
 from megatrain.inference.export import export_run, write_hf
+from megatrain.inference.init_from import read_init_weights
 from megatrain.inference.load import load_exported, load_model
-from megatrain.inference.meta_format import meta_params, model_config_of, read_init_weights, read_meta
+from megatrain.inference.meta_format import meta_params, model_config_of, read_meta
 from megatrain.model.mtp import MTPTransformer
 from tests.parallel_harness import full_params, run_ranks
 from tests.test_trainer import REPO, _overrides

@@ -25,8 +25,6 @@ import torch
 
 from megatrain.config import ModelConfig
 from megatrain.errors import CheckpointError, ConfigError
-from megatrain.model.mtp import MTPTransformer
-from megatrain.model.transformer import ffn_hidden_dim
 
 WEIGHTS_FILE = "consolidated.pth"
 PARAMS_FILE = "params.json"
@@ -40,9 +38,6 @@ PARAM_OF_FIELD = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n
                   "vocab_size": "vocab_size", "multiple_of": "multiple_of",
                   "ffn_dim_multiplier": "ffn_dim_multiplier", "norm_eps": "norm_eps",
                   "rope_theta": "rope_theta", "n_future": "n_future_tokens"}
-# Keys that set the shapes of the weights (the SwiGLU width is compared separately: it follows
-# from multiple_of and ffn_dim_multiplier together).
-SHAPE_FIELDS = ("n_layers", "n_future", "dim", "n_heads", "n_kv_heads", "vocab_size")
 
 
 def check_meta_exportable(cfg: ModelConfig) -> None:
@@ -109,43 +104,3 @@ def read_meta(folder: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]
     embedding = state.get("tok_embeddings.weight")
     cfg = model_config_of(params, str(params_path), None if embedding is None else embedding.shape[0])
     return state, cfg
-
-
-def check_same_shape(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
-    """Refuse a model config whose weights would not have ``theirs``' shapes; the message names
-    the first differing model.* key and the value that fits."""
-    if ours.head_type == "linear":
-        raise ConfigError(f"model.head_type=linear cannot start from {source}: it holds transformer "
-                          f"heads (Meta's layout); set model.head_type=transformer (or causal / "
-                          f"anticausal, which use the same weights)")
-    for field in SHAPE_FIELDS:
-        mine, other = getattr(ours, field), getattr(theirs, field)
-        if field == "n_kv_heads":  # None means "= n_heads" on both sides
-            mine, other = mine or ours.n_heads, other or theirs.n_heads
-        if mine != other:
-            raise ConfigError(f"model.{field}={mine} does not match {source} "
-                              f"({PARAM_OF_FIELD[field]}={other}); set model.{field}={other} to "
-                              f"start from its weights")
-    if ffn_hidden_dim(ours) != ffn_hidden_dim(theirs):
-        raise ConfigError(f"model.multiple_of={ours.multiple_of} and model.ffn_dim_multiplier="
-                          f"{ours.ffn_dim_multiplier} give a SwiGLU width of {ffn_hidden_dim(ours)}, but "
-                          f"{source} has {ffn_hidden_dim(theirs)} (multiple_of={theirs.multiple_of}, "
-                          f"ffn_dim_multiplier={theirs.ffn_dim_multiplier}); set model.multiple_of="
-                          f"{theirs.multiple_of} model.ffn_dim_multiplier="
-                          f"{'null' if theirs.ffn_dim_multiplier is None else theirs.ffn_dim_multiplier}")
-
-
-def read_init_weights(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights a fresh run starts from (``init.path``): a Meta-format folder's state dict,
-    checked against ``cfg`` (shape keys, then every name and shape)."""
-    state, theirs = read_meta(path)
-    source = f"init.path={path} ({PARAMS_FILE})"
-    check_same_shape(cfg, theirs, source)
-    with torch.device("meta"):  # the names and shapes of our model, without allocating it
-        expected = {name: p.shape for name, p in MTPTransformer(cfg, max_seq_len=1).state_dict().items()}
-    wrong = sorted(set(expected) ^ set(state)) or sorted(n for n in expected if state[n].shape != expected[n])
-    if wrong:
-        raise CheckpointError(f"init.path={path}: {WEIGHTS_FILE} does not match its {PARAMS_FILE} "
-                              f"({len(wrong)} parameters missing, extra or of another shape, e.g. "
-                              f"{wrong[0]})")
-    return state

@@ -1,0 +1,63 @@
+"""``python -m megatrain.experiments NAME [--quick]``: data, training, evaluation, docs/results.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from megatrain.experiments import code, finetune, induction, polynomial
+from megatrain.experiments.common import RESULTS_FILE, append_results
+
+EXPERIMENTS = {"induction": induction, "polynomial": polynomial, "finetune": finetune, "code": code}
+
+
+def cost(sizes, arms) -> str:
+    runs = len(sizes.seeds) * len(arms)
+    return f"{runs} training runs of {sizes.steps} steps ({len(sizes.seeds)} seeds × {len(arms)} arms)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatrain.experiments", description=__doc__)
+    parser.add_argument("name", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--quick", action="store_true", help="the ~15 min CPU variant")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/experiments"),
+                        help="datasets and run directories go here (default runs/experiments)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the variant's seeds")
+    parser.add_argument("--steps", type=int, help="override the variant's training steps")
+    parser.add_argument("--examples", type=int, help="override the variant's training documents")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="markdown file to append to")
+    args = parser.parse_args(argv)
+
+    from dataclasses import replace
+
+    from megatrain.data.synth.cli import make_synth_dataset
+
+    experiment = EXPERIMENTS[args.name]
+    sizes, arms = (experiment.QUICK, experiment.QUICK_ARMS) if args.quick else (experiment.FULL,
+                                                                                experiment.FULL_ARMS)
+    sizes = replace(sizes, **({"seeds": tuple(args.seeds)} if args.seeds else {}),
+                    **({"steps": args.steps} if args.steps else {}),
+                    **({"examples": args.examples} if args.examples else {}))
+    variant = "quick" if args.quick else "full"
+    work = args.work_dir / f"{args.name}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    describe = getattr(experiment, "cost", cost)  # an experiment with another shape says its own
+    print(f"[experiments] {args.name} ({variant}): {describe(sizes, arms)} in {work}", file=sys.stderr)
+    started = time.perf_counter()
+    dataset = None  # the trainer's default corpus
+    if experiment.TASK is not None:
+        dataset = work / f"data_{experiment.TASK}"
+        make_synth_dataset(experiment.TASK, dataset, sizes.examples, seed=0)
+    outcome = experiment.run(sizes, arms, dataset, work)
+    keys = ", ".join(f"{k}={v}" for k, v in {**sizes.model, **sizes.train}.items())
+    setting = (f"`{args.name}` {variant}: {outcome['metric']}; seeds {list(sizes.seeds)}, "
+               f"{sizes.steps} steps, {f'{sizes.examples} training documents, ' if dataset else ''}{keys}")
+    block = append_results(f"{args.name} ({variant})", setting, outcome["header"], outcome["rows"],
+                           outcome["paper"], outcome["notes"], time.perf_counter() - started, args.results)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""What the experiments share: training one arm, evaluating its checkpoints, statistics over seeds
+and the results file."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_FILE = REPO / "docs" / "results.md"
+# every run: quiet, no TensorBoard, keep every checkpoint (curves are read from them), one thread:
+# these models are too small to gain from a second one, and on a shared 2-core machine OpenMP's
+# spinning made a 2-thread run 20x slower than a 1-thread one (measured, same losses)
+RUN_DEFAULTS = {"logging.progress": False, "logging.tensorboard": False, "checkpoint.keep": 100,
+                "train.eval_every": 0, "train.threads": 1}
+
+
+@dataclass
+class Sizes:
+    """One variant (quick or full) of an experiment."""
+
+    examples: int  # training documents generated
+    steps: int
+    seeds: tuple[int, ...]
+    model: dict  # model.* overrides shared by every arm
+    train: dict = field(default_factory=dict)  # train.* / data.* overrides
+    eval_every: int = 0  # evaluate checkpoints every this many steps too (0: the last one only)
+    options: dict = field(default_factory=dict)  # an experiment's own knobs
+
+
+def overrides_list(values: dict) -> list[str]:
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def train_run(run_dir: Path, overrides: dict) -> Path:
+    """Train one run from scratch (or finish it: an interrupted experiment resumes) in ``run_dir``."""
+    from megatrain.config import load_config
+    from megatrain.trainer import train
+
+    started = time.perf_counter()
+    cfg = load_config(None, overrides_list({**RUN_DEFAULTS, **overrides, "run.dir": run_dir}))
+    result = train(cfg)
+    losses = " ".join(f"{x:.3f}" for x in result.head_losses)
+    print(f"  trained {run_dir.name}: step {result.step}, head losses [{losses}], "
+          f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    return run_dir
+
+
+def evaluate_run(run_dir: Path, step: int | None, evaluate: Callable, dataset: Path,
+                 batch_size: int = 64) -> dict:
+    """``evaluate(model, cfg, dataset, device=, batch_size=)`` on the checkpoint of ``step``
+    (None: the newest)."""
+    from megatrain.inference.load import load_model
+
+    model, cfg = load_model(run_dir, step)
+    return evaluate(model, cfg, dataset, device="cpu", batch_size=batch_size)
+
+
+def eval_steps(sizes: Sizes) -> list[int]:
+    every = sizes.eval_every or sizes.steps
+    return sorted({*range(every, sizes.steps + 1, every), sizes.steps})
+
+
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def cell(values: Sequence[float], digits: int = 3) -> str:
+    mean, std = spread(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def direction(better: Sequence[float], worse: Sequence[float]) -> str:
+    """Whether ``better`` beats ``worse`` by more than the larger standard deviation."""
+    (m_b, s_b), (m_w, s_w) = spread(better), spread(worse)
+    if min(len(better), len(worse)) < 2:  # no spread to judge a difference by
+        sign = "yes" if m_b > m_w else "no (opposite)" if m_b < m_w else "equal"
+        return f"{sign} (one seed: no spread measured, not a finding)"
+    if m_b - m_w > max(s_b, s_w, 1e-9):
+        return "yes"
+    if m_w - m_b > max(s_b, s_w, 1e-9):
+        return "no (opposite)"
+    return "no clear difference (within the spread)"
+
+
+def machine() -> str:
+    """The machine, and how busy it was: wall times on a shared machine are not the budget's."""
+    load = os.getloadavg()[1]  # over the last 5 minutes
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {_threads()}, load average "
+            f"{load:.1f} at the end")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def append_results(title: str, setting: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+                   paper: str, notes: Sequence[str], seconds: float, path: Path = RESULTS_FILE) -> str:
+    """Append one experiment's table to ``path`` (created with its heading if absent); returns it."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"### {title} — {stamp}", "", f"{setting}; {seconds / 60:.1f} min on {machine()}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", f"Paper: {paper}", ""]
+    lines += [f"- {note}" for note in notes]
+    block = "\n".join(lines).rstrip() + "\n"
+    if not path.exists():
+        path.write_text(RESULTS_HEADING)
+    with open(path, "a") as f:
+        f.write("\n" + block)
+    return block
+
+
+RESULTS_HEADING = """# Results: the paper's small experiments at our scale
+
+Appended by `python -m megatrain.experiments NAME [--quick]` (megatrain/experiments/). Each table
+compares parameter-matched models (`model.n_layers` fixed: n heads replace n-1 trunk layers) trained
+on the same data with the same seeds; cells are mean ± sample standard deviation over the seeds.
+Below each table: the paper's finding (its direction of effect, at its much larger scale) and
+whether ours points the same way by more than the spread over seeds.
+"""

@@ -1,0 +1,50 @@
+"""The experiments' plumbing (megatrain/experiments/), without training: arms reach the trainer
+with parameter-matched configs, results land in the markdown table, directions are judged against
+the spread over seeds (the experiments themselves are not part of the suite)."""
+
+from megatrain.experiments import __main__ as experiments_main
+from megatrain.experiments import finetune, polynomial
+from megatrain.experiments.common import direction
+
+
+def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(run_dir, overrides):
+        trained.append((run_dir.name, overrides))
+        return run_dir
+
+    def fake_eval(run_dir, step, evaluate, dataset, batch_size=64):
+        n = int(run_dir.name[1])  # n1_seed0 ...
+        table = [{"operations": k, "distribution": "in" if k <= 5 else "out", "exact_match": n / 10}
+                 for k in range(1, 9)]
+        return {"table": table, "in_distribution_accuracy": n / 10, "out_of_distribution_accuracy": n / 20}
+
+    monkeypatch.setattr(polynomial, "train_run", fake_train)
+    monkeypatch.setattr(polynomial, "evaluate_run", fake_eval)
+    results = tmp_path / "results.md"
+    assert experiments_main.main(["polynomial", "--quick", "--seeds", "0", "1", "--examples", "20",
+                                  "--work-dir", str(tmp_path), "--results", str(results)]) == 0
+    assert sorted(name for name, _ in trained) == sorted(f"n{n}_seed{s}" for n in (1, 2, 4) for s in (0, 1))
+    n_layers = {o["model.n_layers"] for _, o in trained}
+    assert n_layers == {polynomial.QUICK.model["model.n_layers"]}  # equal parameters: same n_layers
+    text = results.read_text()
+    assert text.startswith("# Results")
+    assert "| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |" in text
+    assert "n=4 above n=1 out distribution: yes" in text
+
+
+def test_finetune_arms_keep_the_source_trunk():
+    sizes = finetune.QUICK
+    n_layers = sizes.model["model.n_layers"]
+    n1 = finetune._finetune_model(sizes, source_n=4, target_n=1)
+    assert (n1["model.n_layers"], n1["model.n_future"]) == (n_layers - 3, 1)  # trunk + head 1
+    same = finetune._finetune_model(sizes, source_n=4, target_n=4)
+    assert (same["model.n_layers"], same["model.n_future"]) == (n_layers, 4)
+
+
+def test_direction_needs_more_than_the_spread():
+    assert direction([0.5, 0.52, 0.51], [0.2, 0.21, 0.19]) == "yes"
+    assert direction([0.5, 0.2, 0.8], [0.45, 0.4, 0.5]).startswith("no clear difference")
+    assert direction([0.2, 0.21], [0.5, 0.52]).startswith("no (opposite)")
+    assert direction([0.3], [0.2]).startswith("yes (one seed")
