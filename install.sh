@@ -11,5 +11,17 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 $PIP install "torch==2.13.0" numpy
 # DS_BUILD_OPS=0: DeepSpeed compiles no ops at install (CPU/GPU ops are JIT-built on first use);
 # the CPU torch installed above already satisfies its torch requirement.
-DS_BUILD_OPS=0 $PIP install -e ".[data,slurm,dev,deepspeed,hf]"
+DS_BUILD_OPS=0 $PIP install -e ".[data,slurm,dev,deepspeed,hf,eval,profile]"
+# `megatrain eval humaneval` runs model-written code only inside a bubblewrap sandbox. As root (CI)
+# install it from apt; otherwise say how, since nothing here can install it without root.
+if ! command -v bwrap >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q bubblewrap >/dev/null ||
+            { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; } ||
+            echo "warning: apt-get could not install bubblewrap; \`megatrain eval humaneval\` needs it" >&2
+    else
+        echo "note: \`megatrain eval humaneval\` needs bubblewrap (bwrap), which is missing:" \
+             "sudo apt-get install bubblewrap" >&2
+    fi
+fi
 echo "megatrain installed in $(pwd)/.venv — run: .venv/bin/megatrain train"

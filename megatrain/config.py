@@ -23,6 +23,8 @@ from megatrain.errors import ConfigError
 
 HEAD_TYPES = ("transformer", "linear", "causal", "anticausal")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+NORM_IMPLS = ("torch", "apex")
+OPTIMIZERS = ("adamw", "apex_fused_adam")
 DEVICES = ("auto", "cpu", "cuda")
 OVERWRITE_MODES = ("refuse", "archive")
 
@@ -63,6 +65,9 @@ class ModelConfig:
     max_seq_len: int = doc(0, "Longest sequence RoPE is precomputed for; 0 = data.seq_len, otherwise "
                               "at least data.seq_len.", valid=">= 0")
     attention: str = doc("sdpa", "Attention kernel: sdpa (torch) | xformers (GPU only).")
+    norm_impl: str = doc("torch", "RMSNorm implementation: torch (nn.RMSNorm; fused by "
+                                  "train.compile) | apex (NVIDIA apex's FusedRMSNorm, CUDA; apex is "
+                                  "not on PyPI and must be built from source). Same parameter names.")
     init_std: float = doc(0.02, "Standard deviation of the weight initialisation.", valid="> 0")
 
 
@@ -77,9 +82,19 @@ class LossConfig:
 
 
 @dataclass
+class MixtureSource:
+    path: str = ""  # a prepared dataset folder
+    weight: float = 1.0  # share of the training windows, relative to the other sources'
+
+
+@dataclass
 class DataConfig:
     path: str = doc("", "Prepared dataset folder (from `megatrain data prepare`); empty = build "
                         "the embedded stdlib corpus in data.cache_dir.")
+    mixture: list[MixtureSource] = doc([], "Several prepared datasets with weights, e.g. "
+                                           "[{path: A, weight: 0.7}, {path: B, weight: 0.3}]: windows are "
+                                           "drawn in those proportions; one tokenizer for all. Replaces "
+                                           "data.path (leave it empty).")
     cache_dir: str = doc("~/.cache/megatrain/stdlib", "Where the embedded default corpus is cached.")
     seq_len: int = doc(128, "Tokens per training sequence (inputs); windows hold seq_len + 1.")
     val_batches: int = doc(4, "Batches of the validation split per evaluation.", valid=">= 0")
@@ -111,6 +126,10 @@ class TrainConfig:
     threads: int = doc(0, "CPU threads for torch; 0 = torch's default.", valid=">= 0")
     compile: bool = doc(False, "torch.compile every transformer block (trunk and heads); not "
                                "with parallel.sequence_parallel.")
+    optimizer: str = doc("adamw", "adamw (torch's AdamW, fused on CUDA) | apex_fused_adam (NVIDIA "
+                                  "apex's FusedAdam in AdamW mode, CUDA only; apex must be built "
+                                  "from source; its optimizer state is laid out differently, so "
+                                  "resume with the same choice).")
 
 
 @dataclass
@@ -146,11 +165,19 @@ class RunConfig:
 class InitConfig:
     # Named ``path``, not ``from`` as issue 10 spells it: ``from`` is a Python keyword, so no
     # dataclass field (and hence no OmegaConf key of a structured config) can carry that name.
-    path: str = doc("", "Start a fresh run from the weights of a `megatrain export --format meta` folder "
-                        "(or Meta's own release folder: consolidated.pth + params.json) instead of "
-                        "the random initialisation; the model.* shape must match its params.json "
-                        "and the optimizer state starts fresh. A resume ignores it (the checkpoint "
-                        "wins). Empty = random initialisation.")
+    path: str = doc("", "Start a fresh run from the weights of a run directory (its newest intact "
+                        "checkpoint), one of its checkpoints/step_N folders, or a `megatrain export "
+                        "--format meta` folder (or Meta's own release: consolidated.pth + params.json) "
+                        "instead of the random initialisation. The trunk and widths must match the "
+                        "source; model.n_future may differ: fewer heads keep the trunk and heads "
+                        "1..n (n=1: the paper's n'=1 finetuning), extra heads start from the model's "
+                        "own init. The optimizer state starts fresh. A resume ignores it (the "
+                        "checkpoint wins). Empty = random initialisation. `init.from=` is accepted "
+                        "as an override alias.")
+
+
+# Override spellings that cannot be field names: the issue's `init.from` (a Python keyword).
+OVERRIDE_ALIASES = {"init.from": "init.path"}
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
@@ -302,6 +329,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.steps=100).")
         key = item.split("=", 1)[0]
+        if key in OVERRIDE_ALIASES:
+            key = OVERRIDE_ALIASES[key]
+            item = key + item[item.index("="):]
         if "." not in key:
             raise ConfigError(f"override '{item}': keys are dotted section.field, e.g. train.steps=100.")
         try:
@@ -355,6 +385,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.head_type='{m.head_type}' is not one of {HEAD_TYPES}.")
     if m.attention not in ATTENTION_BACKENDS:
         raise ConfigError(f"model.attention='{m.attention}' is not one of {ATTENTION_BACKENDS}.")
+    if m.norm_impl not in NORM_IMPLS:
+        raise ConfigError(f"model.norm_impl='{m.norm_impl}' is not one of {NORM_IMPLS}.")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer='{t.optimizer}' is not one of {OPTIMIZERS}.")
+    if m.norm_impl == "apex" and cfg.parallel.sequence_parallel:
+        raise ConfigError("model.norm_impl=apex with parallel.sequence_parallel=true is not "
+                          "supported (sequence parallelism makes the norms' weights DTensors, "
+                          "which apex's fused kernel does not take); set one of them back to its "
+                          "default (model.norm_impl=torch or parallel.sequence_parallel=false)")
     if m.head_type != "linear" and m.n_future >= m.n_layers:
         raise ConfigError(f"model.n_future={m.n_future} must be smaller than model.n_layers="
                           f"{m.n_layers}: the heads take n_future of the layers and the trunk "
@@ -369,6 +408,13 @@ def validate(cfg: Config) -> None:
     if d.seq_len <= m.n_future:
         raise ConfigError(f"data.seq_len={d.seq_len} must be larger than model.n_future="
                           f"{m.n_future}, or head {m.n_future} has no target in the window.")
+    if d.mixture and d.path:
+        raise ConfigError(f"data.path={d.path!r} and data.mixture are both set; a mixture names all its "
+                          "datasets: leave data.path empty (or put it in the mixture).")
+    for i, source in enumerate(d.mixture):
+        if not source.path or not math.isfinite(source.weight) or source.weight <= 0:
+            raise ConfigError(f"data.mixture[{i}] = {{path: {source.path!r}, weight: {source.weight}}}: "
+                              "each source needs a dataset path and a weight > 0.")
     if m.max_seq_len and m.max_seq_len < d.seq_len:
         raise ConfigError(f"model.max_seq_len={m.max_seq_len} is below data.seq_len={d.seq_len}: the RoPE "
                           f"tables would not cover a training sequence. Set model.max_seq_len >= "

@@ -17,10 +17,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, RNGState
 from megatrain.config import Config, to_yaml
-from megatrain.data.loader import WindowLoader, val_batches
-from megatrain.data.shards import open_split
+from megatrain.data.loader import WindowLoader
+from megatrain.data.mixture import make_loader, open_training_data, validation_batches
 from megatrain.errors import ConfigError, NonFiniteLossError
-from megatrain.inference.meta_format import read_init_weights
+from megatrain.inference.init_from import read_init_weights
 from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
 from megatrain.mtp_loss import HeadStats, build_head_targets
 from megatrain.optim import apply_schedule, build_scheduler
@@ -65,6 +65,9 @@ def resolve_device(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torc
 
 
 def resolve_dataset(cfg: Config) -> Path:
+    """data.path's folder (a mixture's first source: they share the tokenizer export and generate read)."""
+    if cfg.data.mixture:
+        return Path(cfg.data.mixture[0].path).expanduser()
     if cfg.data.path:
         return Path(cfg.data.path).expanduser()
     from megatrain.data_pipelines.prepare import ensure_default_dataset
@@ -119,8 +122,8 @@ def _validation_windows(cfg: Config, dataset_dir: Path) -> list[torch.Tensor] | 
     if not (cfg.train.eval_every and cfg.data.val_batches):
         return None
     local_batch = cfg.train.batch_size // cfg.parallel.dp
-    windows = val_batches(open_split(dataset_dir, "val"), cfg.data.seq_len, local_batch,
-                          cfg.data.val_batches)
+    windows = validation_batches(open_training_data(cfg.data, dataset_dir, "val"), cfg.data.seq_len,
+                                 local_batch, cfg.data.val_batches)
     return [w for w in windows if w.shape[0] == local_batch]
 
 
@@ -157,7 +160,7 @@ def setup(cfg: Config) -> Run:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     dataset_dir = resolve_dataset(cfg)
-    train_shards = open_split(dataset_dir, "train")
+    train_shards = open_training_data(cfg.data, dataset_dir, "train")  # one dataset or a mixture
     resolve_vocab(cfg, train_shards.vocab_size, dataset_dir)
     dims = ParallelDims(p.dp, p.tp, p.pp, env.world_size)
     dims.validate(cfg.model, p, t.batch_size, t.micro_batch_size)  # before any collective
@@ -180,14 +183,15 @@ def _build_run(cfg: Config, rank: int, device, autocast_dtype, dims: ParallelDim
     checkpoint when there is one."""
     t, p, run_dir = cfg.train, cfg.parallel, checkpoints.run_dir
     # init.path seeds a fresh start only: a resume's weights are its checkpoint's
-    init_weights = read_init_weights(cfg.init.path, cfg.model) if cfg.init.path and not resuming else None
+    init_weights = (read_init_weights(cfg.init.path, cfg.model, t.seed)
+                    if cfg.init.path and not resuming else None)
     engine, n_params = build_engine(cfg, dims, mesh, device, autocast_dtype, init_weights)
     if init_weights is not None and rank == 0:
-        print(f"initial weights from {cfg.init.path} (init.path); optimizer state fresh", flush=True)
+        print(f"initial weights (init.path): {init_weights.summary}; optimizer state fresh", flush=True)
     schedulers = [build_scheduler(optimizer, t) for optimizer in engine.optimizers]
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    loader = WindowLoader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,
-                          dp_size=p.dp, seed=t.seed, vocab_size=cfg.model.vocab_size)
+    loader = make_loader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,
+                         dp_size=p.dp, seed=t.seed, vocab_size=cfg.model.vocab_size)
     state = TrainState()
     checkpointable = {"model_optim": engine.checkpoint_state(), "scheduler": schedulers[0],
                       "dataloader": loader, "train_state": state, "rng": RNGState()}
