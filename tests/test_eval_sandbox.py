@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -160,6 +161,11 @@ def test_trace_check_sees_a_leftover_process_and_folder(leftovers):
     folder = Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{folder.name}.py"])
     try:
+        # Until the child has exec'd, its /proc cmdline is still pytest's (seen under load in CI)
+        deadline = time.monotonic() + 30
+        while folder.name not in Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace"):
+            assert time.monotonic() < deadline, "the child never exec'd"
+            time.sleep(0.05)
         found = leftovers()
         assert f"folder {folder}" in found
         assert any(t.startswith(f"process {process.pid}:") for t in found), found

@@ -97,6 +97,26 @@ class EpochOrder:
         return window_ids
 
 
+def checked_loader_args(global_batch_size: int, dp_rank: int, dp_size: int, vocab_size: int | None,
+                        tokenizer_vocab: int, tokenizer_path, source: str) -> int:
+    """Validate a loader's batch split and the model's vocabulary; returns the vocabulary size
+    (default: the tokenizer's). ``source`` names whose tokenizer it is in the message."""
+    if global_batch_size < 1 or dp_size < 1 or global_batch_size % dp_size:
+        raise DataError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the data-parallel "
+            f"size {dp_size}: change the global batch size or the dp degree"
+        )
+    if not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
+    vocab = tokenizer_vocab if vocab_size is None else int(vocab_size)
+    if vocab < tokenizer_vocab:
+        raise DataError(
+            f"model.vocab_size {vocab} is smaller than the vocabulary of the {source} tokenizer "
+            f"({tokenizer_vocab}, {tokenizer_path}): set model.vocab_size >= {tokenizer_vocab}"
+        )
+    return vocab
+
+
 class WindowLoader:
     """Shuffled training batches for one data-parallel rank; see the module docstring."""
 
@@ -112,20 +132,8 @@ class WindowLoader:
     ):
         """``vocab_size``: the model's (``model.vocab_size``, possibly padded); it must cover the
         tokenizer's vocabulary. Default: the tokenizer's."""
-        if global_batch_size < 1 or dp_size < 1 or global_batch_size % dp_size:
-            raise DataError(
-                f"global_batch_size {global_batch_size} must be a positive multiple of the data-parallel "
-                f"size {dp_size}: change the global batch size or the dp degree"
-            )
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
-        self.vocab_size = shards.vocab_size if vocab_size is None else int(vocab_size)
-        if self.vocab_size < shards.vocab_size:
-            raise DataError(
-                f"model.vocab_size {self.vocab_size} is smaller than the vocabulary of the dataset's "
-                f"tokenizer ({shards.vocab_size}, {shards.tokenizer_path}): set model.vocab_size >= "
-                f"{shards.vocab_size}"
-            )
+        self.vocab_size = checked_loader_args(global_batch_size, dp_rank, dp_size, vocab_size,
+                                              shards.vocab_size, shards.tokenizer_path, "dataset's")
         self.shards = shards
         self.windows = Windows(shards, seq_len)
         self.seq_len = seq_len

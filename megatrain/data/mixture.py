@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatrain.data.loader import EpochOrder, WindowLoader, Windows, val_batches
+from megatrain.data.loader import EpochOrder, WindowLoader, Windows, checked_loader_args, val_batches
 from megatrain.data.shards import ShardSet, open_split
 from megatrain.errors import DataError
 
@@ -149,20 +149,8 @@ class MixtureLoader:
 
     def __init__(self, mixture: Mixture, seq_len: int, global_batch_size: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, vocab_size: int | None = None):
-        if global_batch_size < 1 or dp_size < 1 or global_batch_size % dp_size:
-            raise DataError(
-                f"global_batch_size {global_batch_size} must be a positive multiple of the data-parallel "
-                f"size {dp_size}: change the global batch size or the dp degree"
-            )
-        if not 0 <= dp_rank < dp_size:
-            raise DataError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
-        self.vocab_size = mixture.vocab_size if vocab_size is None else int(vocab_size)
-        if self.vocab_size < mixture.vocab_size:
-            raise DataError(
-                f"model.vocab_size {self.vocab_size} is smaller than the vocabulary of the mixture's "
-                f"tokenizer ({mixture.vocab_size}, {mixture.tokenizer_path}): set model.vocab_size >= "
-                f"{mixture.vocab_size}"
-            )
+        self.vocab_size = checked_loader_args(global_batch_size, dp_rank, dp_size, vocab_size,
+                                              mixture.vocab_size, mixture.tokenizer_path, "mixture's")
         self.mixture = mixture
         self.windows = [Windows(s, seq_len) for s in mixture.sources]
         self.orders = [EpochOrder(w.count, seed) for w in self.windows]
