@@ -1,28 +1,27 @@
 """Predicted peak memory of every rank of a layout, with what it is made of.
 
-For one rank the step is walked phase by phase - trunk forward, the sequential-heads node,
-trunk backward, optimizer step - and the live bytes of each phase are the sum of named parts:
+For one rank the step is replayed action by action - each microbatch's forward on each of the
+rank's stages (with the sequential-heads node on the last one), each backward, then the optimizer
+step (schedules.py gives the order) - and the live bytes at each moment are a sum of named parts:
 
 - persistent: this rank's parameter shards (shards.py: exactly the elements our parallelisation
-  gives it), their gradients, AdamW's two moments (+ its step counters);
+  gives it), AdamW's two moments (+ its step counters), ZeRO's master partition and buckets;
+  gradients from the step's first backward on;
 - FSDP2 compute copies: the root unit (embedding, heads, norm, unembedding) stays all-gathered
   from forward to backward; a trunk layer is gathered while it runs (two in backward, with the
   prefetch), or every layer of the stage under pipelining (reshard_after_forward=False);
-- activations: what one trunk layer keeps per microbatch (trace.py runs the real block on fake
-  tensors at this rank's shapes, with checkpointing and autocast as configured), times the layers
-  of the stage, times the microbatches the schedule keeps in flight (schedules.py); sequence
-  parallelism shards the residual stream part of it;
-- the heads (last stage only): the node's peak and what it holds until its backward (trace.py runs
-  ``mtp_loss`` of the real heads on fake tensors), once per microbatch still waiting for its
-  backward;
+- activations: what the stage's trunk layers keep per microbatch (trace.py runs the real block on
+  fake tensors at this rank's shapes, with checkpointing and autocast as configured; sequence
+  parallelism shards the residual-stream part), times the microbatches the stage holds at that
+  moment;
+- the heads (last stage only): the node's peak during a forward, what it holds until its
+  backward for every microbatch still waiting (trace.py runs ``mtp_loss`` of the real heads);
 - the batch: token ids and the n_future target rows (int64).
 
-Everything is bytes of allocated tensors (the CPU allocator's count, or CUDA's
-``memory_allocated``). On CUDA the planner adds an allowance for what the caching allocator
-reserves beyond that and for the CUDA context (``CUDA_ALLOWANCE``), and compares the total
-with the device's memory.
+Everything is bytes of allocated tensors (the CPU's exact count, or CUDA's ``memory_allocated``).
+On CUDA ``with_allowance`` adds what the caching allocator reserves beyond that and the CUDA
+context, and the total is compared with the device's memory.
 """
-
 from __future__ import annotations
 
 import math
