@@ -105,7 +105,7 @@ def _humaneval_options(parser) -> None:
 
 
 def run_eval(args) -> int:
-    from megatrain.eval.source import ModelSource
+    from megatrain.inference.source import ModelSource
 
     task = args.eval_task
     needs_model = not (task == "humaneval" and (args.canonical or args.completions))
@@ -156,7 +156,7 @@ def _dtype(args) -> torch.dtype:
 
 def _heldout(args, source) -> dict:
     from megatrain.eval.heldout import evaluate_heldout
-    from megatrain.eval.source import resolve_device
+    from megatrain.inference.source import resolve_device
     from megatrain.trainer import resolve_dataset
 
     device = resolve_device(args.device)
@@ -183,7 +183,7 @@ def _humaneval(args, source) -> dict:
     from megatrain.eval import humaneval
     from megatrain.eval.humaneval_run import Decoding, evaluate_sets, generated_sets
     from megatrain.eval.sandbox import Limits, Sandbox
-    from megatrain.eval.source import resolve_device
+    from megatrain.inference.source import resolve_device
 
     _check_humaneval_args(args)
     problems = humaneval.load_problems(args.limit)
@@ -218,7 +218,7 @@ def _check_humaneval_args(args) -> None:
 
 
 def _synthetic(args, source) -> dict:
-    from megatrain.eval.source import resolve_device
+    from megatrain.inference.source import resolve_device
 
     try:
         from megatrain.eval import synthetic

@@ -17,8 +17,8 @@ from megatrain.eval import humaneval
 from megatrain.eval.completion import DecodingStats, complete
 from megatrain.eval.humaneval import STOP_SEQUENCES, Problem
 from megatrain.eval.sandbox import Sandbox
-from megatrain.eval.source import ModelSource
 from megatrain.inference.generate import Sampling
+from megatrain.inference.source import ModelSource
 
 SampleSet = tuple[str, dict, dict[str, list[str]]]  # (mode, its settings, completions by task_id)
 CONTEXT_MARGIN = 64  # RoPE positions beyond the longest prompt + budget: the heads' drafts

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatrain.errors import ConfigError, UserError
+from megatrain.errors import ConfigError
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -101,34 +101,14 @@ def _check(args) -> None:
 def _source(args):
     """The tokenizer, EOS id, a loader ``(max_seq_len, device, dtype) -> model`` and the trained
     context length (None if unknown) of a run directory's checkpoint or of an export folder."""
-    from tokenizers import Tokenizer
+    from megatrain.inference.source import ModelSource
 
-    from megatrain.data_pipelines.vocab import EOS_TOKEN
-    from megatrain.inference.export import TOKENIZER_FILE, dataset_tokenizer
-    from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint, load_exported
+    source = ModelSource.open(args.run_dir, args.export_dir, args.checkpoint)
+    tokenizer, eos_id = source.tokenizer()
 
-    if args.export_dir:
-        path = Path(args.export_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise UserError(f"{args.export_dir} has no {TOKENIZER_FILE}: export it from a run whose "
-                            f"dataset is on this machine, or copy the tokenizer there")
-        tokenizer = Tokenizer.from_file(str(path))
-
-        def load_export(max_seq_len, device, dtype):
-            return load_exported(args.export_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)[0]
-        return tokenizer, tokenizer.token_to_id(EOS_TOKEN), load_export, None
-    folder = checkpoint_folder(args.run_dir, args.checkpoint)  # verified once, here
-    cfg = config_of(folder)
-    found = dataset_tokenizer(cfg)
-    if found is None:
-        raise UserError(f"the dataset of {args.run_dir} (data.path={cfg.data.path or 'the default'}) is "
-                        f"not on this machine, so there is no tokenizer; export the run with its "
-                        f"tokenizer and use --from")
-    path, eos_id = found
-
-    def load_run(max_seq_len, device, dtype):
-        return load_checkpoint(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)[0]
-    return Tokenizer.from_file(str(path)), eos_id, load_run, cfg.model.max_seq_len or cfg.data.seq_len
+    def load(max_seq_len, device, dtype):
+        return source.load(device, dtype, max_seq_len)[0]
+    return tokenizer, eos_id, load, source.trained_length()
 
 
 SAMPLE_PROMPT = "def fibonacci(n):\n"

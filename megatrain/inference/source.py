@@ -1,8 +1,9 @@
-"""The model an evaluation reads: a run directory's checkpoint or a Meta-format export.
+"""The model ``megatrain generate`` and ``megatrain eval`` read: a run directory's checkpoint or a
+Meta-format export, with its tokenizer.
 
 A checkpoint is verified once, here (its checksums cover every file, which for a large model is
-worth not repeating); its step names the results file. The tokenizer is the one ``megatrain
-generate`` uses: the run dataset's, or the ``tokenizer.json`` an export carries.
+worth not repeating); its step names eval's results file. The tokenizer is the run dataset's, or
+the ``tokenizer.json`` an export carries.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class ModelSource:
             return tokenizer, tokenizer.token_to_id(EOS_TOKEN)
         found = dataset_tokenizer(self.config())
         if found is None:
-            raise UserError(f"the dataset of {self.run_dir} is not on this machine, so there is no "
-                            f"tokenizer; export the run with its tokenizer and use --from")
+            raise UserError(f"the dataset of {self.run_dir} (data.path="
+                            f"{self.config().data.path or 'the default'}) is not on this machine, so "
+                            f"there is no tokenizer; export the run with its tokenizer and use --from")
         return Tokenizer.from_file(str(found[0])), found[1]
 
 
