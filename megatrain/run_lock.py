@@ -10,7 +10,10 @@ that records its owner::
      "started": 1764622200.0, "heartbeat": 1764622230.0}
 
 All ranks of one job are one writer: rank 0 takes the lock and the others follow its verdict.
-A thread refreshes ``heartbeat`` every ``HEARTBEAT_S``. A lock left behind is taken over only when
+A thread refreshes the heartbeat every ``HEARTBEAT_S`` by touching the file's mtime, never by
+rewriting it: a read-then-rewrite could land just after another start took the lock over and put
+our record back over theirs (it did, under load). The heartbeat a reader sees is the later of the
+record's ``heartbeat`` (its creation) and the file's mtime. A lock left behind is taken over only when
 its owner is provably gone:
 - same host, and its pid no longer exists;
 - the same SLURM job id with a lower restart count (SLURM ends every process of a job's previous
@@ -33,7 +36,6 @@ import uuid
 from pathlib import Path
 
 from megatrain.errors import UserError
-from megatrain.files import atomic_write_text
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
@@ -183,13 +185,17 @@ class RunLock:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            text = self.path.read_text()
+            touched = self.path.stat().st_mtime
         except FileNotFoundError:
             return None
+        try:
+            holder = json.loads(text)
         except (ValueError, UnicodeDecodeError):
             # torn by a crash (kill -9) while it was created: an owner that died before writing
             # it fully; its age alone can prove it gone
-            return {"host": "?", "pid": -1, "heartbeat": self.path.stat().st_mtime}
+            return {"host": "?", "pid": -1, "heartbeat": touched}
+        return {**holder, "heartbeat": max(float(holder.get("heartbeat", 0)), touched)}
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -198,6 +204,11 @@ class RunLock:
                 self._lost.set()  # taken over (we were presumed gone): never write over the new owner
                 return
             try:
-                atomic_write_text(self.path, json.dumps({**self.record, "heartbeat": time.time()}))
+                # Touch, not rewrite: if another start replaced the file since the read above,
+                # this only makes its (live) owner look fresher; it never restores our record.
+                os.utime(self.path)
+            except FileNotFoundError:
+                self._lost.set()
+                return
             except OSError:
-                pass  # a full disk must not kill training here; the next beat tries again
+                pass  # a file system hiccup must not kill training here; the next beat tries again

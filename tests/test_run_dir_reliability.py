@@ -159,6 +159,7 @@ def test_two_starts_taking_over_the_same_dead_lock_leave_one_owner(tmp_path, mon
     run.mkdir()
     (run / LOCK_NAME).write_text(json.dumps({"owner": "dead", "host": "another-node", "pid": 1,
                                              "heartbeat": 0.0, "started": 0.0}))
+    os.utime(run / LOCK_NAME, (0, 0))  # nobody has touched it since: its heartbeat is stale
     rival = {"owner": "rival", "host": "another-node", "pid": 2, "heartbeat": time.time(),
              "started": time.time()}
     monkeypatch.setattr(run_lock.time, "sleep", lambda s: (run / LOCK_NAME).write_text(json.dumps(rival)))
@@ -191,6 +192,33 @@ def test_a_run_whose_lock_was_taken_over_stops_before_writing_a_checkpoint(datas
               should_stop=taken_over_after_step_2)
     assert not (run / "checkpoints" / "step_0000003").exists()
     assert json.loads((run / LOCK_NAME).read_text())["owner"] == "new-owner"  # left alone
+
+
+def test_a_heartbeat_never_puts_its_record_back_over_a_new_owner(tmp_path, monkeypatch):
+    """The race CI hit once: the heartbeat read our record, another start took the lock over, and
+    the heartbeat's write restored ours. Here the takeover lands between every read and the next
+    step of the heartbeat."""
+    import megatrain.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.01)
+    other = {"owner": "new-owner", "host": "another-node", "pid": 2, "heartbeat": time.time(),
+             "started": time.time()}
+    lock = RunLock(tmp_path)
+    read = RunLock._read
+
+    def read_then_taken_over(self):
+        holder = read(self)
+        (tmp_path / LOCK_NAME).write_text(json.dumps(other))
+        return holder
+
+    lock.acquire()
+    monkeypatch.setattr(RunLock, "_read", read_then_taken_over)
+    time.sleep(0.2)
+    monkeypatch.setattr(RunLock, "_read", read)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["owner"] == "new-owner"
+    assert lock.lost
+    lock.release()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["owner"] == "new-owner"  # left alone
 
 
 # ---- 2. fresh starts never destroy ------------------------------------------------------------------
