@@ -5,12 +5,12 @@ forward, its cross-entropy and its backward in turn; the gradient w.r.t. the tru
 accumulated and the head's logits and activations are freed before the next head starts. Peak
 memory is then one head's worth, whatever n_future is.
 
-``SequentialHeadsLoss`` does this inside ``forward``. Because the incoming gradient (gradient
-accumulation factor, loss scale, pipeline schedules) is only known in ``backward``, the node keeps
-the gradients it computed and hands them out in ``backward`` multiplied by the incoming gradient:
-the trunk gets its gradient through the normal graph, and the head parameters - passed to the node
-as inputs - get theirs as the node's input gradients, so autograd's accumulation into ``.grad``,
-hooks of DDP/FSDP/DeepSpeed and pipeline schedules all see an ordinary autograd node.
+``SequentialHeadsLoss`` does this inside ``forward``. The trunk gets its gradient through the
+normal graph: the node keeps the gradient w.r.t. its input and hands it out in ``backward``
+multiplied by the incoming gradient (pipeline schedules, DeepSpeed's scaling). The head
+parameters' gradients go to a ``HeadGradSink`` (megatrain.head_grads): written into ``.grad`` in
+the forward, or one pending set per step handed out by the first backward, so that microbatches
+waiting for their backward never hold a set each.
 
 Chained heads (causal, anticausal) need the gradient of later heads w.r.t. earlier outputs: their
 inputs are computed once without a graph, then heads are replayed last-to-first, each with its own
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.tensor import DTensor
 
+from megatrain.head_grads import HeadGradSink
 from megatrain.kernels import fused_linear_cross_entropy
 from megatrain.profiling.phases import phase
 
@@ -99,26 +100,20 @@ def _head_ce(model, i, out, targets_i, ignore_index, impl):
 
 
 class SequentialHeadsLoss(torch.autograd.Function):
-    """forward(trunk_hidden, model, targets, head_scales, ignore_index, impl, *params).
+    """forward(trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, *params).
 
     Returns (loss, per-head summed CE, per-head argmax hits); only ``loss`` is differentiable.
+    ``params`` are the head parameters when the sink hands their gradients out through autograd
+    (``sink.params_are_node_inputs``), else empty.
     """
 
     @staticmethod
-    def forward(ctx, trunk_hidden, model, targets, head_scales, ignore_index, impl, *params):
+    def forward(ctx, trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, *params):
         n = model.n_future
-        index_of = {id(p): k for k, p in enumerate(params)}
-        param_grads: list[torch.Tensor | None] = [None] * len(params)
         loss_sum = torch.zeros(n, dtype=torch.float64)
         n_correct = torch.zeros(n, dtype=torch.int64)
         total = torch.zeros((), dtype=torch.float32, device=trunk_hidden.device)
-
-        def accumulate(grads, head_params):
-            for p, g in zip(head_params, grads):
-                if g is None:
-                    continue
-                k = index_of[id(p)]
-                param_grads[k] = g if param_grads[k] is None else param_grads[k].add_(g)
+        generation = sink.open()
 
         def run_head(i, x, grad_out):
             """Head i's forward + CE + backward from input x; returns grad w.r.t. x."""
@@ -142,7 +137,7 @@ class SequentialHeadsLoss(torch.autograd.Function):
                     # Drop the head's graph now: its nodes (the CE's, with its gradient buffers)
                     # live as long as a tensor refers to them, i.e. until run_head returns.
                     ce_sum, scaled = ce_sum.detach(), scaled.detach()
-                    accumulate(grads[1:], head_params)
+                    sink.add(head_params, grads[1:])
                     grad_x = grads[0]
                     del grads, outputs, out  # summed in / done with: free them before the next head
             loss_sum[i] = ce_sum.double().cpu()
@@ -169,32 +164,36 @@ class SequentialHeadsLoss(torch.autograd.Function):
                 inputs[k] = None  # free as we go
             grad_trunk = grad_out
 
-        ctx.save_for_backward(grad_trunk, *[g if g is not None else torch.zeros(0) for g in param_grads])
-        ctx.has_grad = [g is not None for g in param_grads]
+        ctx.save_for_backward(grad_trunk)
+        ctx.sink, ctx.generation, ctx.params = sink, generation, params
         ctx.mark_non_differentiable(loss_sum, n_correct)
         return total, loss_sum, n_correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_loss_sum, _grad_n_correct):
-        grad_trunk, *param_grads = ctx.saved_tensors
-        grads = [g * grad_loss.to(g.dtype) if has else None
-                 for g, has in zip(param_grads, ctx.has_grad)]
-        return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, *grads)
+        (grad_trunk,) = ctx.saved_tensors
+        grads = ctx.sink.take(ctx.generation, ctx.params, grad_loss)
+        return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, None, *grads)
 
 
 def mtp_loss(model, trunk_hidden: torch.Tensor, targets: torch.Tensor, head_scales: torch.Tensor,
-             ignore_index: int = -100, impl: str = "auto") -> tuple[torch.Tensor, HeadStats]:
+             ignore_index: int = -100, impl: str = "auto", sink: HeadGradSink | None = None
+             ) -> tuple[torch.Tensor, HeadStats]:
     """The summed multi-token loss of one micro-batch, memory-efficient when gradients are on.
 
     ``targets``: (n_future, B, T) from ``build_head_targets``; ``head_scales``: (n_future,) float32
-    factors applied to each head's summed CE. Returns the scaled total and per-head stats.
+    factors applied to each head's summed CE. ``sink``: where the head parameters' gradients go
+    (megatrain.head_grads; the engines own one per stage, shared by a step's microbatches);
+    None = this node keeps its own and hands them out in its backward. Returns the scaled total
+    and per-head stats.
     """
     n_valid = (targets != ignore_index).flatten(1).sum(1).cpu()
     head_scales = head_scales.to(device=trunk_hidden.device, dtype=torch.float32)
     if torch.is_grad_enabled() and trunk_hidden.requires_grad:
-        params = model.all_head_params()
+        sink = (sink if sink is not None else HeadGradSink("per_node")).for_node()
+        params = model.all_head_params() if sink.params_are_node_inputs else []
         total, loss_sum, n_correct = SequentialHeadsLoss.apply(
-            trunk_hidden, model, targets, head_scales, ignore_index, impl, *params)
+            trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, *params)
     else:
         total, loss_sum, n_correct = _forward_only(model, trunk_hidden, targets, head_scales,
                                                    ignore_index, impl)

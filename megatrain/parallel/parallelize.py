@@ -22,10 +22,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megatrain.config import ParallelConfig
+from megatrain.head_grads import HeadGradSink
 from megatrain.model.mtp import initial_value
 from megatrain.model.transformer import rope_tables
 from megatrain.parallel.data_parallel import apply_fsdp
-from megatrain.parallel.pipeline import MTPStage, build_schedule, split_model
+from megatrain.parallel.pipeline import SPLIT_BACKWARD, MTPStage, build_schedule, split_model
 from megatrain.parallel.pipeline_layout import check_pipeline_layout, local_stage_ids, resolve_microbatches
 from megatrain.parallel.runtime import ParallelModel
 from megatrain.parallel.tensor_parallel import apply_tp
@@ -89,6 +90,19 @@ def materialize(stages: list[MTPStage], device: torch.device, seed: int, max_seq
             stage.rope_sin.copy_(sin)
 
 
+def head_grad_mode(parallel: ParallelConfig) -> str:
+    """Where the heads' parameter gradients go in this layout (a megatrain.head_grads mode):
+    straight into .grad in the heads' forward, unless a data-parallel engine must see them
+    arrive through autograd (FSDP's reduce-scatter, ZeRO's hooks): then one set shared by the
+    step's microbatches, or one per microbatch when a zero-bubble schedule runs the heads'
+    backward twice."""
+    if parallel.dp_engine == "deepspeed":
+        return "shared"
+    if parallel.dp == 1:
+        return "direct"
+    return "per_node" if parallel.pp > 1 and parallel.pp_schedule in SPLIT_BACKWARD else "shared"
+
+
 def parallelize_mtp(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
                 parallel: ParallelConfig, *, device: torch.device | None = None,
                 local_batch: int | None = None, micro_batch_size: int = 0,
@@ -124,6 +138,8 @@ def parallelize_mtp(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | Non
         if dims.dp_enabled:
             apply_fsdp(stage, mesh["dp"], param_dtype=param_dtype,
                        reshard_after_forward=not dims.pp_enabled)
+        # 5. Where the heads' parameter gradients go.
+        stage.head_grad_sink = HeadGradSink(head_grad_mode(parallel))
     schedule, n_micro = None, 1
     if dims.pp_enabled:
         n_micro = resolve_microbatches(parallel, dims.pp, local_batch, micro_batch_size)

@@ -29,6 +29,7 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megatrain.head_grads import HeadGradSink
 from megatrain.model.heads import MTPHeads
 from megatrain.model.layout import SHARED_BY_HEADS
 from megatrain.mtp_loss import mtp_loss
@@ -37,6 +38,8 @@ from megatrain.profiling.phases import phase, phase_context
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "interleaved_1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
              "dualpipev": ScheduleDualPipeV}
+# schedules that split a stage's backward into an input pass and a weight pass (zero bubble)
+SPLIT_BACKWARD = {"zbv", "dualpipev"}
 
 
 class MTPStage(MTPHeads, nn.Module):
@@ -69,6 +72,9 @@ class MTPStage(MTPHeads, nn.Module):
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
         self.sequence_parallel_mesh: DeviceMesh | None = None  # set by apply_tp(sequence_parallel=True)
         self.head_scales: torch.Tensor | None = None
+        # where the head parameters' gradients go (megatrain.head_grads); parallelize sets the
+        # mode its layout allows
+        self.head_grad_sink = HeadGradSink("per_node")
         self.stats: list = []
         # the last stage's loss; `megatrain profile memory --compare-naive` swaps in the all-logits one
         self.loss_fn = mtp_loss
@@ -86,7 +92,7 @@ class MTPStage(MTPHeads, nn.Module):
             if self.sequence_parallel_mesh is not None:
                 h = gather_sequence(h, self.sequence_parallel_mesh)  # (B, T/tp, D) -> (B, T, D)
         loss, stats = self.loss_fn(self, h, targets.transpose(0, 1), self.head_scales,
-                                   self.ignore_index, self.impl)
+                                   self.ignore_index, self.impl, sink=self.head_grad_sink)
         self.stats.append(stats)
         return loss
 
@@ -140,6 +146,16 @@ class PhasedPipelineStage(PipelineStage):
     def backward_weight_one_chunk(self, bwd_chunk_id: int, *args, **kwargs):
         with phase_context(stage=self.stage_index, microbatch=bwd_chunk_id), phase("trunk.backward"):
             return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        # The schedule's first step runs the stage once on uninitialised inputs to learn shapes,
+        # with gradients on, and then only an input-gradient pass: that node's head gradients
+        # must not reach .grad or the step's shared set, so it gets a sink of its own.
+        step_sink, self.submod.head_grad_sink = self.submod.head_grad_sink, HeadGradSink("per_node")
+        try:
+            return super()._forward_metadata_inference(*args, **kwargs)
+        finally:
+            self.submod.head_grad_sink = step_sink
 
 
 def build_schedule(stages: list[MTPStage], pp_mesh: DeviceMesh, schedule: str, n_microbatches: int,

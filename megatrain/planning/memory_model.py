@@ -32,6 +32,7 @@ import torch
 
 from megatrain.config import Config
 from megatrain.model.layout import LayerLayout
+from megatrain.parallel.parallelize import head_grad_mode
 from megatrain.parallel.pipeline_layout import resolve_microbatches, stages_per_rank
 from megatrain.planning.schedules import occupancy, rank_actions
 from megatrain.planning.shards import (
@@ -89,8 +90,8 @@ def _layer(model_key, batch, seq, tp, autocast, checkpointed, param_dtype) -> La
 
 
 @lru_cache(maxsize=64)
-def _heads(model_key, batch, seq, tp, autocast, param_dtype) -> HeadsMemory:
-    return trace_heads(model_key.cfg, batch, seq, tp, autocast, param_dtype)
+def _heads(model_key, batch, seq, tp, autocast, param_dtype, sink_mode) -> HeadsMemory:
+    return trace_heads(model_key.cfg, batch, seq, tp, autocast, param_dtype, sink_mode)
 
 
 class _ModelKey:
@@ -195,13 +196,18 @@ def plan_rank(cfg: Config, rank: int, shapes: dict | None = None) -> RankPlan:
             layer = _layer(key, micro, seq, tp, target.autocast, p.activation_checkpointing == "full",
                            target.fsdp_param_dtype)
             backward_extra[stage] = layer.backward_extra
-    heads = (_heads(key, micro, seq, tp, target.autocast, target.fsdp_param_dtype)
+    sink_mode = head_grad_mode(p)
+    heads = (_heads(key, micro, seq, tp, target.autocast, target.fsdp_param_dtype, sink_mode)
              if last_stage in my_stages else None)
     gathered_output = micro * seq * model.dim * FP32 if p.sequence_parallel and tp > 1 else 0
 
     # ---- the step: replay this rank's forwards and backwards ----------------------------------
     actions = rank_actions(p.pp_schedule, p.pp, coords.pp_rank, n_micro,
                            stages_per_rank(p.pp_schedule, p.virtual_stages))
+    # The step's set of head gradients (megatrain.head_grads) outside "gradients": direct mode
+    # writes it into .grad from the first heads forward on; shared mode keeps one pending from a
+    # heads forward to the next heads backward; per_node counts it in each node's "held".
+    head_set_live = False
     for moment in occupancy(actions):
         action = moment.action
         ledger.set("gradients (fp32)", grads if moment.gradients else 0)
@@ -209,20 +215,31 @@ def plan_rank(cfg: Config, rank: int, shapes: dict | None = None) -> RankPlan:
         waiting = moment.holding.get(last_stage, 0)
         on_heads = heads is not None and action.stage == last_stage
         if heads is not None:  # every microbatch between its node's forward and backward
-            ledger.set("heads: held by waiting microbatches (gradients until their backward)",
+            ledger.set("heads: held by waiting microbatches until their backward",
                        heads.held * max(waiting - (1 if on_heads else 0), 0))
+            in_grads = sink_mode == "direct" and moment.gradients
+            ledger.set(f"heads: the step's head gradients ({sink_mode})",
+                       heads.head_set if head_set_live and not in_grads else 0)
         if action.kind == "F":
             ledger.mark("trunk.forward", forward_gathering)
             if on_heads:
-                node = {"heads: the node of one microbatch": heads.peak,
+                node = {"heads: the node of one microbatch": heads.peak_next if head_set_live else heads.peak,
                         "heads: the trunk output gathered over the sequence": gathered_output}
                 ledger.mark("heads", node)
+                head_set_live = sink_mode != "per_node"
             continue
         transient = {**backward_gathering}
         if on_heads:
-            ledger.mark("heads.backward", {"heads: the node of one microbatch": heads.backward_peak})
+            # (the set itself is on its own line, or in "gradients", except per_node's)
+            own_set = heads.head_set if sink_mode != "per_node" else 0
+            ledger.mark("heads.backward",
+                        {"heads: the node of one microbatch": heads.backward_peak - own_set})
+            if sink_mode == "shared":  # handed out to .grad
+                head_set_live = False
+                ledger.set("heads: the step's head gradients (shared)", 0)
             if not moment.gradients:  # its gradients are the first .grad: not in "gradients" yet
-                transient["heads: head gradients and trunk gradient after the node"] = heads.after_backward
+                transient["heads: head gradients and trunk gradient after the node"] = (
+                    heads.after_backward - (heads.head_set if sink_mode == "direct" else 0))
         extra = backward_extra[action.stage]
         if action.kind == "I" and action.stage != 0:
             # Zero-bubble backward: the input-gradient pass keeps what the deferred weight-gradient

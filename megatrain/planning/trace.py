@@ -151,22 +151,27 @@ def _norms(block: nn.Module) -> list[nn.Module]:
 
 @dataclass(frozen=True)
 class HeadsMemory:
-    """The sequential-heads node of one microbatch (bytes), at one rank's shapes."""
+    """The sequential-heads node of one microbatch (bytes), at one rank's shapes, with the head
+    gradient sink of the layout (megatrain.head_grads)."""
 
     peak: int  # highest live bytes during its forward (every head's forward, CE and backward)
-    held: int  # what it keeps from its forward to its backward (head gradients, trunk gradient)
+    peak_next: int  # the same for a node whose step's set of head gradients already exists
+    held: int  # what it keeps from its forward to its backward (trunk gradient; per_node: + the set)
+    head_set: int  # one set of the head parameters' gradients (direct: in .grad; shared: pending)
     backward_peak: int  # highest live bytes during its backward, which hands out the gradients
     after_backward: int  # the head parameters' .grad and the trunk gradient left afterwards
 
 
 def trace_heads(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
                 autocast_dtype: torch.dtype | None = None,
-                param_dtype: torch.dtype | None = None) -> HeadsMemory:
-    """Run ``mtp_loss`` forward and backward of the heads alone on fake tensors.
+                param_dtype: torch.dtype | None = None, sink_mode: str = "per_node") -> HeadsMemory:
+    """Run ``mtp_loss`` forward and backward of the heads alone on fake tensors: two
+    microbatches' nodes with one sink (what the second finds already there), then a backward.
 
     The model is built with no trunk layers (the heads, ``norm`` and ``output``; tensor-parallel
     rank 0's slices of them), so the node runs exactly the code the last stage runs.
     """
+    from megatrain.head_grads import HeadGradSink
     from megatrain.model.mtp import MTPTransformer
     from megatrain.mtp_loss import build_head_targets, mtp_loss
 
@@ -182,16 +187,28 @@ def trace_heads(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
         window = torch.randint(0, max(chunk_size(cfg.vocab_size, tp, 0), 1), (batch, seq + 1))
         targets = build_head_targets(window, cfg.n_future)
         scales = torch.full((cfg.n_future,), 1.0 / (batch * seq))
-        hidden = torch.randn(batch, seq, cfg.dim, requires_grad=True)  # in the residual's dtype
+        head_set = sum(p.numel() * p.element_size() for p in model.all_head_params())
         counter = LiveBytes()
         with counter:
-            start = counter.reset_peak()
+            # two microbatches' forwards into one sink: the second finds the step's set there
+            sink, nodes, totals = HeadGradSink(sink_mode), [], []
+            for _ in range(2):
+                hidden = torch.randn(batch, seq, cfg.dim, requires_grad=True)  # the residual's dtype
+                start = counter.reset_peak()
+                with _autocast(autocast_dtype):
+                    totals.append(mtp_loss(model, hidden, targets, scales, sink=sink)[0])
+                nodes.append((counter.peak - start, counter.now - start))
+            (peak, kept), (peak_next, _) = nodes
+            held = kept - (head_set if sink_mode != "per_node" else 0)
+            del totals, sink, hidden
+            model.zero_grad(set_to_none=True)
+            # one microbatch's forward and backward, from nothing
+            hidden = torch.randn(batch, seq, cfg.dim, requires_grad=True)
+            start = counter.now
             with _autocast(autocast_dtype):
-                total, _ = mtp_loss(model, hidden, targets, scales, impl="torch")
-            peak = counter.peak - start
-            held = counter.now - start
+                total, _ = mtp_loss(model, hidden, targets, scales, sink=HeadGradSink(sink_mode))
             counter.reset_peak()
             total.backward()
             backward_peak = counter.peak - start
             after = counter.now - start
-    return HeadsMemory(peak, held, backward_peak, after)
+    return HeadsMemory(peak, peak_next, held, head_set, backward_peak, after)

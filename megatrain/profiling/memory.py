@@ -213,7 +213,7 @@ def _log_tensorboard(writer, ranks: list[dict], prefix: str) -> None:
     writer.flush()
 
 
-def naive_mtp_loss(model, trunk_hidden, targets, head_scales, ignore_index=-100, impl="auto"):
+def naive_mtp_loss(model, trunk_hidden, targets, head_scales, ignore_index=-100, impl="auto", sink=None):
     """``mtp_loss``'s signature and results around ``mtp_loss_naive``: every head's logits stay
     alive until the trunk's backward. Per-head losses and hits are not computed (zeros)."""
     n = model.n_future

@@ -1,0 +1,114 @@
+"""Where the heads' parameter gradients go: one set per step, whatever the microbatch count.
+
+The sequential-heads node (megatrain.mtp_loss) computes every head parameter's gradient inside its
+forward. Keeping that set on the node until its backward (a full set of head, norm and
+unembedding gradients: ~0.94B parameters at 6.7B, n_future=4) stacks one set per microbatch
+waiting for its backward: M sets on the last pipeline stage under GPipe, and one set on top of
+``.grad`` under gradient accumulation. A ``HeadGradSink`` decides where they go:
+
+* ``direct``: added straight into ``param.grad`` in the forward, already multiplied by the
+  gradient the node's backward will receive (``grad_scale``: the engine knows it before the step;
+  the backward checks it). Nothing beyond the ``.grad`` tensors themselves, and the head
+  parameters are not inputs of the node, so its backward (and a zero-bubble schedule's separate
+  weight pass) has nothing to do for them. Only where nothing watches the parameters' gradient
+  accumulation: one process, tensor and pipeline parallelism.
+* ``shared``: summed into one pending set shared by the step's microbatches, handed out by the
+  first backward that runs (times its incoming gradient) and then released; later backwards of
+  the same set check that they bring the same incoming gradient. Autograd accumulates the set into
+  ``.grad``, so FSDP's and DeepSpeed's hooks see an ordinary gradient. At most one set beyond
+  ``.grad``, however many microbatches are in flight.
+* ``per_node``: each node keeps its own set and hands it out in every backward through it. This
+  is the one mode in which a backward may run twice, as a zero-bubble schedule's input pass
+  and weight pass do (``shared`` would hand the set to the input pass, which drops it). One set
+  per microbatch in flight: used only where the other two cannot be (FSDP with a zero-bubble
+  schedule, the schedule's shape inference) and when ``mtp_loss`` gets no sink.
+
+A node whose backward never runs would leave its share in a ``shared`` set for the next step's
+first backward; the only such forward in our code, the pipeline schedule's shape inference, gets
+a ``per_node`` sink of its own (megatrain.parallel.pipeline).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("direct", "shared", "per_node")
+
+
+class HeadGradSink:
+    def __init__(self, mode: str, grad_scale: float = 1.0):
+        if mode not in MODES:
+            raise ValueError(f"HeadGradSink mode must be one of {MODES}, not {mode!r}")
+        self.mode = mode
+        self.grad_scale = float(grad_scale)  # direct mode: the incoming gradient of every node
+        self._pending: dict[int, torch.Tensor] = {}  # id(param) -> summed gradient
+        self._generation = 0  # shared: bumped each time the pending set is handed out
+        self._used_scale: dict[int, torch.Tensor] = {}  # shared: generation -> its incoming gradient
+        self._outstanding = 0  # nodes whose forward ran and whose backward has not
+
+    @property
+    def params_are_node_inputs(self) -> bool:
+        """Whether the head parameters' gradients leave the node through autograd."""
+        return self.mode != "direct"
+
+    def for_node(self) -> HeadGradSink:
+        """The sink one node writes to: this one, or a fresh one in per_node mode."""
+        return HeadGradSink("per_node") if self.mode == "per_node" else self
+
+    # ---- the node's forward ------------------------------------------------------------------
+    def open(self) -> int:
+        """A node starts; returns the generation its gradients join."""
+        self._outstanding += 1
+        return self._generation
+
+    def add(self, params, grads) -> None:
+        """Take one head's parameter gradients (of the node's scaled loss)."""
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if self.mode == "direct":
+                if self.grad_scale != 1.0:
+                    g = g.mul_(self.grad_scale)
+                if p.grad is None:
+                    p.grad = g  # what autograd's AccumulateGrad does with a fresh gradient
+                else:
+                    p.grad.add_(g)
+            else:
+                held = self._pending.get(id(p))
+                self._pending[id(p)] = g if held is None else held.add_(g)
+
+    # ---- the node's backward -----------------------------------------------------------------
+    def take(self, generation: int, params, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """The gradients a node of ``generation`` hands to ``params`` in its backward (``None``
+        each in direct mode, or when an earlier backward already handed its shared set out)."""
+        if self.mode == "direct":
+            _check_equal(grad_loss, self.grad_scale, "the scale its head gradients were written with")
+            return [None] * len(params)
+        if self.mode == "per_node":  # kept for a second backward through the node
+            return [None if (g := self._pending.get(id(p))) is None else g * grad_loss.to(g.dtype)
+                    for p in params]
+        self._outstanding -= 1
+        used = self._used_scale.get(generation)
+        if used is not None:
+            _check_equal(grad_loss, used, "the one its gradient set was handed out with")
+            out = [None] * len(params)
+        else:
+            out = [None if (g := self._pending.pop(id(p), None)) is None else g.mul_(grad_loss.to(g.dtype))
+                   for p in params]
+            self._used_scale[self._generation] = grad_loss.detach()
+            self._generation += 1
+        if self._outstanding == 0:
+            self._used_scale.clear()
+            if self._pending:
+                raise RuntimeError(f"{len(self._pending)} head gradients were never handed out: "
+                                   "the nodes sharing a HeadGradSink must take the same parameters")
+        return out
+
+
+def _check_equal(grad_loss: torch.Tensor, expected, what: str) -> None:
+    """A NaN/inf incoming gradient passes: it already makes the trunk's gradient, hence the global
+    gradient norm, non-finite, and the trainer skips such a step whatever the heads hold."""
+    ok = (grad_loss == expected) | ~torch.isfinite(grad_loss)
+    # torch._assert_async does not wait for a GPU; on CPU it checks at once
+    torch._assert_async(ok.all(), f"the sequential-heads node got an incoming gradient different "
+                                  f"from {what}")
