@@ -97,6 +97,21 @@ def test_speculative_greedy_equals_greedy_for_an_untrained_model_with_eos():
     assert spec.tokens == plain.tokens and plain.tokens[0][-1] == eos and len(plain.tokens[0]) <= 6
 
 
+def test_speculative_decoding_skips_a_verify_forward_when_every_row_needs_one_token():
+    """The last token of every row is head 1's own pick from the previous forward: verifying
+    drafts that nobody will keep would be a wasted forward."""
+    torch.manual_seed(0)
+    model = MTPTransformer(_cfg(n_future=4, n_layers=6), max_seq_len=96, seed=7).eval()
+    generator = Generator(model)
+    prompts = [[1, 2, 3], [5]]
+    one = generator.generate(prompts, 1, speculative=True)
+    assert one.forwards == 0 and one.tokens == generator.generate(prompts, 1).tokens
+    for new in (2, 5, 9):  # random heads: about one token per forward, the last one free
+        plain, spec = generator.generate(prompts, new), generator.generate(prompts, new, speculative=True)
+        assert spec.tokens == plain.tokens
+        assert spec.forwards <= plain.forwards
+
+
 def _pairs(tokens, n_rows):
     counts = torch.zeros(VOCAB, VOCAB)
     for row in tokens[:n_rows]:

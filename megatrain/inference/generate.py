@@ -162,6 +162,9 @@ class Generator:
         t0 = _pick(logits[0], sampling, generator)
         drafts, draft_probs = self._draft(logits[1:], sampling, generator)
         while state.active():
+            if state.last_token_of_every_row():  # t0 is head 1's own: no verify forward needed
+                state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * batch)
+                break
             block = torch.cat([t0[:, None], drafts], dim=1)  # (B, n): t0, d1 .. d_{n-1}
             positions = state.lengths[:, None] + torch.arange(n)  # t0 sits at the row's length
             outs = self._forward(block.to(self.model.rope_cos.device),
@@ -240,6 +243,10 @@ class _Rows:
 
     def active(self) -> bool:
         return not all(self.done)
+
+    def last_token_of_every_row(self) -> bool:
+        """Whether every unfinished row needs exactly one more token."""
+        return all(len(self.new[r]) == self.max_new - 1 for r in range(self.batch) if not self.done[r])
 
     def emit(self, tokens: list[list[int]], accepted_drafts: list[int]) -> None:
         """Append each row's accepted tokens; a row is done at EOS or ``max_new`` tokens."""
