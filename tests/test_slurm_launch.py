@@ -324,11 +324,13 @@ def test_one_task_job_trains_exactly_like_a_local_run(slurm_cluster, dataset, tm
 
 
 @needs_trainer
-@pytest.mark.parametrize("nodes", [1, 2], ids=["one_rank", "two_nodes_dp2"])
+# One rank (nodes=1, reference: a local run) is left out of the suite for time (~35 s): its
+# requeue path is the stand-in test's above, its exact-resume path this two-node case's.
+@pytest.mark.parametrize("nodes", [2], ids=["two_nodes_dp2"])
 def test_preempted_training_resumes_and_ends_with_the_uninterrupted_losses(slurm_cluster, dataset, tmp_path,
                                                                            monkeypatch, nodes):
-    """One rank: the reference is a local run. Two ranks (one per emulated node, dp=2): every rank
-    stops after the same step, rank 0 requeues; the reference is an uninterrupted 2-rank job."""
+    """Two ranks (one per emulated node, dp=2): every rank stops after the same step, rank 0
+    requeues; the reference is an uninterrupted 2-rank job. (nodes=1: a local run.)"""
     monkeypatch.setenv("MEGATRAIN_MASTER_ADDR", "127.0.0.1")  # emulated nodes do not resolve
     job_dir, reference_dir = tmp_path / "job", tmp_path / "reference"
     steps = 300 if nodes == 1 else 100  # a 2-rank step costs ~5x more on the 2 shared cores
