@@ -105,3 +105,14 @@ def test_all_164_reference_solutions_pass_and_the_bare_prompts_fail():
     bare, _ = humaneval.score(sandbox, problems, {p.task_id: ["    pass\n"] for p in problems[::8]},
                               workers=4)
     assert bare["pass@1"] == 0.0
+
+
+def test_best_temperature_per_k_takes_each_k_from_the_temperature_that_scored_it_highest():
+    from megatrain.eval.humaneval_run import best_temperature_per_k
+
+    modes = {"greedy": {"temperature": 0.0, "pass@1": 0.9},  # greedy is not a sampled temperature
+             "t0.2": {"temperature": 0.2, "pass@1": 0.30, "pass@10": 0.40},
+             "t0.8": {"temperature": 0.8, "pass@1": 0.20, "pass@10": 0.55}}
+    assert best_temperature_per_k(modes) == {"pass@1": {"value": 0.30, "temperature": 0.2},
+                                             "pass@10": {"value": 0.55, "temperature": 0.8}}
+    assert best_temperature_per_k({"greedy": modes["greedy"], "t0.2": modes["t0.2"]}) == {}
