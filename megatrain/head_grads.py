@@ -17,11 +17,15 @@ waiting for its backward: M sets on the last pipeline stage under GPipe, and one
   the same set check that they bring the same incoming gradient. Autograd accumulates the set into
   ``.grad``, so FSDP's and DeepSpeed's hooks see an ordinary gradient. At most one set beyond
   ``.grad``, however many microbatches are in flight.
-* ``per_node``: each node keeps its own set and hands it out in every backward through it. This
-  is the one mode in which a backward may run twice, as a zero-bubble schedule's input pass
-  and weight pass do (``shared`` would hand the set to the input pass, which drops it). One set
-  per microbatch in flight: used only where the other two cannot be (FSDP with a zero-bubble
-  schedule, the schedule's shape inference) and when ``mtp_loss`` gets no sink.
+  A zero-bubble schedule runs the node's backward twice, an input pass and a weight pass
+  (torch's ``stage_backward_input`` / ``stage_backward_weight``); the set must go to the weight
+  pass, as the input pass drops parameter gradients. With ``split_backward`` the node takes
+  views of the parameters as inputs, whose backward nodes (unlike the parameters' own) autograd
+  can say it will run in this pass (``torch._C._will_engine_execute_node``), and hands the set
+  out only on the pass that reaches them.
+* ``per_node``: each node keeps its own set and hands it out in every backward through it, the
+  old behaviour: one set per microbatch in flight. Only for the schedule's shape inference and
+  when ``mtp_loss`` gets no sink.
 
 A node whose backward never runs would leave its share in a ``shared`` set for the next step's
 first backward; the only such forward in our code, the pipeline schedule's shape inference, gets
@@ -36,20 +40,29 @@ MODES = ("direct", "shared", "per_node")
 
 
 class HeadGradSink:
-    def __init__(self, mode: str, grad_scale: float = 1.0):
+    def __init__(self, mode: str, grad_scale: float = 1.0, split_backward: bool = False):
         if mode not in MODES:
             raise ValueError(f"HeadGradSink mode must be one of {MODES}, not {mode!r}")
         self.mode = mode
+        self.split_backward = split_backward and mode == "shared"
         self.grad_scale = float(grad_scale)  # direct mode: the incoming gradient of every node
         self._pending: dict[int, torch.Tensor] = {}  # id(param) -> summed gradient
         self._generation = 0  # shared: bumped each time the pending set is handed out
         self._used_scale: dict[int, torch.Tensor] = {}  # shared: generation -> its incoming gradient
         self._outstanding = 0  # nodes whose forward ran and whose backward has not
 
-    @property
-    def params_are_node_inputs(self) -> bool:
-        """Whether the head parameters' gradients leave the node through autograd."""
-        return self.mode != "direct"
+    def node_inputs(self, params: list) -> list:
+        """What the node takes as inputs for the head parameters (their gradients leave by them)."""
+        if self.mode == "direct":
+            return []
+        return [p.view_as(p) for p in params] if self.split_backward else list(params)
+
+    def hands_out_now(self, ctx, n_inputs: int) -> bool:
+        """Whether this backward through the node is the one to hand the set out in."""
+        if not self.split_backward or n_inputs == 0:
+            return True
+        edges = [fn for fn, _ in ctx.next_functions[-n_inputs:] if fn is not None]
+        return any(torch._C._will_engine_execute_node(fn) for fn in edges)
 
     def for_node(self) -> HeadGradSink:
         """The sink one node writes to: this one, or a fresh one in per_node mode."""
@@ -97,12 +110,26 @@ class HeadGradSink:
                    for p in params]
             self._used_scale[self._generation] = grad_loss.detach()
             self._generation += 1
+        if self.split_backward:  # a weight pass asks for every parameter: give it nothing, for free
+            out = [_free_zeros_like(p) if g is None else g for p, g in zip(params, out)]
         if self._outstanding == 0:
             self._used_scale.clear()
             if self._pending:
                 raise RuntimeError(f"{len(self._pending)} head gradients were never handed out: "
                                    "the nodes sharing a HeadGradSink must take the same parameters")
         return out
+
+
+def _free_zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """A zero gradient for ``p`` that allocates nothing: one element, expanded (a DTensor's on its
+    local shape, with its placements)."""
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local() if isinstance(p, DTensor) else p
+    zeros = torch.zeros((), dtype=local.dtype, device=local.device).expand(local.shape)
+    if isinstance(p, DTensor):
+        return DTensor.from_local(zeros, p.device_mesh, p.placements, run_check=False)
+    return zeros
 
 
 def _check_equal(grad_loss: torch.Tensor, expected, what: str) -> None:

@@ -100,15 +100,17 @@ def _head_ce(model, i, out, targets_i, ignore_index, impl):
 
 
 class SequentialHeadsLoss(torch.autograd.Function):
-    """forward(trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, *params).
+    """forward(trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, params,
+    *param_inputs).
 
     Returns (loss, per-head summed CE, per-head argmax hits); only ``loss`` is differentiable.
-    ``params`` are the head parameters when the sink hands their gradients out through autograd
-    (``sink.params_are_node_inputs``), else empty.
+    ``params``: the head parameters (a list, the sink's keys); ``param_inputs``: what their gradients
+    leave the node by (``sink.node_inputs``: the parameters, views of them, or nothing).
     """
 
     @staticmethod
-    def forward(ctx, trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, *params):
+    def forward(ctx, trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, params,
+                *param_inputs):
         n = model.n_future
         loss_sum = torch.zeros(n, dtype=torch.float64)
         n_correct = torch.zeros(n, dtype=torch.int64)
@@ -165,15 +167,18 @@ class SequentialHeadsLoss(torch.autograd.Function):
             grad_trunk = grad_out
 
         ctx.save_for_backward(grad_trunk)
-        ctx.sink, ctx.generation, ctx.params = sink, generation, params
+        ctx.sink, ctx.generation, ctx.params, ctx.n_inputs = sink, generation, params, len(param_inputs)
         ctx.mark_non_differentiable(loss_sum, n_correct)
         return total, loss_sum, n_correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_loss_sum, _grad_n_correct):
         (grad_trunk,) = ctx.saved_tensors
-        grads = ctx.sink.take(ctx.generation, ctx.params, grad_loss)
-        return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, None, *grads)
+        grads = [None] * ctx.n_inputs
+        if ctx.sink.hands_out_now(ctx, ctx.n_inputs):
+            grads = ctx.sink.take(ctx.generation, ctx.params, grad_loss)[:ctx.n_inputs]
+        return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, None, None,
+                *grads)
 
 
 def mtp_loss(model, trunk_hidden: torch.Tensor, targets: torch.Tensor, head_scales: torch.Tensor,
@@ -191,9 +196,10 @@ def mtp_loss(model, trunk_hidden: torch.Tensor, targets: torch.Tensor, head_scal
     head_scales = head_scales.to(device=trunk_hidden.device, dtype=torch.float32)
     if torch.is_grad_enabled() and trunk_hidden.requires_grad:
         sink = (sink if sink is not None else HeadGradSink("per_node")).for_node()
-        params = model.all_head_params() if sink.params_are_node_inputs else []
+        params = model.all_head_params()
         total, loss_sum, n_correct = SequentialHeadsLoss.apply(
-            trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, *params)
+            trunk_hidden, model, targets, head_scales, ignore_index, impl, sink, params,
+            *sink.node_inputs(params))
     else:
         total, loss_sum, n_correct = _forward_only(model, trunk_hidden, targets, head_scales,
                                                    ignore_index, impl)

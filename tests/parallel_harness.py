@@ -97,7 +97,7 @@ def reference_run(cfg: ModelConfig, steps=STEPS, micro=0, data=None):
 
 
 def parallel_run(rank, cfg: ModelConfig, *, dp, tp, pp, parallel_kwargs=None, steps=STEPS, micro=0,
-                 corrupt=None):
+                 corrupt=None, batch=BATCH):
     """One rank of the same training through megatrain.parallel on a dp x tp x pp mesh.
 
     Keyword-only after ``cfg``: a call reads ``dp=2, tp=1, pp=1, micro=1``, not a row of bare
@@ -109,21 +109,22 @@ def parallel_run(rank, cfg: ModelConfig, *, dp, tp, pp, parallel_kwargs=None, st
     dims = ParallelDims(dp=dp, tp=tp, pp=pp, world_size=dp * tp * pp)
     mesh = dims.build_mesh("cpu")
     parallel = ParallelConfig(dp=dp, tp=tp, pp=pp, **(parallel_kwargs or {}))
-    share = BATCH // dp
+    share = batch // dp
     pm = parallelize_mtp(build_model(cfg), dims, mesh, parallel, local_batch=share,
                          micro_batch_size=micro, impl="torch")
     dp_rank = mesh["dp"].get_local_rank()
     rows = slice(dp_rank * share, (dp_rank + 1) * share)
-    return train_parallel(pm, cfg, steps, rows=rows, micro=micro, corrupt=corrupt)
+    return train_parallel(pm, cfg, steps, rows=rows, micro=micro, corrupt=corrupt, batch=batch)
 
 
-def train_parallel(pm, cfg: ModelConfig, steps=STEPS, rows=slice(None), micro=0, corrupt=None) -> dict:
+def train_parallel(pm, cfg: ModelConfig, steps=STEPS, rows=slice(None), micro=0, corrupt=None,
+                   batch=BATCH) -> dict:
     """The harness's training loop on a parallelized model: this rank's ``rows`` of every global
     batch, clip 1.0, AdamW. ``corrupt(pm)``, when given, runs after each backward and before the
     clip: a negative control's deliberately wrong gradients."""
     optimizer = build_optimizer_for(pm, steps)
     losses, head_losses, grad_norms = [], [], []
-    for window in batches(cfg, steps):
+    for window in batches(cfg, steps, batch):
         targets, scales = _targets(cfg, window)  # scales over the GLOBAL batch
         loss, stats = pm.forward_backward(window[rows, :-1], targets[:, rows], scales, micro)
         if corrupt is not None:

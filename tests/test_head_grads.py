@@ -118,17 +118,17 @@ def test_every_sink_and_order_gives_the_whole_batch_gradients(tiny_model_cfg, he
         _assert_grads_equal(_grads(model), want)
 
 
-@pytest.mark.parametrize("mode", ["direct", "per_node", "shared"])
+@pytest.mark.parametrize("mode", ["direct", "per_node", "shared_split", "shared"])
 def test_a_zero_bubble_split_backward_gets_exact_head_gradients(tiny_model_cfg, mode):
     """torch's zero-bubble schedules run the node's backward twice: for the stage input's
     gradient only, then for the weights' (its stage_backward_input / stage_backward_weight).
     Here the stage is everything after the embedding; two microbatches, input passes first.
-    The shared mode hands its set to the input pass, which drops it: that is why parallelize
-    uses per_node for FSDP with these schedules."""
+    The control: a shared sink not told of the split hands its set to the input pass, which
+    drops it."""
     model, window, targets, scales = _case(tiny_model_cfg, vocab=97, batch=4)
     want = _reference(model, window, targets, scales)
     model.zero_grad(set_to_none=True)
-    sink = HeadGradSink(mode)
+    sink = HeadGradSink("shared", split_backward=True) if mode == "shared_split" else HeadGradSink(mode)
     cos, sin = model.rope(SEQ)
     stage_params = [p for n, p in model.named_parameters() if not n.startswith("tok_embeddings")]
     weight_passes = []

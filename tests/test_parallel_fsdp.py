@@ -9,6 +9,7 @@ import pytest
 from tests.parallel_harness import (
     assert_comparison_catches,
     assert_matches,
+    batches,
     merged_params,
     parallel_run,
     reference_run,
@@ -63,6 +64,20 @@ def test_dp2_tp2_pp2_matches_single_process():
     reference = reference_run(cfg)
     results = run_ranks(8, parallel_run, cfg, dp=2, tp=2, pp=2,
                         parallel_kwargs={"pp_schedule": "1f1b", "microbatches": 2})
+    params = merged_params(results)
+    assert sorted(params) == sorted(reference["params"])
+    for r in results:
+        assert_matches(reference, {**r, "params": params})
+
+
+@pytest.mark.slow
+def test_dp2_pp2_zero_bubble_matches_single_process():
+    """FSDP with a zero-bubble schedule: the heads' backward runs as an input pass, then a weight
+    pass; their gradient set (shared by the microbatches) must reach the weight pass once."""
+    cfg = tiny_cfg(n_layers=8, n_future=2)
+    reference = reference_run(cfg, data=batches(cfg, batch=8))
+    results = run_ranks(4, parallel_run, cfg, dp=2, tp=1, pp=2, batch=8,
+                        parallel_kwargs={"pp_schedule": "zbv", "microbatches": 4})
     params = merged_params(results)
     assert sorted(params) == sorted(reference["params"])
     for r in results:

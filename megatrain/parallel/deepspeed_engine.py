@@ -41,10 +41,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.config import ParallelConfig, TrainConfig
 from megatrain.errors import ConfigError
-from megatrain.head_grads import HeadGradSink
 from megatrain.mtp_loss import HeadStats
 from megatrain.optim import build_optimizer
-from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_compile, head_grad_mode
+from megatrain.parallel.parallelize import apply_activation_checkpointing, apply_compile, head_grad_sink
 from megatrain.parallel.pipeline import MTPStage, split_model
 from megatrain.parallel.process_group import dist_env
 from megatrain.parallel.runtime import all_finite_everywhere, reduce_step_stats
@@ -220,7 +219,7 @@ def parallelize_deepspeed(model: nn.Module, train: TrainConfig, parallel: Parall
     """``parallelize_mtp``'s counterpart for ``parallel.dp_engine=deepspeed``: the whole model as one
     MTPStage (dp only), activation checkpointing, then ZeRO."""
     stage = split_model(model, [model.layout.n_trunk_layers], [0], ignore_index, impl)[0]
-    stage.head_grad_sink = HeadGradSink(head_grad_mode(parallel))  # ZeRO's hooks: "shared"
+    stage.head_grad_sink = head_grad_sink(parallel)  # ZeRO's hooks: "shared"
     apply_activation_checkpointing(stage, parallel.activation_checkpointing)
     if compile_blocks:
         apply_compile(stage)

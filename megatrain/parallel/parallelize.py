@@ -94,13 +94,14 @@ def head_grad_mode(parallel: ParallelConfig) -> str:
     """Where the heads' parameter gradients go in this layout (a megatrain.head_grads mode):
     straight into .grad in the heads' forward, unless a data-parallel engine must see them
     arrive through autograd (FSDP's reduce-scatter, ZeRO's hooks): then one set shared by the
-    step's microbatches, or one per microbatch when a zero-bubble schedule runs the heads'
-    backward twice."""
-    if parallel.dp_engine == "deepspeed":
-        return "shared"
-    if parallel.dp == 1:
-        return "direct"
-    return "per_node" if parallel.pp > 1 and parallel.pp_schedule in SPLIT_BACKWARD else "shared"
+    step's microbatches."""
+    return "shared" if parallel.dp_engine == "deepspeed" or parallel.dp > 1 else "direct"
+
+
+def head_grad_sink(parallel: ParallelConfig) -> HeadGradSink:
+    """The stage's sink; a zero-bubble schedule runs the heads' backward in two passes."""
+    split = parallel.pp > 1 and parallel.pp_schedule in SPLIT_BACKWARD
+    return HeadGradSink(head_grad_mode(parallel), split_backward=split)
 
 
 def parallelize_mtp(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
@@ -139,7 +140,7 @@ def parallelize_mtp(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | Non
             apply_fsdp(stage, mesh["dp"], param_dtype=param_dtype,
                        reshard_after_forward=not dims.pp_enabled)
         # 5. Where the heads' parameter gradients go.
-        stage.head_grad_sink = HeadGradSink(head_grad_mode(parallel))
+        stage.head_grad_sink = head_grad_sink(parallel)
     schedule, n_micro = None, 1
     if dims.pp_enabled:
         n_micro = resolve_microbatches(parallel, dims.pp, local_batch, micro_batch_size)
