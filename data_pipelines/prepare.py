@@ -451,15 +451,72 @@ def _step_totals(stats, step) -> dict[str, float]:
     return {}
 
 
+# What the workers of every stage import: loaded once in the forkserver (``preload_forkserver``).
+_WORKER_MODULES = (
+    "megatrain.data_pipelines.steps", "megatrain.data_pipelines.readers", "datatrove.executor.local",
+    "datatrove.pipeline.dedup", "datatrove.pipeline.writers", "datatrove.pipeline.tokens.tokenizer",
+)  # fmt: skip
+
+
+def preload_forkserver() -> None:
+    """Has the forkserver that ``LocalPipelineExecutor`` starts its workers from import, once, what
+    each worker would otherwise import again in every stage: the pipeline's modules, and the modules
+    a script ``__main__`` imported. multiprocess re-runs such a script in every worker it starts
+    (its forkserver never preloads ``__main__``: it is sent the script's path under a key that
+    ``forkserver.main`` does not read), and the ``megatrain`` console script imports ``megatrain.cli``
+    (~5 s of CPU, torch included): before this, 5 stages x K workers of it per prepare. With them
+    preloaded a worker starts in milliseconds. The forkserver imports by name on its own default
+    ``sys.path`` (installed packages, the working directory) and skips what it cannot find there.
+    No effect once the forkserver runs (there is one per process: the first forkserver pool of any
+    kind starts it), so a process that runs other datatrove pools before ``prepare_dataset`` (e.g.
+    the benchmark's floor) calls this first."""
+    import types
+
+    import multiprocess
+
+    modules = list(_WORKER_MODULES)
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", True) is None and getattr(main, "__file__", None):  # a script, not -m
+        script_dir = os.path.dirname(os.path.abspath(main.__file__))
+        for key, value in list(vars(main).items()):
+            if key.startswith("__"):  # __builtins__, __loader__, ...
+                continue
+            try:
+                is_module = isinstance(value, types.ModuleType)
+                name = value.__name__ if is_module else getattr(value, "__module__", None)
+            except Exception:  # an object with an odd __getattr__: not a module's name
+                continue
+            if isinstance(name, str) and _forkserver_finds_the_same(name, script_dir):
+                modules.append(name)
+    multiprocess.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys(modules)))
+
+
+def _forkserver_finds_the_same(name: str, script_dir: str) -> bool:
+    """Whether the forkserver would import module ``name`` from the file this process has. Its
+    ``sys.path`` (``python -c``) starts with the working directory instead of the script's folder:
+    a module from the script's folder would not be found, and one in the working directory would
+    shadow an installed module of the same name (workers would then get that one)."""
+    module = sys.modules.get(name)
+    top = name.partition(".")[0]
+    origin = getattr(getattr(sys.modules.get(top), "__spec__", None), "origin", None)
+    if getattr(module, "__spec__", None) is None or not origin:
+        return False  # __main__ itself, or a module without a file
+
+    def in_folder(folder: str) -> bool:  # the top-level module or package sits right in folder
+        return origin in (os.path.join(folder, top + ".py"), os.path.join(folder, top, "__init__.py"))
+
+    cwd = os.getcwd()
+    if in_folder(script_dir):
+        return cwd == script_dir
+    shadowed = os.path.exists(os.path.join(cwd, top)) or os.path.exists(os.path.join(cwd, top + ".py"))
+    return not shadowed or in_folder(cwd)
+
+
 def _run_stage(name: str, pipeline: list, *, tasks: int, workers: int, logs: Path):
     from datatrove.executor import LocalPipelineExecutor
 
     if workers > 1 and tasks > 1:
-        import multiprocess
-
-        # workers fork from datatrove's forkserver: preloading our steps (and so datatrove) there
-        # saves every worker of every stage from importing them again. No effect once it runs.
-        multiprocess.get_context("forkserver").set_forkserver_preload(["megatrain.data_pipelines.steps"])
+        preload_forkserver()
     executor = LocalPipelineExecutor(
         pipeline,
         tasks=tasks,

@@ -1,7 +1,11 @@
 """``megatrain data prepare`` on a tiny corpus that has one file for every filter and dedup case."""
 
 import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -177,6 +181,45 @@ def test_split_and_streams_do_not_depend_on_tasks(corpus, bytes_dataset, tmp_pat
     assert manifest2["stats"] | {"seconds": 0} == manifest1["stats"] | {"seconds": 0}
     for split in ("train", "val"):
         assert split_documents(out1, split, 256) == split_documents(tmp_path / "ds", split, 256), split
+
+
+def test_pipeline_steps_import_without_torch():
+    # every worker of every stage imports them when the forkserver did not preload them: torch
+    # alone is ~2 s of CPU per worker
+    code = ("import sys, megatrain.data_pipelines.steps, megatrain.data_pipelines.readers; "
+            "assert 'torch' not in sys.modules, 'torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow  # a fresh interpreter and a tasks=2 prepare: ~5-10 s
+def test_a_script_main_is_imported_once_not_in_every_worker(corpus, bytes_dataset, tmp_path):
+    """multiprocess re-runs a script ``__main__`` (like the ``megatrain`` console script, whose
+    ``megatrain.cli`` costs ~5 s of CPU) in every worker it starts: what the script imported is
+    preloaded in the forkserver, so it loads twice in all (script, forkserver), not once per
+    worker of every stage. The dataset is the tasks=1 one."""
+    modules = tmp_path / "modules"  # on PYTHONPATH, like an installed package such as megatrain
+    modules.mkdir()
+    (modules / "counted.py").write_text(
+        "import os\nwith open(os.environ['IMPORT_LOG'], 'a') as f:\n    f.write(f'{os.getpid()}\\n')\n"
+    )
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+
+        import counted  # noqa: F401
+
+        from megatrain.data_pipelines import prepare_dataset
+
+        if __name__ == "__main__":
+            prepare_dataset(sys.argv[1], sys.argv[2], tokenizer="bytes", tasks=2, progress=False)
+    """))
+    log, out = tmp_path / "imports.log", tmp_path / "ds"
+    path = os.pathsep.join(filter(None, [str(modules), os.environ.get("PYTHONPATH")]))
+    subprocess.run([sys.executable, str(script), str(corpus[0]), str(out)], check=True, timeout=600,
+                   env={**os.environ, "IMPORT_LOG": str(log), "PYTHONPATH": path})
+    assert len(log.read_text().split()) == 2, log.read_text()
+    for split in ("train", "val"):
+        assert split_documents(bytes_dataset[0], split, 256) == split_documents(out, split, 256), split
 
 
 def test_bpe_keeps_literal_endoftext_as_text(corpus, tmp_path):
