@@ -23,9 +23,12 @@ waiting for its backward: M sets on the last pipeline stage under GPipe, and one
   views of the parameters as inputs, whose backward nodes (unlike the parameters' own) autograd
   can say it will run in this pass (``torch._C._will_engine_execute_node``), and hands the set
   out only on the pass that reaches them.
-* ``per_node``: each node keeps its own set and hands it out in every backward through it, the
-  old behaviour: one set per microbatch in flight. Only for the schedule's shape inference and
-  when ``mtp_loss`` gets no sink.
+* ``per_node``: each node keeps its own set until its backward, the old behaviour: one set per
+  microbatch in flight. Only for the schedule's shape inference and when ``mtp_loss`` gets no
+  sink.
+
+Every node hands out (or checks) once: its first backward, or with ``split_backward`` the pass
+that reaches the parameters. Engines call ``check_settled`` after each step.
 
 A node whose backward never runs would leave its share in a ``shared`` set for the next step's
 first backward; the only such forward in our code, the pipeline schedule's shape inference, gets
@@ -86,32 +89,35 @@ class HeadGradSink:
                     p.grad = g  # what autograd's AccumulateGrad does with a fresh gradient
                 else:
                     p.grad.add_(g)
+                continue
+            held = self._pending.get(id(p))
+            if held is None:
+                # A shared set sums several microbatches: in float32 when the parameter is bf16/fp16
+                # (FSDP's compute copy on GPU), as FSDP's own accumulation across microbatches does.
+                wide = self.mode == "shared" and g.dtype in (torch.bfloat16, torch.float16)
+                self._pending[id(p)] = g.float() if wide else g
             else:
-                held = self._pending.get(id(p))
-                self._pending[id(p)] = g if held is None else held.add_(g)
+                held.add_(g)
 
-    # ---- the node's backward -----------------------------------------------------------------
+    # ---- the node's backward (once per node) -------------------------------------------------
     def take(self, generation: int, params, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
         """The gradients a node of ``generation`` hands to ``params`` in its backward (``None``
         each in direct mode, or when an earlier backward already handed its shared set out)."""
+        self._outstanding -= 1
         if self.mode == "direct":
             _check_equal(grad_loss, self.grad_scale, "the scale its head gradients were written with")
             return [None] * len(params)
-        if self.mode == "per_node":  # kept for a second backward through the node
-            return [None if (g := self._pending.get(id(p))) is None else g * grad_loss.to(g.dtype)
-                    for p in params]
-        self._outstanding -= 1
         used = self._used_scale.get(generation)
         if used is not None:
             _check_equal(grad_loss, used, "the one its gradient set was handed out with")
             out = [None] * len(params)
         else:
-            out = [None if (g := self._pending.pop(id(p), None)) is None else g.mul_(grad_loss.to(g.dtype))
-                   for p in params]
-            self._used_scale[self._generation] = grad_loss.detach()
+            out = [None if (g := self._pending.pop(id(p), None)) is None
+                   else g.mul_(grad_loss.to(g.dtype)).to(p.dtype) for p in params]
+            self._used_scale[generation] = grad_loss.detach()
             self._generation += 1
-        if self.split_backward:  # a weight pass asks for every parameter: give it nothing, for free
-            out = [_free_zeros_like(p) if g is None else g for p, g in zip(params, out)]
+        if self.split_backward:  # the weight pass asks for every parameter: give it zeros
+            out = [_zeros_for(p) if g is None else g for p, g in zip(params, out)]
         if self._outstanding == 0:
             self._used_scale.clear()
             if self._pending:
@@ -119,23 +125,40 @@ class HeadGradSink:
                                    "the nodes sharing a HeadGradSink must take the same parameters")
         return out
 
+    def check_settled(self) -> None:
+        """At the end of a step: every node's backward ran and nothing waits to be handed out.
+        A forward of the heads with gradients on whose backward never ran would otherwise put its
+        gradients into the next step (shared) or leave them in .grad (direct)."""
+        if self._outstanding or self._pending:
+            raise RuntimeError(f"{self._outstanding} sequential-heads node(s) of this step never ran "
+                               f"their backward ({len(self._pending)} head gradients pending): a "
+                               f"forward with gradients on must be followed by its backward")
 
-def _free_zeros_like(p: torch.Tensor) -> torch.Tensor:
-    """A zero gradient for ``p`` that allocates nothing: one element, expanded (a DTensor's on its
-    local shape, with its placements)."""
+
+def _zeros_for(p: torch.Tensor) -> torch.Tensor:
+    """A zero gradient for ``p``: one element expanded (allocates nothing; a DTensor's on its
+    local shape, with its placements) where ``.grad`` exists to be added to; a real tensor where
+    the weight pass would install it as ``.grad`` itself (a stride-0 ``.grad`` breaks later
+    in-place updates)."""
     from torch.distributed.tensor import DTensor
 
     local = p.to_local() if isinstance(p, DTensor) else p
-    zeros = torch.zeros((), dtype=local.dtype, device=local.device).expand(local.shape)
+    if p.grad is None:
+        zeros = torch.zeros_like(local)
+    else:
+        zeros = torch.zeros((), dtype=local.dtype, device=local.device).expand(local.shape)
     if isinstance(p, DTensor):
         return DTensor.from_local(zeros, p.device_mesh, p.placements, run_check=False)
     return zeros
 
 
 def _check_equal(grad_loss: torch.Tensor, expected, what: str) -> None:
-    """A NaN/inf incoming gradient passes: it already makes the trunk's gradient, hence the global
-    gradient norm, non-finite, and the trainer skips such a step whatever the heads hold."""
-    ok = (grad_loss == expected) | ~torch.isfinite(grad_loss)
-    # torch._assert_async does not wait for a GPU; on CPU it checks at once
+    """A NaN/inf incoming gradient (now or when the set was handed out) passes: it already makes
+    the trunk's gradient, hence the global gradient norm, non-finite, and the trainer skips such
+    a step whatever the heads hold."""
+    expected = torch.as_tensor(expected, device=grad_loss.device)
+    ok = (grad_loss == expected) | ~torch.isfinite(grad_loss) | ~torch.isfinite(expected)
+    # torch._assert_async does not wait for a GPU (there a mismatch is a device-side assert,
+    # reported at the next synchronisation); on CPU it raises at once
     torch._assert_async(ok.all(), f"the sequential-heads node got an incoming gradient different "
                                   f"from {what}")

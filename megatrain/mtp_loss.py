@@ -168,6 +168,7 @@ class SequentialHeadsLoss(torch.autograd.Function):
 
         ctx.save_for_backward(grad_trunk)
         ctx.sink, ctx.generation, ctx.params, ctx.n_inputs = sink, generation, params, len(param_inputs)
+        ctx.handed_out = False
         ctx.mark_non_differentiable(loss_sum, n_correct)
         return total, loss_sum, n_correct
 
@@ -175,7 +176,8 @@ class SequentialHeadsLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_loss_sum, _grad_n_correct):
         (grad_trunk,) = ctx.saved_tensors
         grads = [None] * ctx.n_inputs
-        if ctx.sink.hands_out_now(ctx, ctx.n_inputs):
+        if not ctx.handed_out and ctx.sink.hands_out_now(ctx, ctx.n_inputs):
+            ctx.handed_out = True
             grads = ctx.sink.take(ctx.generation, ctx.params, grad_loss)[:ctx.n_inputs]
         return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, None, None,
                 *grads)

@@ -118,7 +118,7 @@ def test_every_sink_and_order_gives_the_whole_batch_gradients(tiny_model_cfg, he
         _assert_grads_equal(_grads(model), want)
 
 
-@pytest.mark.parametrize("mode", ["direct", "per_node", "shared_split", "shared"])
+@pytest.mark.parametrize("mode", ["direct", "shared_split", "shared"])
 def test_a_zero_bubble_split_backward_gets_exact_head_gradients(tiny_model_cfg, mode):
     """torch's zero-bubble schedules run the node's backward twice: for the stage input's
     gradient only, then for the weights' (its stage_backward_input / stage_backward_weight).
@@ -170,3 +170,44 @@ def test_a_later_microbatch_with_another_incoming_gradient_is_refused_in_shared_
     losses[0].backward()  # hands out both microbatches' set, times 1
     with pytest.raises(RuntimeError, match="different from the one its gradient set was handed out with"):
         (losses[1] * 3).backward()
+
+
+def test_a_forward_without_its_backward_is_caught_at_the_end_of_the_step(tiny_model_cfg):
+    model, window, targets, scales = _case(tiny_model_cfg, vocab=97, batch=2)
+    for mode in ("direct", "shared"):
+        sink = HeadGradSink(mode)
+        loss, _ = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales, sink=sink)
+        with pytest.raises(RuntimeError, match="never ran their backward"):
+            sink.check_settled()
+        loss.backward()
+        sink.check_settled()
+
+
+def test_a_per_node_set_is_freed_by_its_backward(tiny_model_cfg):
+    """Without a sink (tests, benchmarks) the node keeps its set only until its backward, even
+    while the loss tensor, hence the node, stays alive."""
+    model, window, targets, scales = _case(tiny_model_cfg)
+    counter = LiveBytes()
+    with counter:
+        loss, _ = mtp_loss(model, model.trunk(window[:1, :-1]), targets[:, :1], scales)
+        loss.backward()
+        with_grads = counter.now
+        model.zero_grad(set_to_none=True)
+        assert counter.now < with_grads - 0.9 * _head_set_bytes(model)
+        assert counter.now < 0.5 * _head_set_bytes(model), "the node still holds its set"
+    del loss
+
+
+def test_a_shared_set_of_bf16_gradients_is_summed_in_float32(tiny_model_cfg):
+    """FSDP's bf16 compute copy on GPU: the step's microbatches are summed in float32 and rounded
+    once, as FSDP accumulates them itself, not rounded to bf16 at every microbatch."""
+    model, window, targets, scales = _case(tiny_model_cfg, vocab=97, batch=8)
+    model.to(torch.bfloat16)
+    sink, losses = HeadGradSink("shared"), []
+    for s in range(8):
+        losses.append(mtp_loss(model, model.trunk(window[s:s + 1, :-1]), targets[:, s:s + 1], scales,
+                               sink=sink)[0])
+    assert sink._pending[id(model.output.weight)].dtype == torch.float32
+    for loss in losses:
+        loss.backward()
+    assert model.output.weight.grad.dtype == torch.bfloat16

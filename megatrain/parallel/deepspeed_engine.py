@@ -170,6 +170,7 @@ class DeepSpeedModel:
                 with phase("trunk.backward"):
                     self.engine.backward(loss * self.grad_scale, scale_wrt_gas=False)
             local_loss += loss.detach().double().cpu()
+        stage.head_grad_sink.check_settled()
         return reduce_step_stats(local_loss, stage.stats, stage.n_future, [self.group("dp")])
 
     def optimizer_step(self, loss: float) -> tuple[float, bool]:

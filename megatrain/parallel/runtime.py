@@ -106,6 +106,8 @@ class ParallelModel:
                                return_outputs=False, targets=targets.transpose(0, 1).contiguous())
             for loss in losses:
                 local_loss += loss.detach().double()
+        for stage in self.stages:
+            stage.head_grad_sink.check_settled()
         # only the last pipeline stage holds loss and stats
         return reduce_step_stats(local_loss, self._step_stats(), n, [self.group("pp"), self.group("dp")])
 

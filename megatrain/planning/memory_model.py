@@ -234,8 +234,9 @@ def plan_rank(cfg: Config, rank: int, shapes: dict | None = None) -> RankPlan:
             own_set = heads.head_set if sink_mode != "per_node" else 0
             ledger.mark("heads.backward",
                         {"heads: the node of one microbatch": heads.backward_peak - own_set})
-            if sink_mode == "shared" and action.kind != "I":  # handed out to .grad (zero
-                # bubble: by the weight pass; the input pass leaves it pending)
+            if sink_mode == "shared":  # handed out to .grad (zero bubble: by the weight pass,
+                # which torch's programs run right after the last stage's input pass, and which
+                # occupancy() yields no moment for)
                 head_set_live = False
                 ledger.set("heads: the step's head gradients (shared)", 0)
             if not moment.gradients:  # its gradients are the first .grad: not in "gradients" yet
