@@ -102,7 +102,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(150, "Optimizer steps.", valid=">= 0")
+    steps: int = doc(250, "Optimizer steps.", valid=">= 0")
     batch_size: int = doc(16, "Global batch: sequences per optimizer step, whatever the layout.",
                           valid=">= 1")
     micro_batch_size: int = doc(0, "Sequences per rank per forward/backward; 0 = the whole "
