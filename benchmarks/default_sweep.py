@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from machine import machine_name  # benchmarks/machine.py
+from tables import code_span, print_and_append  # benchmarks/tables.py
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
@@ -282,11 +283,6 @@ def format_table(rows: list[Row], args, load: tuple[float, float]) -> str:
     return "\n".join(lines)
 
 
-def code_span(text: str) -> str:
-    """``text`` as a markdown code span, which may itself hold backticks (a --note can)."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
 # ---------------------------------------------------------------- main
 
 def parse_args() -> argparse.Namespace:
@@ -370,11 +366,7 @@ def main() -> None:
                   f"{row.load[0]:.1f}/{row.load[1]:.1f}): val loss "
                   f"{' '.join(f'{x:.3f}' for x in row.val_losses)}", flush=True)
     table = format_table(rows, args, (load_start, os.getloadavg()[0]))
-    print(table)
-    if args.out_md:
-        with open(args.out_md, "a") as f:
-            f.write("\n" + table + "\n")
-        print(f"appended to {args.out_md}")
+    print_and_append(table, args.out_md)
 
 
 if __name__ == "__main__":

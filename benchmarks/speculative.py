@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import machine_name  # benchmarks/machine.py
+from tables import code_span, print_and_append  # benchmarks/tables.py
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = {"steps": 20, "prompts": 8, "max_new_tokens": 16, "prompt_len": 32, "repeats": 2}
@@ -223,11 +224,6 @@ def format_table(rows: list[Row], args, context: dict) -> str:
     return "\n".join(lines)
 
 
-def code_span(text: str) -> str:
-    """``text`` as a markdown code span, which may itself hold backticks (a --note can)."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
 def describe_models(configs: list, steps: list[int]) -> str:
     shapes = {(c.model.n_layers, c.model.dim, c.model.n_heads, c.model.head_type, c.model.vocab_size,
                c.data.seq_len, c.train.batch_size) for c in configs}
@@ -343,11 +339,7 @@ def main() -> None:
                "models": describe_models(configs, [int(f.name.split("_")[-1]) for f in folders]),
                "note": " ".join(x for x in (note, args.note) if x)}
     table = format_table(rows, args, context)
-    print(table)
-    if args.out_md:
-        with open(args.out_md, "a") as f:
-            f.write("\n" + table + "\n")
-        print(f"appended to {args.out_md}")
+    print_and_append(table, args.out_md)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+"""Markdown helpers the benchmark scripts share for their docs/benchmarks.md entries."""
+
+
+def code_span(text: str) -> str:
+    """``text`` as a markdown code span, which may itself hold backticks (a --note can)."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def print_and_append(table: str, out_md: str) -> None:
+    """Print a benchmark's entry and append it to ``out_md`` (docs/benchmarks.md; '' = print only)."""
+    print(table)
+    if out_md:
+        with open(out_md, "a") as f:
+            f.write("\n" + table + "\n")
+        print(f"appended to {out_md}")
