@@ -101,12 +101,13 @@ class HeadGradSink:
 
     # ---- the node's backward (once per node) -------------------------------------------------
     def take(self, generation: int, params, grad_loss: torch.Tensor) -> list[torch.Tensor | None]:
-        """The gradients a node of ``generation`` hands to ``params`` in its backward (``None``
-        each in direct mode, or when an earlier backward already handed its shared set out)."""
+        """The gradients a node of ``generation`` hands to ``params`` in its backward: none in
+        direct mode (no parameter inputs), ``None`` each when an earlier backward already handed
+        its shared set out."""
         self._outstanding -= 1
         if self.mode == "direct":
             _check_equal(grad_loss, self.grad_scale, "the scale its head gradients were written with")
-            return [None] * len(params)
+            return []  # the parameters are not node inputs in direct mode
         used = self._used_scale.get(generation)
         if used is not None:
             _check_equal(grad_loss, used, "the one its gradient set was handed out with")

@@ -178,7 +178,7 @@ class SequentialHeadsLoss(torch.autograd.Function):
         grads = [None] * ctx.n_inputs
         if not ctx.handed_out and ctx.sink.hands_out_now(ctx, ctx.n_inputs):
             ctx.handed_out = True
-            grads = ctx.sink.take(ctx.generation, ctx.params, grad_loss)[:ctx.n_inputs]
+            grads = ctx.sink.take(ctx.generation, ctx.params, grad_loss)
         return (grad_trunk * grad_loss.to(grad_trunk.dtype), None, None, None, None, None, None, None,
                 *grads)
 
