@@ -16,7 +16,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, RNGState
-from megatrain.config import Config, to_yaml
+from megatrain.config import Config, head_loss_weights, to_yaml
 from megatrain.data.loader import WindowLoader
 from megatrain.data.mixture import make_loader, open_training_data, validation_batches
 from megatrain.errors import ConfigError, NonFiniteLossError
@@ -209,11 +209,15 @@ def _build_run(cfg: Config, rank: int, device, autocast_dtype, dims: ParallelDim
         print(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
               f"({cfg.model.head_type} heads), vocab {cfg.model.vocab_size}, device {device}, "
               f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {run_dir}", flush=True)
+        weights = head_loss_weights(cfg)
+        if any(w != 1 for w in weights):
+            print(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (the paper sums the "
+                  f"heads' losses unweighted: loss.extra_heads_weight=1)", flush=True)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                            total_steps=t.steps, start_step=state.step, enabled=rank == 0)
     return Run(cfg, rank, device, autocast_dtype, train_shards.eos_id, engine, schedulers, loader,
                state, checkpoints, checkpointable, logger, _validation_windows(cfg, dataset_dir),
-               list(cfg.loss.head_weights) or [1.0] * cfg.model.n_future, lock)
+               head_loss_weights(cfg), lock)
 
 
 def _open_run_dir(cfg: Config, run_dir: Path,

@@ -63,6 +63,8 @@ def test_yaml_then_overrides(tmp_path):
     (["loss.head_weights=[1,-1,1,1]"], "loss.head_weights"),
     (["loss.head_weights=[0,0,0,0]"], "loss.head_weights"),
     (["loss.head_weights=[1,nan,1,1]"], "loss.head_weights"),
+    (["loss.extra_heads_weight=-0.1"], "loss.extra_heads_weight"),
+    (["loss.extra_heads_weight=inf"], "loss.extra_heads_weight"),
     # data
     (["data.seq_len=4"], "data.seq_len"),
     (["data.val_batches=-1"], "data.val_batches"),

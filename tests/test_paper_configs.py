@@ -56,3 +56,14 @@ def test_parameter_count_matches_llama2(size, n_future):
     with torch.device("meta"):
         model = MTPTransformer(cfg, max_seq_len=16)
     assert count_parameters(model) == LLAMA2_PARAMETERS[size], (size, n_future, count_parameters(model))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.stem.endswith("_n1")], ids=lambda p: p.stem)
+def test_paper_multi_token_configs_sum_the_heads_losses_unweighted(path):
+    """The paper's loss is the plain sum over heads; the embedded default's small extra-head weight
+    (a choice for 2M-parameter models) must not leak into the paper's sizes."""
+    from megatrain.config import head_loss_weights
+
+    cfg = load_config(path)
+    assert head_loss_weights(cfg) == [1.0] * cfg.model.n_future, \
+        f"{path.name}: set loss.extra_heads_weight: 1.0"

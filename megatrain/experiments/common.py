@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS_FILE = REPO / "docs" / "results.md"
 # every run: quiet, no TensorBoard, keep every checkpoint (curves are read from them), one thread:
 # these models are too small to gain from a second one, and on a shared 2-core machine OpenMP's
-# spinning made a 2-thread run 20x slower than a 1-thread one (measured, same losses)
+# spinning made a 2-thread run 20x slower than a 1-thread one (measured, same losses); and the
+# paper's loss, the unweighted sum over heads (the trainer's default weighs heads 2..n less)
 RUN_DEFAULTS = {"logging.progress": False, "logging.tensorboard": False, "checkpoint.keep": 100,
-                "train.eval_every": 0, "train.threads": 1}
+                "train.eval_every": 0, "train.threads": 1, "loss.extra_heads_weight": 1.0}
 
 
 @dataclass
