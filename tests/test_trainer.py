@@ -194,3 +194,24 @@ def test_compiled_blocks_train_like_eager(dataset, tmp_path):
         # AdamW normalises tiny gradients, amplifying inductor's fp32 reordering; a wrong
         # gradient would show at the lr scale (1e-2)
         torch.testing.assert_close(wb["model"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_end_of_run_sample_is_a_code_completion_and_skipped_for_synthetic_tasks(dataset, tmp_path, capsys):
+    """The sample `megatrain train` prints after a single-process run completes a code prompt; on a
+    synthetic task's vocabulary (names, polynomial symbols) that prompt means nothing: no sample."""
+    from megatrain.data.synth.cli import make_synth_dataset
+    from megatrain.inference.generate_cli import SAMPLE_PROMPT, print_sample
+
+    quick = {"train.steps": 1, "train.eval_every": 0, "checkpoint.every": 0}
+    code_run = tmp_path / "code"
+    _train(_overrides(dataset, code_run, **quick))
+    capsys.readouterr()
+    print_sample(code_run, max_new_tokens=4)
+    assert f"tokens per forward with 2 heads):\n{SAMPLE_PROMPT}" in capsys.readouterr().out  # control
+    synth = tmp_path / "induction"
+    make_synth_dataset("induction", synth, examples=50, seed=0)
+    synth_run = tmp_path / "synth"
+    _train(_overrides(synth, synth_run, **quick))
+    capsys.readouterr()
+    print_sample(synth_run, max_new_tokens=4)
+    assert capsys.readouterr().out == ""

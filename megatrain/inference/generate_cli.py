@@ -114,6 +114,14 @@ def _source(args):
 SAMPLE_PROMPT = "def fibonacci(n):\n"
 
 
+def _is_synthetic(cfg) -> bool:
+    from megatrain.data.shards import read_manifest
+    from megatrain.data.synth.dataset import SYNTH_KEY
+    from megatrain.trainer import resolve_dataset
+
+    return SYNTH_KEY in read_manifest(resolve_dataset(cfg))
+
+
 def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:
     """After a single-process training run: a greedy completion of a code prompt from the model
     just trained, decoded self-speculatively, and how many tokens each forward produced, so the
@@ -127,7 +135,7 @@ def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:
     folder = checkpoint_folder(run_dir)
     cfg = config_of(folder)
     found = dataset_tokenizer(cfg)
-    if found is None:
+    if found is None or _is_synthetic(cfg):  # a code prompt means nothing in a synthetic task's vocabulary
         return
     tokenizer = Tokenizer.from_file(str(found[0]))
     prompt = tokenizer.encode(SAMPLE_PROMPT, add_special_tokens=False).ids
