@@ -4,7 +4,7 @@ the spread over seeds (the experiments themselves are not part of the suite)."""
 
 from megatrain.experiments import __main__ as experiments_main
 from megatrain.experiments import finetune, polynomial
-from megatrain.experiments.common import direction
+from megatrain.experiments.common import direction, train_runs
 
 
 def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch):
@@ -20,7 +20,10 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
                  for k in range(1, 9)]
         return {"table": table, "in_distribution_accuracy": n / 10, "out_of_distribution_accuracy": n / 20}
 
-    monkeypatch.setattr(polynomial, "train_run", fake_train)
+    def fake_train_runs(specs, jobs=1):
+        return [fake_train(run_dir, overrides) for run_dir, overrides in specs]
+
+    monkeypatch.setattr(polynomial, "train_runs", fake_train_runs)
     monkeypatch.setattr(polynomial, "evaluate_run", fake_eval)
     results = tmp_path / "results.md"
     assert experiments_main.main(["polynomial", "--quick", "--seeds", "0", "1", "--examples", "20",
@@ -48,3 +51,25 @@ def test_direction_needs_more_than_the_spread():
     assert direction([0.5, 0.2, 0.8], [0.45, 0.4, 0.5]).startswith("no clear difference")
     assert direction([0.2, 0.21], [0.5, 0.52]).startswith("no (opposite)")
     assert direction([0.3], [0.2]).startswith("yes (one seed")
+
+
+def test_runs_trained_in_parallel_processes_equal_runs_trained_in_turn(dataset, tmp_path):
+    """``--jobs 2`` trains in spawned processes; each run is the run it would be on its own."""
+    import json
+
+    def spec(root, seed):
+        return (root / f"seed{seed}", {
+            "data.path": str(dataset), "model.n_layers": 3, "model.n_future": 2, "model.dim": 32,
+            "model.n_heads": 2, "data.seq_len": 32, "train.batch_size": 4, "train.steps": 3,
+            "train.seed": seed, "checkpoint.every": 0, "train.warmup_steps": 1})
+
+    def losses(run_dir):
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["head_losses"] for line in lines if '"loss"' in line]
+
+    in_turn = train_runs([spec(tmp_path / "a", 0), spec(tmp_path / "a", 1)], jobs=1)
+    at_once = train_runs([spec(tmp_path / "b", 0), spec(tmp_path / "b", 1)], jobs=2)
+    assert [d.name for d in at_once] == ["seed0", "seed1"]
+    for a, b in zip(in_turn, at_once):
+        assert losses(a) == losses(b) and len(losses(a)) == 3
+    assert losses(in_turn[0]) != losses(in_turn[1])  # control: the seeds differ, so equality means something

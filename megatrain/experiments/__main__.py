@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the variant's seeds")
     parser.add_argument("--steps", type=int, help="override the variant's training steps")
     parser.add_argument("--examples", type=int, help="override the variant's training documents")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="training runs at once, each in its own process on one torch thread "
+                             "(default: one per CPU core)")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="markdown file to append to")
     args = parser.parse_args(argv)
 
@@ -43,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     variant = "quick" if args.quick else "full"
     work = args.work_dir / f"{args.name}-{variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     describe = getattr(experiment, "cost", cost)  # an experiment with another shape says its own
-    print(f"[experiments] {args.name} ({variant}): {describe(sizes, arms)} in {work}", file=sys.stderr)
+    print(f"[experiments] {args.name} ({variant}): {describe(sizes, arms)}, {args.jobs} at a time, in "
+          f"{work}", file=sys.stderr)
     started = time.perf_counter()
     dataset = None  # the trainer's default corpus
     if experiment.TASK is not None:
         dataset = work / f"data_{experiment.TASK}"
         make_synth_dataset(experiment.TASK, dataset, sizes.examples, seed=0)
-    outcome = experiment.run(sizes, arms, dataset, work)
+    outcome = experiment.run(sizes, arms, dataset, work, jobs=max(1, args.jobs))
     keys = ", ".join(f"{k}={v}" for k, v in {**sizes.model, **sizes.train}.items())
     setting = (f"`{args.name}` {variant}: {outcome['metric']}; seeds {list(sizes.seeds)}, "
                f"{sizes.steps} steps, {f'{sizes.examples} training documents, ' if dataset else ''}{keys}")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatrain.experiments.common import Sizes, cell, direction, train_run
+from megatrain.experiments.common import Sizes, cell, direction, train_runs
 
 TASK = None  # the trainer's embedded default corpus, not a synthetic dataset
 # options: humaneval_limit = the first K problems only (0: all 164)
@@ -40,32 +40,32 @@ def megatrain_eval(run_dir: Path, task: str, *options: str) -> dict:
     return json.loads(out.read_text())
 
 
-def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path | None, work: Path) -> dict:
+def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path | None, work: Path, jobs: int = 1) -> dict:
     limit = sizes.options.get("humaneval_limit", 0)
     head_loss = {n: [] for n in arms}  # head 1 held-out loss per seed
     extra_heads = {n: [] for n in arms}  # mean loss of heads 2..n per seed
     pass1 = {n: [] for n in arms}
     per_forward = {n: [] for n in arms}
     errors = []
-    for seed in sizes.seeds:
-        for n in arms:
-            run_dir = train_run(work / f"n{n}_seed{seed}", {
-                **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
-                "train.seed": seed, "checkpoint.every": 0})
-            heldout = megatrain_eval(run_dir, "heldout")
-            if "error" in heldout:
-                errors.append(f"heldout n={n} seed {seed}: {heldout['error']}")
-            else:
-                head_loss[n].append(heldout["head_losses"][0])
-                if n > 1:
-                    extra_heads[n].append(sum(heldout["head_losses"][1:]) / (n - 1))
-            options = ["--max-new-tokens", str(MAX_NEW_TOKENS), *(["--limit", str(limit)] if limit else [])]
-            humaneval = megatrain_eval(run_dir, "humaneval", *options)
-            if "error" in humaneval:
-                errors.append(f"humaneval n={n} seed {seed}: {humaneval['error']}")
-            else:
-                pass1[n].append(humaneval["modes"]["greedy"]["pass@1"])
-                per_forward[n].append(humaneval["decoding"]["tokens_per_forward"])
+    runs = [(seed, n) for seed in sizes.seeds for n in arms]
+    run_dirs = train_runs([(work / f"n{n}_seed{seed}", {
+        **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
+        "train.seed": seed, "checkpoint.every": 0}) for seed, n in runs], jobs)
+    for (seed, n), run_dir in zip(runs, run_dirs):
+        heldout = megatrain_eval(run_dir, "heldout")
+        if "error" in heldout:
+            errors.append(f"heldout n={n} seed {seed}: {heldout['error']}")
+        else:
+            head_loss[n].append(heldout["head_losses"][0])
+            if n > 1:
+                extra_heads[n].append(sum(heldout["head_losses"][1:]) / (n - 1))
+        options = ["--max-new-tokens", str(MAX_NEW_TOKENS), *(["--limit", str(limit)] if limit else [])]
+        humaneval = megatrain_eval(run_dir, "humaneval", *options)
+        if "error" in humaneval:
+            errors.append(f"humaneval n={n} seed {seed}: {humaneval['error']}")
+        else:
+            pass1[n].append(humaneval["modes"]["greedy"]["pass@1"])
+            per_forward[n].append(humaneval["decoding"]["tokens_per_forward"])
     header = ["metric", *(f"n={n}" for n in arms)]
 
     def row(name, values):

@@ -55,6 +55,20 @@ def train_run(run_dir: Path, overrides: dict) -> Path:
     return run_dir
 
 
+def train_runs(specs: Sequence[tuple[Path, dict]], jobs: int = 1) -> list[Path]:
+    """``train_run`` for each (run_dir, overrides), up to ``jobs`` at a time, each in a process of
+    its own: every run uses one torch thread, so on a machine with k cores k runs at once finish in
+    about the time of one. The processes are spawned, not forked: a fork of a process whose torch
+    thread pools have started can deadlock in them."""
+    if jobs <= 1 or len(specs) <= 1:
+        return [train_run(run_dir, overrides) for run_dir, overrides in specs]
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=get_context("spawn")) as pool:
+        return list(pool.map(train_run, *zip(*specs)))
+
+
 def evaluate_run(run_dir: Path, step: int | None, evaluate: Callable, dataset: Path,
                  batch_size: int = 64) -> dict:
     """``evaluate(model, cfg, dataset, device=, batch_size=)`` on the checkpoint of ``step``

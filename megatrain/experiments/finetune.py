@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatrain.eval.synthetic import evaluate_polynomial
-from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_run
+from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_runs
 from megatrain.model.layout import LayerLayout
 
 TASK = "polynomial"
@@ -45,21 +45,29 @@ def _finetune_model(sizes: Sizes, source_n: int, target_n: int) -> dict:
     return {**sizes.model, "model.n_layers": trunk + target_n, "model.n_future": target_n}
 
 
-def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path) -> dict:
+def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path, jobs: int = 1) -> dict:
     results: dict[str, dict[str, list]] = {arm: {"in": [], "out": []} for arm in arms}
     finetune_steps = max(1, int(sizes.steps * FINETUNE_STEPS_FRACTION))
-    for seed in sizes.seeds:
-        common = {**sizes.train, "train.seed": seed, "data.path": dataset, "checkpoint.every": 0}
-        sources = {n: train_run(work / f"pretrain_n{n}_seed{seed}", {
-            **common, **sizes.model, "model.n_future": n, "train.steps": sizes.steps}) for n in (1, 4)}
-        for arm in arms:
-            source_n, target_n = (int(part.split("=")[1]) for part in arm.replace("'", "").split(" → "))
-            run_dir = train_run(work / f"finetune_{source_n}to{target_n}_seed{seed}", {
-                **common, **_finetune_model(sizes, source_n, target_n), "train.steps": finetune_steps,
-                "train.lr": sizes.train["train.lr"] * FINETUNE_LR_FRACTION, "init.path": sources[source_n]})
-            result = evaluate_run(run_dir, None, evaluate_polynomial, dataset, batch_size=128)
-            results[arm]["in"].append(result["in_distribution_accuracy"])
-            results[arm]["out"].append(result["out_of_distribution_accuracy"])
+
+    def common(seed: int) -> dict:
+        return {**sizes.train, "train.seed": seed, "data.path": dataset, "checkpoint.every": 0}
+
+    pretrainings = [(seed, n) for seed in sizes.seeds for n in (1, 4)]
+    sources = dict(zip(pretrainings, train_runs([(work / f"pretrain_n{n}_seed{seed}", {
+        **common(seed), **sizes.model, "model.n_future": n, "train.steps": sizes.steps})
+        for seed, n in pretrainings], jobs)))
+    finetunings = [(seed, arm) for seed in sizes.seeds for arm in arms]
+    specs = []
+    for seed, arm in finetunings:
+        source_n, target_n = (int(part.split("=")[1]) for part in arm.replace("'", "").split(" → "))
+        specs.append((work / f"finetune_{source_n}to{target_n}_seed{seed}", {
+            **common(seed), **_finetune_model(sizes, source_n, target_n), "train.steps": finetune_steps,
+            "train.lr": sizes.train["train.lr"] * FINETUNE_LR_FRACTION,
+            "init.path": sources[seed, source_n]}))
+    for (_, arm), run_dir in zip(finetunings, train_runs(specs, jobs)):
+        result = evaluate_run(run_dir, None, evaluate_polynomial, dataset, batch_size=128)
+        results[arm]["in"].append(result["in_distribution_accuracy"])
+        results[arm]["out"].append(result["out_of_distribution_accuracy"])
     header = ["arm", "accuracy in distribution", "accuracy out of distribution"]
     rows = [[arm, cell(results[arm]["in"]), cell(results[arm]["out"])] for arm in arms]
     baseline = results[arms[0]]

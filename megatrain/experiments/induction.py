@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatrain.eval.synthetic import evaluate_induction
-from megatrain.experiments.common import Sizes, cell, direction, eval_steps, evaluate_run, train_run
+from megatrain.experiments.common import Sizes, cell, direction, eval_steps, evaluate_run, train_runs
 
 TASK = "induction"
 QUICK = Sizes(examples=20_000, steps=300, seeds=(0, 1, 2), eval_every=100,
@@ -24,17 +24,18 @@ PAPER = ("for small models (≤30M parameters) induction either forms only with 
          "or is much better with it; n=2 above n=1 (§4.1; the advantage fades with size)")
 
 
-def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path) -> dict:
+def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path, jobs: int = 1) -> dict:
     steps = eval_steps(sizes)
     accuracy = {n: {step: [] for step in steps} for n in arms}  # n -> step -> per seed
-    for seed in sizes.seeds:
-        for n in arms:
-            run_dir = train_run(work / f"n{n}_seed{seed}", {
-                **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
-                "train.seed": seed, "data.path": dataset, "checkpoint.every": sizes.eval_every or 0})
-            for step in steps:
-                result = evaluate_run(run_dir, step, evaluate_induction, dataset)
-                accuracy[n][step].append(result["accuracy"])
+    runs = [(seed, n) for seed in sizes.seeds for n in arms]
+    run_dirs = train_runs([(work / f"n{n}_seed{seed}", {
+        **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
+        "train.seed": seed, "data.path": dataset, "checkpoint.every": sizes.eval_every or 0})
+        for seed, n in runs], jobs)
+    for (_, n), run_dir in zip(runs, run_dirs):
+        for step in steps:
+            result = evaluate_run(run_dir, step, evaluate_induction, dataset)
+            accuracy[n][step].append(result["accuracy"])
     header = ["step", *(f"n={n}" for n in arms)]
     rows = [[str(step), *(cell(accuracy[n][step]) for n in arms)] for step in steps]
     first_step = steps[0]

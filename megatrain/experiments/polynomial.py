@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatrain.eval.synthetic import evaluate_polynomial
-from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_run
+from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_runs
 
 TASK = "polynomial"
 QUICK = Sizes(examples=20_000, steps=300, seeds=(0, 1, 2),
@@ -21,18 +21,18 @@ PAPER = ("multi-token prediction improves accuracy at every number of operations
          "gains out of distribution despite low absolute numbers (§4.2, Fig. 8)")
 
 
-def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path) -> dict:
+def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path, jobs: int = 1) -> dict:
     exact: dict[int, dict] = {n: {} for n in arms}  # n -> operations -> per seed
-    for seed in sizes.seeds:
-        for n in arms:
-            run_dir = train_run(work / f"n{n}_seed{seed}", {
-                **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
-                "train.seed": seed, "data.path": dataset, "checkpoint.every": 0})
-            result = evaluate_run(run_dir, None, evaluate_polynomial, dataset, batch_size=128)
-            for row in result["table"]:
-                exact[n].setdefault((row["operations"], row["distribution"]), []).append(row["exact_match"])
-            exact[n].setdefault(("all", "in"), []).append(result["in_distribution_accuracy"])
-            exact[n].setdefault(("all", "out"), []).append(result["out_of_distribution_accuracy"])
+    runs = [(seed, n) for seed in sizes.seeds for n in arms]
+    run_dirs = train_runs([(work / f"n{n}_seed{seed}", {
+        **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
+        "train.seed": seed, "data.path": dataset, "checkpoint.every": 0}) for seed, n in runs], jobs)
+    for (_, n), run_dir in zip(runs, run_dirs):
+        result = evaluate_run(run_dir, None, evaluate_polynomial, dataset, batch_size=128)
+        for row in result["table"]:
+            exact[n].setdefault((row["operations"], row["distribution"]), []).append(row["exact_match"])
+        exact[n].setdefault(("all", "in"), []).append(result["in_distribution_accuracy"])
+        exact[n].setdefault(("all", "out"), []).append(result["out_of_distribution_accuracy"])
     keys = sorted(k for k in exact[arms[0]] if k[0] != "all") + [("all", "in"), ("all", "out")]
     header = ["operations", "distribution", *(f"n={n}" for n in arms)]
     rows = [[str(ops), kind, *(cell(exact[n][(ops, kind)]) for n in arms)] for ops, kind in keys]
