@@ -16,9 +16,11 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
 
     def fake_eval(run_dir, step, evaluate, dataset, batch_size=64):
         n = int(run_dir.name[1])  # n1_seed0 ...
-        table = [{"operations": k, "distribution": "in" if k <= 5 else "out", "exact_match": n / 10}
-                 for k in range(1, 9)]
-        return {"table": table, "in_distribution_accuracy": n / 10, "out_of_distribution_accuracy": n / 20}
+        table = [{"operations": k, "distribution": "in" if k <= 5 else "out", "exact_match": n / 10,
+                  "coefficient_accuracy": 0.5 - n / 100, "examples": 10} for k in range(1, 9)]
+        return {"table": table, "in_distribution_accuracy": n / 10, "out_of_distribution_accuracy": n / 20,
+                "in_distribution_coefficient_accuracy": 0.5 - n / 100,
+                "out_of_distribution_coefficient_accuracy": 0.5 - n / 100}
 
     def fake_train_runs(specs, jobs=1):
         return [fake_train(run_dir, overrides) for run_dir, overrides in specs]
@@ -33,8 +35,10 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
     assert n_layers == {polynomial.QUICK.model["model.n_layers"]}  # equal parameters: same n_layers
     text = results.read_text()
     assert text.startswith("# Results")
-    assert "| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |" in text
-    assert "n=4 above n=1 out distribution: yes" in text
+    assert ("| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.490 ± 0.000 | 0.480 ± 0.000 "
+            "| 0.460 ± 0.000 |") in text
+    assert "n=4 above n=1 out distribution, exact match: yes" in text
+    assert "n=4 above n=1 out distribution, coefficients: no (opposite)" in text
 
 
 def test_finetune_arms_keep_the_source_trunk():

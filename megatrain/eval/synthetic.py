@@ -66,6 +66,10 @@ def evaluate_induction(model, cfg, dataset_dir: Path, *, device, batch_size: int
             "chance": 1 / induction.N_SECOND, "method": "teacher-forced head 1 argmax", "table": table}
 
 
+# the result keys' prefix for answers in / out of the training distribution
+DISTRIBUTION = {"in": "in_distribution", "out": "out_of_distribution"}
+
+
 def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: int) -> dict:
     """Exact-match accuracy of the answer by number of operations, in and out of the training
     distribution (greedy decoding's accuracy, see the module docstring), and per-coefficient
@@ -89,11 +93,13 @@ def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: in
               "examples": n}
              for k, (exact, coeffs, n) in sorted(by_ops.items())]
 
-    def pooled(kind: str) -> float | None:
+    def pooled(kind: str, key: str = "exact_match") -> float | None:
         rows = [r for r in table if r["distribution"] == kind]
-        return _rate(sum(r["exact_match"] * r["examples"] for r in rows), sum(r["examples"] for r in rows))
+        return _rate(sum(r[key] * r["examples"] for r in rows), sum(r["examples"] for r in rows))
 
     return {"task": "polynomial", "data": str(dataset_dir), "documents": len(documents),
             "train_operations": [low, high], "in_distribution_accuracy": pooled("in"),
             "out_of_distribution_accuracy": pooled("out"),
+            "in_distribution_coefficient_accuracy": pooled("in", "coefficient_accuracy"),
+            "out_of_distribution_coefficient_accuracy": pooled("out", "coefficient_accuracy"),
             "method": "teacher-forced head 1 argmax exact match (= greedy decoding's)", "table": table}
