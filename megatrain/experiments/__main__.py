@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"`{args.name}` {variant}: {outcome['metric']}; seeds {list(sizes.seeds)}, "
                f"{sizes.steps} steps, {f'{sizes.examples} training documents, ' if dataset else ''}{keys}")
     block = append_results(f"{args.name} ({variant})", setting, outcome["header"], outcome["rows"],
-                           outcome["paper"], outcome["notes"], time.perf_counter() - started, args.results)
+                           outcome["paper"], outcome["notes"], time.perf_counter() - started, args.results,
+                           jobs=max(1, args.jobs))
     print(block)
     return 0
 

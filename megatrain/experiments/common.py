@@ -110,24 +110,20 @@ def direction(better: Sequence[float], worse: Sequence[float]) -> str:
     return "no clear difference (within the spread)"
 
 
-def machine() -> str:
-    """The machine, and how busy it was: wall times on a shared machine are not the budget's."""
+def machine(jobs: int = 1) -> str:
+    """The machine, how the runs shared it, and how busy it was: wall times on a shared machine are
+    not the budget's."""
     load = os.getloadavg()[1]  # over the last 5 minutes
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {_threads()}, load average "
-            f"{load:.1f} at the end")
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {jobs} training run(s) at a time on "
+            f"{RUN_DEFAULTS['train.threads']} torch thread each, load average {load:.1f} at the end")
 
 
 def append_results(title: str, setting: str, header: Sequence[str], rows: Sequence[Sequence[str]],
-                   paper: str, notes: Sequence[str], seconds: float, path: Path = RESULTS_FILE) -> str:
+                   paper: str, notes: Sequence[str], seconds: float, path: Path = RESULTS_FILE,
+                   jobs: int = 1) -> str:
     """Append one experiment's table to ``path`` (created with its heading if absent); returns it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"### {title} — {stamp}", "", f"{setting}; {seconds / 60:.1f} min on {machine()}.", "",
+    lines = [f"### {title} — {stamp}", "", f"{setting}; {seconds / 60:.1f} min on {machine(jobs)}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", f"Paper: {paper}", ""]
