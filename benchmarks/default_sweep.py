@@ -141,6 +141,9 @@ class Row:
     reused: str = ""  # when the row comes from an earlier invocation's results.jsonl: its date
     shape: str = ""  # what a step's cost depends on (see step_shape)
     calib_from: str = ""  # the candidate whose calibration this one shares, if another's
+    # the heads' loss weights its overrides resolved to when it ran: the defaults change over time
+    # (rows written before this field trained with the unweighted sum)
+    loss_weights: list[float] = field(default_factory=list)
 
 
 def earlier_rows(work: Path, budget_s: float) -> dict[tuple[str, tuple[str, ...]], Row]:
@@ -154,9 +157,13 @@ def earlier_rows(work: Path, budget_s: float) -> dict[tuple[str, tuple[str, ...]
             continue
         when = datetime.datetime.fromtimestamp(record.pop("time")).strftime("%Y-%m-%d %H:%M")
         record.pop("reused", None)
+        from megatrain.config import head_loss_weights, load_config
+        cfg = load_config(None, record["overrides"])
         if not record.get("shape"):  # written before rows carried it
-            from megatrain.config import load_config
-            record["shape"] = step_shape(load_config(None, record["overrides"]))
+            record["shape"] = step_shape(cfg)
+        record.setdefault("loss_weights", [1.0] * cfg.model.n_future)
+        if record["loss_weights"] != head_loss_weights(cfg):  # trained under other default weights
+            continue
         row = Row(**{**record, "load": tuple(record["load"])}, reused=when)
         rows[row.name, tuple(row.overrides)] = row
     return rows
@@ -177,10 +184,10 @@ def child_cpu_seconds() -> float:
 
 def run_candidate(name: str, overrides: list[str], args, work: Path, calibrated: dict[str, Row]) -> Row:
     """Calibrate (unless a candidate of the same step shape in ``calibrated`` was), then train."""
-    from megatrain.config import load_config
+    from megatrain.config import head_loss_weights, load_config
 
     cfg = load_config(None, overrides)  # rejects a bad override before anything runs
-    row = Row(name, overrides, shape=step_shape(cfg))
+    row = Row(name, overrides, shape=step_shape(cfg), loss_weights=head_loss_weights(cfg))
     root = work / name
     if root.exists():
         shutil.rmtree(root)

@@ -225,11 +225,16 @@ def format_table(rows: list[Row], args, context: dict) -> str:
 
 
 def describe_models(configs: list, steps: list[int]) -> str:
+    from megatrain.config import head_loss_weights
+
     shapes = {(c.model.n_layers, c.model.dim, c.model.n_heads, c.model.head_type, c.model.vocab_size,
                c.data.seq_len, c.train.batch_size) for c in configs}
     text = "; ".join(f"{L} layers (trunk L-n + n heads), dim {d}, {h} attention heads, {t} heads, "
                      f"vocab {v}, trained on {b}x{s} tokens per step"
                      for L, d, h, t, v, s, b in sorted(shapes))
+    # what heads 2..n learned depends on how much their losses weighed (loss.extra_heads_weight)
+    weights = " / ".join(" ".join(f"{w:g}" for w in head_loss_weights(c)) for c in configs)
+    text += f"; loss weights per head (model by model): {weights}"
     same_steps = len(set(steps)) == 1
     return text + (f", {steps[0]} steps each" if same_steps else f", steps {'/'.join(map(str, steps))}")
 

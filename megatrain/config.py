@@ -438,7 +438,7 @@ def validate(cfg: Config) -> None:
     if any(not math.isfinite(w) or w < 0 for w in weights) or (weights and not any(weights)):
         raise ConfigError(f"loss.head_weights={list(weights)} must be finite and >= 0, at least one "
                           f"of them > 0 (all 0 trains nothing); fix them or leave the list empty "
-                          f"(= 1 for every head).")
+                          f"(= 1 for head 1, loss.extra_heads_weight for the others).")
     if cfg.loss.impl not in ("auto", "torch", "triton"):
         raise ConfigError(f"loss.impl='{cfg.loss.impl}' is not one of auto, torch, triton.")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
@@ -458,6 +458,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.overwrite='{cfg.run.overwrite}' is not one of {OVERWRITE_MODES}; "
                           f"refuse stops a fresh start in a run.dir holding checkpoints, archive moves "
                           f"them aside first.")
+
+
+def predates_extra_heads_weight(saved_config: Path) -> bool:
+    """Whether a run's or checkpoint's saved config.yaml was written before
+    ``loss.extra_heads_weight`` existed: such a run summed its heads' losses unweighted."""
+    loss = (yaml.safe_load(Path(saved_config).read_text()) or {}).get("loss") or {}
+    return "extra_heads_weight" not in loss
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """A config a run or checkpoint saved, read as that run trained: one that predates
+    ``loss.extra_heads_weight`` gets 1 (the unweighted sum it used), not today's default."""
+    cfg = load_config(path)
+    if predates_extra_heads_weight(path):
+        cfg.loss.extra_heads_weight = 1.0
+    return cfg
 
 
 def head_loss_weights(cfg: Config) -> list[float]:

@@ -196,6 +196,7 @@ def _build_run(cfg: Config, rank: int, device, autocast_dtype, dims: ParallelDim
     checkpointable = {"model_optim": engine.checkpoint_state(), "scheduler": schedulers[0],
                       "dataloader": loader, "train_state": state, "rng": RNGState()}
     if resuming:
+        _keep_an_older_runs_loss(run_dir, cfg, rank)
         resumed = checkpoints.resume(checkpointable, cfg.checkpoint.load_step)
         # every stage's optimizer follows one schedule; the config's optimizer keys win
         apply_schedule(engine.optimizers, schedulers, schedulers[0].state_dict(), t)
@@ -211,13 +212,32 @@ def _build_run(cfg: Config, rank: int, device, autocast_dtype, dims: ParallelDim
               f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {run_dir}", flush=True)
         weights = head_loss_weights(cfg)
         if any(w != 1 for w in weights):
-            print(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (the paper sums the "
-                  f"heads' losses unweighted: loss.extra_heads_weight=1)", flush=True)
+            source = "loss.head_weights" if cfg.loss.head_weights else "loss.extra_heads_weight"
+            print(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (from {source}; the "
+                  f"paper sums the heads' losses unweighted)", flush=True)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
                            total_steps=t.steps, start_step=state.step, enabled=rank == 0)
     return Run(cfg, rank, device, autocast_dtype, train_shards.eos_id, engine, schedulers, loader,
                state, checkpoints, checkpointable, logger, _validation_windows(cfg, dataset_dir),
                head_loss_weights(cfg), lock)
+
+
+def _keep_an_older_runs_loss(run_dir: Path, cfg: Config, rank: int) -> None:
+    """A run started before ``loss.extra_heads_weight`` existed summed its heads' losses unweighted:
+    resumed under today's default (0.03) its loss would change mid-run, so it keeps 1 unless the
+    command asks for a weight (a value other than the default, or ``loss.head_weights``)."""
+    from megatrain.config import LossConfig, predates_extra_heads_weight
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not predates_extra_heads_weight(saved):
+        return
+    if cfg.loss.head_weights or cfg.loss.extra_heads_weight != LossConfig.extra_heads_weight:
+        return
+    cfg.loss.extra_heads_weight = 1.0
+    if rank == 0:
+        print("this run started before loss.extra_heads_weight existed, with the heads' losses summed "
+              "unweighted: it continues so (loss.extra_heads_weight=1); pass another value to change that",
+              flush=True)
 
 
 def _open_run_dir(cfg: Config, run_dir: Path,

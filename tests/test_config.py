@@ -220,3 +220,27 @@ def test_readme_config_reference_is_current():
     section = readme.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
     assert section.strip() == reference_markdown().strip(), \
         "README config reference is stale: regenerate with `megatrain config --reference`"
+
+
+def test_head_loss_weights_default_list_and_precedence():
+    from megatrain.config import head_loss_weights
+
+    assert head_loss_weights(load_config(None)) == [1.0, 0.03, 0.03, 0.03]  # the embedded default
+    paper_sum = load_config(None, ["model.n_future=2", "loss.extra_heads_weight=1"])
+    assert head_loss_weights(paper_sum) == [1.0, 1.0]
+    assert head_loss_weights(load_config(None, ["model.n_future=1"])) == [1.0]
+    # an explicit list wins over the scalar
+    assert head_loss_weights(load_config(None, ["model.n_future=2", "loss.extra_heads_weight=0.5",
+                                                "loss.head_weights=[1,2]"])) == [1.0, 2.0]
+
+
+def test_a_saved_config_from_before_extra_heads_weight_reads_as_the_unweighted_sum(tmp_path):
+    from megatrain.config import head_loss_weights, load_saved_config, to_yaml
+
+    current = tmp_path / "current.yaml"
+    current.write_text(to_yaml(load_config(None)))
+    assert head_loss_weights(load_saved_config(current)) == [1.0, 0.03, 0.03, 0.03]  # control: as saved
+    older = tmp_path / "older.yaml"
+    older.write_text(current.read_text().replace("  extra_heads_weight: 0.03\n", ""))
+    assert "extra_heads_weight" not in older.read_text()
+    assert head_loss_weights(load_saved_config(older)) == [1.0, 1.0, 1.0, 1.0]

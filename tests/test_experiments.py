@@ -77,3 +77,28 @@ def test_runs_trained_in_parallel_processes_equal_runs_trained_in_turn(dataset, 
     for a, b in zip(in_turn, at_once):
         assert losses(a) == losses(b) and len(losses(a)) == 3
     assert losses(in_turn[0]) != losses(in_turn[1])  # control: the seeds differ, so equality means something
+
+
+def test_each_finetuning_starts_from_the_pretraining_of_its_seed_and_source(tmp_path, monkeypatch):
+    batches = []
+
+    def fake_train_runs(specs, jobs=1):
+        batches.append(list(specs))
+        return [run_dir for run_dir, _ in specs]
+
+    def fake_eval(run_dir, step, evaluate, dataset, batch_size=64):
+        return {"in_distribution_accuracy": 0.0, "out_of_distribution_accuracy": 0.0,
+                "in_distribution_coefficient_accuracy": 0.2, "out_of_distribution_coefficient_accuracy": 0.1}
+
+    monkeypatch.setattr(finetune, "train_runs", fake_train_runs)
+    monkeypatch.setattr(finetune, "evaluate_run", fake_eval)
+    sizes = finetune.QUICK
+    finetune.run(sizes, finetune.QUICK_ARMS, tmp_path / "data", tmp_path, jobs=2)
+    pretrainings, finetunings = batches
+    assert sorted(d.name for d, _ in pretrainings) == sorted(
+        f"pretrain_n{n}_seed{s}" for n in (1, 4) for s in sizes.seeds)
+    assert len(finetunings) == len(sizes.seeds) * len(finetune.QUICK_ARMS)
+    for run_dir, overrides in finetunings:  # finetune_4to1_seed0 <- pretrain_n4_seed0
+        source, seed = run_dir.name.split("_")[1].split("to")[0], run_dir.name.split("seed")[1]
+        assert overrides["init.path"] == tmp_path / f"pretrain_n{source}_seed{seed}", run_dir.name
+        assert overrides["train.seed"] == int(seed)

@@ -215,3 +215,25 @@ def test_end_of_run_sample_is_a_code_completion_and_skipped_for_synthetic_tasks(
     capsys.readouterr()
     print_sample(synth_run, max_new_tokens=4)
     assert capsys.readouterr().out == ""
+
+
+def test_a_run_started_before_extra_heads_weight_resumes_with_the_unweighted_sum(dataset, tmp_path, capsys):
+    """Its config.yaml has no loss.extra_heads_weight: it summed its heads' losses unweighted, and
+    resuming it under the new default must not change its loss mid-run."""
+    import yaml
+
+    run = tmp_path / "run"
+    settings = {"model.n_future": 3, "train.eval_every": 0, "checkpoint.every": 2}
+    _train(_overrides(dataset, run, **settings, **{"train.steps": 2}))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["loss"]["extra_heads_weight"]  # as an older megatrain wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    _train(_overrides(dataset, run, **settings, **{"train.steps": 4}))
+    assert "continues so (loss.extra_heads_weight=1)" in capsys.readouterr().out
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records[:2]:  # control: this run's first steps used the default weights
+        assert abs(r["loss"] - sum(r["head_losses"])) > 0.1
+    for r in records[2:]:
+        assert r["loss"] == pytest.approx(sum(r["head_losses"]), rel=1e-5)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from megatrain.experiments import code, finetune, induction, polynomial
-from megatrain.experiments.common import RESULTS_FILE, append_results
+from megatrain.experiments.common import RESULTS_FILE, append_results, default_jobs
 
 EXPERIMENTS = {"induction": induction, "polynomial": polynomial, "finetune": finetune, "code": code}
 
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the variant's seeds")
     parser.add_argument("--steps", type=int, help="override the variant's training steps")
     parser.add_argument("--examples", type=int, help="override the variant's training documents")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="training runs at once, each in its own process on one torch thread "
                              "(default: one per CPU core)")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="markdown file to append to")
@@ -41,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     experiment = EXPERIMENTS[args.name]
     sizes, arms = (experiment.QUICK, experiment.QUICK_ARMS) if args.quick else (experiment.FULL,
                                                                                 experiment.FULL_ARMS)
-    sizes = replace(sizes, **({"seeds": tuple(args.seeds)} if args.seeds else {}),
+    # a seed given twice would put two runs in one run dir
+    sizes = replace(sizes, **({"seeds": tuple(dict.fromkeys(args.seeds))} if args.seeds else {}),
                     **({"steps": args.steps} if args.steps else {}),
                     **({"examples": args.examples} if args.examples else {}))
     variant = "quick" if args.quick else "full"
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{sizes.steps} steps, {f'{sizes.examples} training documents, ' if dataset else ''}{keys}")
     block = append_results(f"{args.name} ({variant})", setting, outcome["header"], outcome["rows"],
                            outcome["paper"], outcome["notes"], time.perf_counter() - started, args.results,
-                           jobs=max(1, args.jobs))
+                           jobs=max(1, min(args.jobs, len(sizes.seeds) * len(arms))))
     print(block)
     return 0
 

@@ -9,15 +9,17 @@ parameters and hundreds of billions of tokens. It is reported anyway, as measure
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatrain.experiments.common import Sizes, cell, direction, train_runs
+from megatrain.experiments.common import RUN_DEFAULTS, Sizes, cell, default_jobs, direction, train_runs
 
 TASK = None  # the trainer's embedded default corpus, not a synthetic dataset
 # options: humaneval_limit = the first K problems only (0: all 164)
-QUICK = Sizes(examples=0, steps=150, seeds=(0,), options={"humaneval_limit": 40},
+QUICK = Sizes(examples=0, steps=150, seeds=(0, 1, 2), options={"humaneval_limit": 40},
               model={"model.n_layers": 6, "model.dim": 128, "model.n_heads": 4},
               train={"data.seq_len": 128, "train.batch_size": 16})
 FULL = Sizes(examples=0, steps=2000, seeds=(0, 1, 2), options={"humaneval_limit": 0},
@@ -29,12 +31,15 @@ PAPER = ("n=4 is worse than n=1 at the smallest sizes and better from a few bill
          "more HumanEval problems solved, §3.1); 4-token self-speculative decoding is up to 3× faster (§3.2)")
 
 
-def megatrain_eval(run_dir: Path, task: str, *options: str) -> dict:
-    """Run ``megatrain eval`` on ``run_dir`` and return its results file (or {"error": ...})."""
+def megatrain_eval(run_dir: Path, task: str, *options: str, shared: bool = False) -> dict:
+    """Run ``megatrain eval`` on ``run_dir`` and return its results file (or {"error": ...}).
+    ``shared``: other evaluations run at the same time, so this one takes one torch thread, as
+    every training run here does (RUN_DEFAULTS)."""
     out = run_dir / "eval" / f"experiment-{task}.json"
     command = [sys.executable, "-m", "megatrain", "eval", "--run-dir", str(run_dir), "--out", str(out),
                task, *options]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(RUN_DEFAULTS["train.threads"])} if shared else {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.read_text())
@@ -51,16 +56,26 @@ def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path | None, work: Path, j
     run_dirs = train_runs([(work / f"n{n}_seed{seed}", {
         **sizes.model, **sizes.train, "model.n_future": n, "train.steps": sizes.steps,
         "train.seed": seed, "checkpoint.every": 0}) for seed, n in runs], jobs)
-    for (seed, n), run_dir in zip(runs, run_dirs):
-        heldout = megatrain_eval(run_dir, "heldout")
+    # the sandboxed test programs of `jobs` evaluations at once share the cores: fewer workers each,
+    # so that a program's wall-clock limit is not spent waiting for a core
+    workers = max(1, default_jobs() // max(1, jobs))
+    options = ["--max-new-tokens", str(MAX_NEW_TOKENS), "--workers", str(workers),
+               *(["--limit", str(limit)] if limit else [])]
+    shared = jobs > 1
+
+    def evaluate(run_dir: Path) -> tuple[dict, dict]:  # each eval is a process of its own
+        return (megatrain_eval(run_dir, "heldout", shared=shared),
+                megatrain_eval(run_dir, "humaneval", *options, shared=shared))
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        evaluations = list(pool.map(evaluate, run_dirs))
+    for (seed, n), (heldout, humaneval) in zip(runs, evaluations):
         if "error" in heldout:
             errors.append(f"heldout n={n} seed {seed}: {heldout['error']}")
         else:
             head_loss[n].append(heldout["head_losses"][0])
             if n > 1:
                 extra_heads[n].append(sum(heldout["head_losses"][1:]) / (n - 1))
-        options = ["--max-new-tokens", str(MAX_NEW_TOKENS), *(["--limit", str(limit)] if limit else [])]
-        humaneval = megatrain_eval(run_dir, "humaneval", *options)
         if "error" in humaneval:
             errors.append(f"humaneval n={n} seed {seed}: {humaneval['error']}")
         else:

@@ -65,8 +65,22 @@ def train_runs(specs: Sequence[tuple[Path, dict]], jobs: int = 1) -> list[Path]:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    with ProcessPoolExecutor(min(jobs, len(specs)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(train_run, *zip(*specs)))
+    pool = ProcessPoolExecutor(min(jobs, len(specs)), mp_context=get_context("spawn"))
+    futures = [pool.submit(train_run, run_dir, overrides) for run_dir, overrides in specs]
+    try:
+        for (run_dir, _), future in zip(specs, futures):
+            try:
+                future.result()
+            except Exception as err:  # name the run, and do not train the queued ones first
+                raise RuntimeError(f"training {run_dir} failed: {err}") from err
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return [run_dir for run_dir, _ in specs]
+
+
+def default_jobs() -> int:
+    """One run per CPU this process may use (its affinity: a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def evaluate_run(run_dir: Path, step: int | None, evaluate: Callable, dataset: Path,

@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from megatrain.checkpoint import CheckpointManager, quiet_single_process
 from megatrain.checkpoint_integrity import problem_of
-from megatrain.config import Config, load_config, validate
+from megatrain.config import Config, load_saved_config, validate
 from megatrain.errors import CheckpointError, ConfigError
 from megatrain.inference.meta_format import PARAMS_FILE, WEIGHTS_FILE, read_meta
 from megatrain.model.mtp import MTPTransformer
@@ -45,7 +45,7 @@ def config_of(folder: Path) -> Config:
     """The config a checkpoint was saved with (older checkpoints: the run directory's)."""
     for path in (folder / "config.yaml", folder.parent.parent / "config.yaml"):
         if path.is_file():
-            return load_config(path)
+            return load_saved_config(path)
     raise CheckpointError(f"no config.yaml in {folder} or its run directory; cannot rebuild the model")
 
 
