@@ -98,8 +98,8 @@ def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: in
         return _rate(sum(r[key] * r["examples"] for r in rows), sum(r["examples"] for r in rows))
 
     return {"task": "polynomial", "data": str(dataset_dir), "documents": len(documents),
-            "train_operations": [low, high], "in_distribution_accuracy": pooled("in"),
-            "out_of_distribution_accuracy": pooled("out"),
-            "in_distribution_coefficient_accuracy": pooled("in", "coefficient_accuracy"),
-            "out_of_distribution_coefficient_accuracy": pooled("out", "coefficient_accuracy"),
+            "train_operations": [low, high],
+            **{f"{DISTRIBUTION[kind]}_accuracy": pooled(kind) for kind in DISTRIBUTION},
+            **{f"{DISTRIBUTION[kind]}_coefficient_accuracy": pooled(kind, "coefficient_accuracy")
+               for kind in DISTRIBUTION},
             "method": "teacher-forced head 1 argmax exact match (= greedy decoding's)", "table": table}

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, help="override the variant's training documents")
     parser.add_argument("--jobs", type=int, default=default_jobs(),
                         help="training runs at once, each in its own process on one torch thread "
-                             "(default: one per CPU core)")
+                             "(default: one per CPU this process may use)")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="markdown file to append to")
     args = parser.parse_args(argv)
 
