@@ -15,7 +15,7 @@ from megatrain.config import load_config
 from megatrain.data import open_split
 from megatrain.data.synth import induction, polynomial
 from megatrain.data.synth.cli import make_synth_dataset
-from megatrain.data.synth.dataset import read_documents
+from megatrain.data.synth.dataset import read_documents, synth_settings
 from tests.test_trainer import _overrides
 
 
@@ -60,20 +60,62 @@ def test_polynomial_arithmetic_is_the_ring_f7_mod_x5():
     assert len(np.convolve(_poly(0, 0, 0, 0, 1), _poly(0, 1))) > polynomial.DEGREE
 
 
-def test_polynomial_answers_follow_the_expression_and_val_goes_out_of_distribution(synth_dirs):
-    for split, (low, high) in (("train", polynomial.TRAIN_OPS), ("val", polynomial.VAL_OPS)):
+def _check_answers(dataset, ring):
+    """Every document's answer is its expression's value in the ring; returns, per split, the
+    operation counts seen."""
+    ops = {v: k for k, v in polynomial.OP_IDS.items()}
+    seen = {}
+    for split in ("train", "val"):
         counts = set()
-        for doc in read_documents(synth_dirs["polynomial"], split):
+        for doc in read_documents(dataset, split):
             n_ops, equals = polynomial.answer_span(doc)
             counts.add(n_ops)
-            value = doc[:polynomial.DEGREE] - 1
-            ops = {v: k for k, v in polynomial.OP_IDS.items()}
+            value = doc[:ring.degree] - 1
             for i in range(n_ops):
-                at = polynomial.DEGREE + i * (polynomial.DEGREE + 1)
-                value = polynomial.apply(ops[int(doc[at])], value, doc[at + 1:at + 1 + polynomial.DEGREE] - 1)
+                at = ring.degree + i * (ring.degree + 1)
+                value = polynomial.apply(ops[int(doc[at])], value, doc[at + 1:at + 1 + ring.degree] - 1)
             assert (doc[equals + 1:] - 1).tolist() == value.tolist()
-        assert counts == set(range(low, high + 1)), split
+            assert len(doc) <= polynomial.longest_document(ring)
+        seen[split] = counts
+    return seen
+
+
+def test_polynomial_answers_follow_the_expression_and_val_goes_out_of_distribution(synth_dirs):
+    seen = _check_answers(synth_dirs["polynomial"], polynomial.Settings())
+    assert seen == {"train": set(range(polynomial.TRAIN_OPS[0], polynomial.TRAIN_OPS[1] + 1)),
+                    "val": set(range(polynomial.VAL_OPS[0], polynomial.VAL_OPS[1] + 1))}
     assert polynomial.VAL_OPS[1] > polynomial.TRAIN_OPS[1]
+    assert polynomial.longest_document(polynomial.Settings()) == 59  # fits the experiments' 64 positions
+
+
+def test_a_smaller_ring_and_its_operation_counts_are_generated_and_recorded(tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["data", "synth", "polynomial", "--output", str(out), "--examples", "60",
+                 "--degree", "2", "--train-ops", "1-2", "--val-ops", "1-4"]) == 0
+    assert "F_7[X]/(X^2), training operations 1-2, validation 1-4" in capsys.readouterr().err
+    ring = polynomial.Settings.from_manifest(synth_settings(out, "polynomial"))
+    assert ring == polynomial.Settings(degree=2, train_ops=(1, 2), val_ops=(1, 4))
+    assert _check_answers(out, ring) == {"train": {1, 2}, "val": {1, 2, 3, 4}}
+    # a dataset written before the settings were recorded was made with the paper's
+    assert polynomial.Settings.from_manifest({"task": "polynomial", "version": 1}) == polynomial.Settings()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["induction", "--degree", "2"], "--degree: polynomial settings; the induction task has none"),
+    (["polynomial", "--train-ops", "3-1"], "--train-ops must be a range LOW-HIGH with 1 <= LOW <= HIGH"),
+    (["polynomial", "--val-ops", "0-4"], "--val-ops must be a range"),
+    (["polynomial", "--degree", "0"], "--degree must be >= 1"),
+    (["polynomial", "--train-ops", "one"], "expected LOW-HIGH or K"),
+])
+def test_bad_generator_settings_are_refused_naming_the_flag_and_write_nothing(tmp_path, capsys, flags,
+                                                                              message):
+    try:
+        code = main(["data", "synth", *flags, "--output", str(tmp_path / "out"), "--examples", "10"])
+    except SystemExit as exit:  # argparse refuses a malformed value itself
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_induction_names_keep_their_second_part_within_a_document(synth_dirs):

@@ -50,7 +50,7 @@ def _induction_oracle(prefix):
     return induction.SECOND_IDS.start  # a fixed guess
 
 
-def _polynomial_oracle(max_ops):
+def _polynomial_oracle(max_ops, degree=polynomial.DEGREE):
     ops = {v: k for k, v in polynomial.OP_IDS.items()}
 
     def rule(prefix):
@@ -58,14 +58,14 @@ def _polynomial_oracle(max_ops):
             return 0
         n_ops, equals = polynomial.answer_span(np.array(prefix))
         doc = np.array(prefix[:equals])
-        value = doc[:polynomial.DEGREE] - 1
+        value = doc[:degree] - 1
         for i in range(n_ops):
-            at = polynomial.DEGREE + i * (polynomial.DEGREE + 1)
-            value = polynomial.apply(ops[int(doc[at])], value, doc[at + 1:at + 1 + polynomial.DEGREE] - 1)
+            at = degree + i * (degree + 1)
+            value = polynomial.apply(ops[int(doc[at])], value, doc[at + 1:at + 1 + degree] - 1)
         if n_ops > max_ops:
             value = (value + 1) % polynomial.P  # wrong on purpose
         k = len(prefix) - 1 - equals
-        return 1 + int(value[k]) if k < polynomial.DEGREE else 0
+        return 1 + int(value[k]) if k < degree else 0
 
     return rule
 
@@ -96,6 +96,20 @@ def test_polynomial_accuracy_is_bucketed_by_operation_count(synth_dirs):
     assert in_only["in_distribution_accuracy"] == 1.0 and in_only["out_of_distribution_accuracy"] == 0.0
     assert {row["operations"] for row in in_only["table"] if row["distribution"] == "out"} == \
         set(range(high + 1, polynomial.VAL_OPS[1] + 1))
+
+
+def test_polynomial_scoring_follows_the_ring_and_operations_the_dataset_was_made_with(tmp_path):
+    ring = polynomial.Settings(degree=2, train_ops=(1, 2), val_ops=(1, 3))
+    make_synth_dataset("polynomial", tmp_path / "small", examples=100, seed=2, ring=ring)
+    vocab = len(polynomial.vocabulary())
+    exact = evaluate_polynomial(RuleModel(_polynomial_oracle(99, degree=2), vocab), None, tmp_path / "small",
+                                device="cpu", batch_size=64)
+    assert exact["ring"] == "F_7[X]/(X^2)" and exact["train_operations"] == [1, 2]
+    assert exact["in_distribution_accuracy"] == exact["out_of_distribution_accuracy"] == 1.0
+    in_only = evaluate_polynomial(RuleModel(_polynomial_oracle(2, degree=2), vocab), None, tmp_path / "small",
+                                  device="cpu", batch_size=64)
+    assert [(row["operations"], row["distribution"], row["exact_match"]) for row in in_only["table"]] == \
+        [(1, "in", 1.0), (2, "in", 1.0), (3, "out", 0.0)]
 
 
 def test_a_real_model_runs_and_long_documents_are_refused(synth_dirs, tiny_model_cfg):

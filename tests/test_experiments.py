@@ -2,6 +2,9 @@
 with parameter-matched configs, results land in the markdown table, directions are judged against
 the spread over seeds (the experiments themselves are not part of the suite)."""
 
+from dataclasses import replace
+
+from megatrain.data.synth.polynomial import Settings
 from megatrain.experiments import __main__ as experiments_main
 from megatrain.experiments import finetune, polynomial
 from megatrain.experiments.common import direction, train_runs
@@ -35,10 +38,17 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
     assert n_layers == {polynomial.QUICK.model["model.n_layers"]}  # equal parameters: same n_layers
     text = results.read_text()
     assert text.startswith("# Results")
-    assert ("| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 | 0.490 ± 0.000 | 0.480 ± 0.000 "
-            "| 0.460 ± 0.000 |") in text
-    assert "n=4 above n=1 out distribution, exact match: yes" in text
-    assert "n=4 above n=1 out distribution, coefficients: no (opposite)" in text
+    # the quick ring has one coefficient per answer: exact match is the only measure
+    assert "| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |\n" in text
+    assert "n=4 above n=1 out distribution, exact match: yes" in text and "coefficients" not in text
+    assert "20 training documents (version 1, degree 1, train_ops 1-1, val_ops 1-2)" in text
+    # the paper's ring (the full variant's) adds the share of answer coefficients right
+    paper_ring = replace(polynomial.QUICK, seeds=(0, 1), ring=Settings())
+    outcome = polynomial.run(paper_ring, (1, 2, 4), tmp_path / "data", tmp_path / "paper")
+    assert outcome["header"][-1] == "n=4 coefficients"
+    assert outcome["rows"][-1] == ["all", "out", "0.050 ± 0.000", "0.100 ± 0.000", "0.200 ± 0.000",
+                                   "0.490 ± 0.000", "0.480 ± 0.000", "0.460 ± 0.000"]
+    assert "n=4 above n=1 out distribution, coefficients: no (opposite)" in outcome["notes"]
 
 
 def test_finetune_arms_keep_the_source_trunk():

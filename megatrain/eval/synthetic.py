@@ -75,21 +75,20 @@ def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: in
     distribution (greedy decoding's accuracy, see the module docstring), and per-coefficient
     accuracy."""
     dataset_dir = Path(dataset_dir)
-    synth_settings(dataset_dir, "polynomial")
+    ring = polynomial.Settings.from_manifest(synth_settings(dataset_dir, "polynomial"))
     documents = read_documents(dataset_dir, "val")
     predictions = head1_predictions(model, documents, device=device, batch_size=batch_size, pad_id=EOS_ID)
     by_ops: dict[int, list[int]] = {}  # operations -> [exact, coefficients right, examples]
     for doc, pred in zip(documents, predictions):
         n_ops, equals = polynomial.answer_span(doc)
-        answer = slice(equals, equals + polynomial.DEGREE)  # positions that predict the answer
-        right = pred[answer] == doc[equals + 1:equals + 1 + polynomial.DEGREE]
+        answer = slice(equals, equals + ring.degree)  # positions that predict the answer
+        right = pred[answer] == doc[equals + 1:equals + 1 + ring.degree]
         entry = by_ops.setdefault(n_ops, [0, 0, 0])
         entry[0] += int(right.all())
         entry[1] += int(right.sum())
         entry[2] += 1
-    low, high = polynomial.TRAIN_OPS
-    table = [{"operations": k, "distribution": "in" if low <= k <= high else "out",
-              "exact_match": exact / n, "coefficient_accuracy": coeffs / (n * polynomial.DEGREE),
+    table = [{"operations": k, "distribution": "in" if ring.in_distribution(k) else "out",
+              "exact_match": exact / n, "coefficient_accuracy": coeffs / (n * ring.degree),
               "examples": n}
              for k, (exact, coeffs, n) in sorted(by_ops.items())]
 
@@ -98,7 +97,7 @@ def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: in
         return _rate(sum(r[key] * r["examples"] for r in rows), sum(r["examples"] for r in rows))
 
     return {"task": "polynomial", "data": str(dataset_dir), "documents": len(documents),
-            "train_operations": [low, high],
+            "ring": f"F_{polynomial.P}[X]/(X^{ring.degree})", "train_operations": list(ring.train_ops),
             **{f"{DISTRIBUTION[kind]}_accuracy": pooled(kind) for kind in DISTRIBUTION},
             **{f"{DISTRIBUTION[kind]}_coefficient_accuracy": pooled(kind, "coefficient_accuracy")
                for kind in DISTRIBUTION},

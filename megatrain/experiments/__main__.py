@@ -18,6 +18,13 @@ def cost(sizes, arms) -> str:
     return f"{runs} training runs of {sizes.steps} steps ({len(sizes.seeds)} seeds × {len(arms)} arms)"
 
 
+def _generator(settings: dict) -> str:
+    """The generator settings a dataset's manifest records, for the results line."""
+    skip = ("task", "examples", "seed")
+    return ", ".join(f"{key} {'-'.join(map(str, value)) if isinstance(value, list) else value}"
+                     for key, value in settings.items() if key not in skip)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatrain.experiments", description=__doc__)
     parser.add_argument("name", choices=sorted(EXPERIMENTS))
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from megatrain.data.synth.cli import make_synth_dataset
+    from megatrain.data.synth.dataset import SYNTH_KEY
 
     experiment = EXPERIMENTS[args.name]
     sizes, arms = (experiment.QUICK, experiment.QUICK_ARMS) if args.quick else (experiment.FULL,
@@ -53,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     dataset = None  # the trainer's default corpus
     if experiment.TASK is not None:
         dataset = work / f"data_{experiment.TASK}"
-        make_synth_dataset(experiment.TASK, dataset, sizes.examples, seed=0)
+        manifest = make_synth_dataset(experiment.TASK, dataset, sizes.examples, seed=0, ring=sizes.ring)
+        data = f"{sizes.examples} training documents ({_generator(manifest[SYNTH_KEY])}), "
     outcome = experiment.run(sizes, arms, dataset, work, jobs=max(1, args.jobs))
     keys = ", ".join(f"{k}={v}" for k, v in {**sizes.model, **sizes.train}.items())
     setting = (f"`{args.name}` {variant}: {outcome['metric']}; seeds {list(sizes.seeds)}, "
-               f"{sizes.steps} steps, {f'{sizes.examples} training documents, ' if dataset else ''}{keys}")
+               f"{sizes.steps} steps, {data if dataset else ''}{keys}")
     block = append_results(f"{args.name} ({variant})", setting, outcome["header"], outcome["rows"],
                            outcome["paper"], outcome["notes"], time.perf_counter() - started, args.results,
                            jobs=max(1, min(args.jobs, len(sizes.seeds) * len(arms))))

@@ -35,6 +35,7 @@ class Sizes:
     train: dict = field(default_factory=dict)  # train.* / data.* overrides
     eval_every: int = 0  # evaluate checkpoints every this many steps too (0: the last one only)
     options: dict = field(default_factory=dict)  # an experiment's own knobs
+    ring: object = None  # the polynomial task's generator settings (polynomial.Settings; None: the paper's)
 
 
 def overrides_list(values: dict) -> list[str]:

@@ -1,24 +1,42 @@
-"""Algorithmic reasoning (paper §4.2): accuracy on polynomial arithmetic over F_7[X]/(X^5) by
-number of operations, in (1-5) and out (6-8) of the training distribution, for n=1, 2, 4 at equal
-parameters. Greedy answer exact match (megatrain/eval/synthetic.py)."""
+"""Algorithmic reasoning (paper §4.2): accuracy on modular polynomial arithmetic by number of
+operations, in and out of the training distribution, for n=1, 2, 4 at equal parameters. Greedy
+answer exact match (megatrain/eval/synthetic.py).
+
+The full variant is the paper's task, F_7[X]/(X^5) with 1-5 operations in training. The quick one
+shrinks the ring to F_7 (degree 1: arithmetic mod 7) with one operation in training and two out of
+distribution: measured on 2 CPU cores, a 0.33M-parameter next-token model learns single operations
+mod 7 within ~1500 steps (0.23 -> 0.80 exact match from step 500 to 1500), while in 3000 steps it
+learned no more than the most frequent answers on F_7[X]/(X^2) with 1-2 operations (0.04 exact), on
+F_7[X]/(X^3) with 1-3 (0.004), or on F_7 with 1-3 (0.23); a task no arm learns can show no effect.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from megatrain.data.synth import polynomial as task
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
 from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_runs
 
 TASK = "polynomial"
-QUICK = Sizes(examples=20_000, steps=300, seeds=(0, 1, 2),
+QUICK_RING = task.Settings(degree=1, train_ops=(1, 1), val_ops=(1, 2))
+QUICK = Sizes(examples=20_000, steps=2000, seeds=(0, 1, 2), ring=QUICK_RING,
               model={"model.n_layers": 6, "model.dim": 64, "model.n_heads": 4},
-              train={"data.seq_len": 64, "train.batch_size": 16, "train.lr": 3e-3, "train.warmup_steps": 20})
-FULL = Sizes(examples=200_000, steps=5000, seeds=(0, 1, 2),
+              train={"data.seq_len": 64, "train.batch_size": 16, "train.lr": 3e-3, "train.warmup_steps": 50})
+FULL = Sizes(examples=200_000, steps=5000, seeds=(0, 1, 2), ring=task.Settings(),
              model={"model.n_layers": 8, "model.dim": 256, "model.n_heads": 8},
              train={"data.seq_len": 64, "train.batch_size": 64, "train.lr": 1e-3, "train.warmup_steps": 200})
 QUICK_ARMS = FULL_ARMS = (1, 2, 4)
 PAPER = ("multi-token prediction improves accuracy at every number of operations, with large relative "
          "gains out of distribution despite low absolute numbers (§4.2, Fig. 8)")
+
+
+def metric(ring: task.Settings, after: str = "") -> str:
+    """What the table measures; with one coefficient per answer, exact match is all there is."""
+    exact = f"greedy exact match of the answer in F_7[X]/(X^{ring.degree}){after}"
+    if ring.degree == 1:
+        return exact
+    return f"{exact}, and the share of its {ring.degree} coefficients right (teacher-forced, chance 1/7)"
 
 
 def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path, jobs: int = 1) -> dict:
@@ -40,16 +58,15 @@ def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path, jobs: in
             coefficients[n].setdefault(("all", kind), []).append(
                 result[DISTRIBUTION[kind] + "_coefficient_accuracy"])
     keys = sorted(k for k in exact[arms[0]] if k[0] != "all") + [("all", "in"), ("all", "out")]
+    ring = sizes.ring or task.Settings()
     # exact match is the paper's measure; the share of right answer coefficients (chance 1/7) shows
-    # progress long before whole answers come out right
-    header = ["operations", "distribution", *(f"n={n} exact" for n in arms),
-              *(f"n={n} coefficients" for n in arms)]
-    rows = [[str(ops), kind, *(cell(exact[n][(ops, kind)]) for n in arms),
-             *(cell(coefficients[n][(ops, kind)]) for n in arms)] for ops, kind in keys]
+    # progress long before whole answers come out right (one coefficient: the same number)
+    measures = (("exact match", exact),) + ((("coefficients", coefficients),) if ring.degree > 1 else ())
+    header = ["operations", "distribution",
+              *(f"n={n} {name.split()[0]}" for name, _ in measures for n in arms)]
+    rows = [[str(ops), kind, *(cell(values[n][(ops, kind)]) for _, values in measures for n in arms)]
+            for ops, kind in keys]
     notes = [f"n={n} above n=1 {kind} distribution, {name}: "
              f"{direction(values[n][('all', kind)], values[1][('all', kind)])}"
-             for name, values in (("exact match", exact), ("coefficients", coefficients))
-             for n in arms if n != 1 for kind in ("in", "out")]
-    return {"header": header, "rows": rows, "paper": PAPER, "notes": notes,
-            "metric": "greedy exact match of the answer polynomial, and the share of its 5 coefficients "
-                      "right (teacher-forced, chance 1/7)"}
+             for name, values in measures for n in arms if n != 1 for kind in ("in", "out")]
+    return {"header": header, "rows": rows, "paper": PAPER, "notes": notes, "metric": metric(ring)}

@@ -1,13 +1,15 @@
-"""``megatrain data synth induction|polynomial --output DIR [--examples N] [--seed S]``."""
+"""``megatrain data synth induction|polynomial --output DIR [--examples N] [--seed S]``, and for
+polynomial ``[--degree D] [--train-ops LOW-HIGH] [--val-ops LOW-HIGH]``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from megatrain.data.synth import induction, polynomial
-from megatrain.data.synth.dataset import write_dataset
+from megatrain.data.synth.dataset import SYNTH_KEY, write_dataset
 from megatrain.errors import UserError
 
 TASKS = {"induction": induction, "polynomial": polynomial}
@@ -22,24 +24,64 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"training documents (default {DEFAULT_EXAMPLES}); the val split is sized "
                              f"from it")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    ring = polynomial.Settings()
+    parser.add_argument("--degree", type=int, help=f"polynomial only: coefficients per polynomial, the "
+                        f"ring F_7[X]/(X^D) (default {ring.degree}, the paper's)")
+    parser.add_argument("--train-ops", type=_ops_range, help=f"polynomial only: operations per training "
+                        f"expression, LOW-HIGH or K (default {_show(ring.train_ops)})")
+    parser.add_argument("--val-ops", type=_ops_range, help=f"polynomial only: operations per validation "
+                        f"expression; counts above --train-ops are out of distribution (default "
+                        f"{_show(ring.val_ops)})")
     return parser
 
 
-def make_synth_dataset(task: str, output: str | Path, examples: int = DEFAULT_EXAMPLES,
-                       seed: int = 0) -> dict:
-    """Generate and write the dataset; returns its manifest."""
+def _ops_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH or K (e.g. 1-5), got {text!r}") from None
+
+
+def _show(ops: tuple[int, int]) -> str:
+    return f"{ops[0]}-{ops[1]}"
+
+
+def make_synth_dataset(task: str, output: str | Path, examples: int = DEFAULT_EXAMPLES, seed: int = 0,
+                       ring: polynomial.Settings | None = None) -> dict:
+    """Generate and write the dataset; returns its manifest. ``ring``: the polynomial task's
+    settings (default: the paper's); refused for the induction task."""
     if examples < 1:
         raise UserError(f"--examples must be >= 1, got {examples}")
     module = TASKS[task]
     settings = {"task": task, "examples": examples, "seed": seed, "version": module.VERSION}
-    return write_dataset(Path(output).expanduser(), module.vocabulary(), module.splits(examples, seed),
-                         settings)
+    if task == "polynomial":
+        ring = ring or polynomial.Settings()
+        settings.update(ring.as_manifest())
+        splits = polynomial.splits(examples, seed, ring)
+    elif ring is not None:
+        raise UserError(f"--degree, --train-ops and --val-ops are polynomial settings; the {task} task "
+                        f"has none")
+    else:
+        splits = module.splits(examples, seed)
+    return write_dataset(Path(output).expanduser(), module.vocabulary(), splits, settings)
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    manifest = make_synth_dataset(args.task, args.output, args.examples, args.seed)
+    ring = None
+    given = {key: value for key, value in (("degree", args.degree), ("train_ops", args.train_ops),
+                                           ("val_ops", args.val_ops)) if value is not None}
+    if given:
+        if args.task != "polynomial":
+            flags = ", ".join("--" + key.replace("_", "-") for key in given)
+            raise UserError(f"{flags}: polynomial settings; the {args.task} task has none")
+        ring = replace(polynomial.Settings(), **given)
+    manifest = make_synth_dataset(args.task, args.output, args.examples, args.seed, ring)
     counts = ", ".join(f"{split} {s['documents']} documents / {s['tokens']} tokens"
                        for split, s in manifest["splits"].items())
-    print(f"[data synth] {args.task} -> {args.output}: vocab {manifest['vocab_size']}, {counts}",
+    written = manifest[SYNTH_KEY]
+    ring = (f" (F_7[X]/(X^{written['degree']}), training operations {_show(written['train_ops'])}, "
+            f"validation {_show(written['val_ops'])})" if args.task == "polynomial" else "")
+    print(f"[data synth] {args.task}{ring} -> {args.output}: vocab {manifest['vocab_size']}, {counts}",
           file=sys.stderr)
     return 0

@@ -1,21 +1,27 @@
 """Modular polynomial arithmetic (the paper's algorithmic-reasoning task): expressions of k
-operations over F_7[X]/(X^5), the answer after ``=``.
+operations over F_7[X]/(X^d), the answer after ``=``; by default the paper's ring F_7[X]/(X^5).
 
-A polynomial is written as its 5 coefficients, constant term first, each one token ``0``..``6``.
+A polynomial is written as its d coefficients, constant term first, each one token ``0``..``6``.
 An expression ``p0 op1 p1 op2 p2 ... opk pk = r`` is evaluated left to right (no precedence),
-``op`` one of ``+ - *`` in the ring (products drop powers X^5 and above, coefficients mod 7).
-Training documents have ``TRAIN_OPS`` operations; the validation split covers ``VAL_OPS``, whose
-larger counts are out of the training distribution.
+``op`` one of ``+ - *`` in the ring (products drop powers X^d and above, coefficients mod 7).
+Training documents have ``train_ops`` operations; the validation split covers ``val_ops``, whose
+counts above ``train_ops`` are out of the training distribution. A smaller ring and fewer
+operations make a task that small models learn within minutes (``megatrain.experiments``'s quick
+variants); the dataset's manifest records the settings and the evaluation reads them from there.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from megatrain.errors import UserError
+
 P = 7  # the field F_7
-DEGREE = 5  # X^5 = 0: polynomials of 5 coefficients
-TRAIN_OPS = (1, 5)  # inclusive range of operations in training documents
-VAL_OPS = (1, 8)  # validation: 6..8 are out of distribution
+DEGREE = 5  # default d: X^5 = 0, polynomials of 5 coefficients
+TRAIN_OPS = (1, 5)  # default inclusive range of operations in training documents
+VAL_OPS = (1, 8)  # default validation range: 6..8 are out of distribution
 VAL_PER_OPS = 100  # validation documents per operation count (at least)
 OPERATORS = ("+", "-", "*")
 VERSION = 1  # bump when generated documents change
@@ -33,39 +39,77 @@ OP_IDS = {op: 1 + P + i for i, op in enumerate(OPERATORS)}
 EQUALS_ID = 1 + P + len(OPERATORS)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a polynomial dataset was generated with; ``from_manifest`` reads it back."""
+
+    degree: int = DEGREE
+    train_ops: tuple[int, int] = TRAIN_OPS
+    val_ops: tuple[int, int] = VAL_OPS
+
+    def __post_init__(self):
+        low, high = self.train_ops
+        if self.degree < 1:
+            raise UserError(f"--degree must be >= 1 (coefficients per polynomial), got {self.degree}")
+        for flag, (lo, hi) in (("--train-ops", self.train_ops), ("--val-ops", self.val_ops)):
+            if not 1 <= lo <= hi:
+                raise UserError(f"{flag} must be a range LOW-HIGH with 1 <= LOW <= HIGH, got {lo}-{hi}")
+
+    def as_manifest(self) -> dict:
+        return {"degree": self.degree, "train_ops": list(self.train_ops), "val_ops": list(self.val_ops)}
+
+    @classmethod
+    def from_manifest(cls, settings: dict) -> Settings:
+        """The settings a dataset's manifest records; a dataset written before they were recorded
+        used the defaults."""
+        return cls(int(settings.get("degree", DEGREE)), tuple(settings.get("train_ops", TRAIN_OPS)),
+                   tuple(settings.get("val_ops", VAL_OPS)))
+
+    def in_distribution(self, n_ops: int) -> bool:
+        return self.train_ops[0] <= n_ops <= self.train_ops[1]
+
+
 def apply(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a op b`` in F_7[X]/(X^d), d the operands' length."""
     if op == "+":
         return (a + b) % P
     if op == "-":
         return (a - b) % P
-    return np.convolve(a, b)[:DEGREE] % P  # the product, truncated mod X^5
+    return np.convolve(a, b)[:len(a)] % P  # the product, truncated mod X^d
 
 
-def expression(n_ops: int, rng: np.random.Generator) -> list[int]:
-    """One document: the expression's tokens, ``=``, the answer's 5 coefficient tokens."""
-    value = rng.integers(0, P, DEGREE)
+def expression(n_ops: int, rng: np.random.Generator, degree: int = DEGREE) -> list[int]:
+    """One document: the expression's tokens, ``=``, the answer's ``degree`` coefficient tokens."""
+    value = rng.integers(0, P, degree)
     tokens = [COEFF_IDS[0] + int(c) for c in value]
     for _ in range(n_ops):
         op = OPERATORS[int(rng.integers(len(OPERATORS)))]
-        operand = rng.integers(0, P, DEGREE)
+        operand = rng.integers(0, P, degree)
         value = apply(op, value, operand)
         tokens += [OP_IDS[op]] + [COEFF_IDS[0] + int(c) for c in operand]
     return tokens + [EQUALS_ID] + [COEFF_IDS[0] + int(c) for c in value]
 
 
+def longest_document(settings: Settings) -> int:
+    """Tokens in a document of the most operations (without its EOS)."""
+    most = max(settings.train_ops[1], settings.val_ops[1])
+    return settings.degree * (most + 2) + most + 1
+
+
 def answer_span(tokens: np.ndarray) -> tuple[int, int]:
-    """(operations, position of ``=``) of a document; the answer is the DEGREE tokens after ``=``."""
+    """(operations, position of ``=``) of a document; the answer is the tokens after ``=``."""
     equals = int(np.flatnonzero(tokens == EQUALS_ID)[0])
     n_ops = int(np.isin(tokens[:equals], list(OP_IDS.values())).sum())
     return n_ops, equals
 
 
-def splits(examples: int, seed: int) -> dict[str, list[list[int]]]:
-    """``examples`` training documents (operations uniform in TRAIN_OPS) and a validation split
-    with the same number of documents for every count in VAL_OPS, from independent streams."""
+def splits(examples: int, seed: int, settings: Settings = Settings()) -> dict[str, list[list[int]]]:
+    """``examples`` training documents (operations uniform in ``train_ops``) and a validation split
+    with the same number of documents for every count in ``val_ops``, from independent streams."""
     rng = np.random.default_rng(seed)
-    train = [expression(int(rng.integers(TRAIN_OPS[0], TRAIN_OPS[1] + 1)), rng) for _ in range(examples)]
+    (low, high), (val_low, val_high), degree = settings.train_ops, settings.val_ops, settings.degree
+    train = [expression(int(rng.integers(low, high + 1)), rng, degree) for _ in range(examples)]
     val_rng = np.random.default_rng(seed + 1_000_003)
     per_ops = max(VAL_PER_OPS, examples // 50)
-    val = [expression(k, val_rng) for k in range(VAL_OPS[0], VAL_OPS[1] + 1) for _ in range(per_ops)]
+    val = [expression(k, val_rng, degree) for k in range(val_low, val_high + 1) for _ in range(per_ops)]
     return {"train": train, "val": val}
