@@ -16,6 +16,7 @@ from megatrain.data import open_split
 from megatrain.data.synth import induction, polynomial
 from megatrain.data.synth.cli import make_synth_dataset
 from megatrain.data.synth.dataset import read_documents, synth_settings
+from megatrain.errors import DataError, UserError
 from tests.test_trainer import _overrides
 
 
@@ -58,6 +59,11 @@ def test_polynomial_arithmetic_is_the_ring_f7_mod_x5():
     assert polynomial.apply("+", _poly(3, 6), _poly(4, 2)).tolist() == _poly(0, 1).tolist()
     # control: without the truncation mod X^5 the product would have more terms
     assert len(np.convolve(_poly(0, 0, 0, 0, 1), _poly(0, 1))) > polynomial.DEGREE
+    # smaller rings, worked by hand: X * X = X^2 = 0 mod X^2; in F_7 (degree 1) 3 * 5 = 15 = 1
+    assert polynomial.apply("*", np.array([0, 1]), np.array([0, 1])).tolist() == [0, 0]
+    assert polynomial.apply("*", np.array([2, 1]), np.array([3, 1])).tolist() == [6, 5]  # 6 + 5X + X^2
+    assert polynomial.apply("*", np.array([3]), np.array([5])).tolist() == [1]
+    assert polynomial.apply("-", np.array([2]), np.array([5])).tolist() == [4]
 
 
 def _check_answers(dataset, ring):
@@ -85,7 +91,7 @@ def test_polynomial_answers_follow_the_expression_and_val_goes_out_of_distributi
     assert seen == {"train": set(range(polynomial.TRAIN_OPS[0], polynomial.TRAIN_OPS[1] + 1)),
                     "val": set(range(polynomial.VAL_OPS[0], polynomial.VAL_OPS[1] + 1))}
     assert polynomial.VAL_OPS[1] > polynomial.TRAIN_OPS[1]
-    assert polynomial.longest_document(polynomial.Settings()) == 59  # fits the experiments' 64 positions
+    assert polynomial.longest_document(polynomial.Settings()) == 5 * 10 + 8 + 1  # 8 operations
 
 
 def test_a_smaller_ring_and_its_operation_counts_are_generated_and_recorded(tmp_path, capsys):
@@ -93,18 +99,31 @@ def test_a_smaller_ring_and_its_operation_counts_are_generated_and_recorded(tmp_
     assert main(["data", "synth", "polynomial", "--output", str(out), "--examples", "60",
                  "--degree", "2", "--train-ops", "1-2", "--val-ops", "1-4"]) == 0
     assert "F_7[X]/(X^2), training operations 1-2, validation 1-4" in capsys.readouterr().err
-    ring = polynomial.Settings.from_manifest(synth_settings(out, "polynomial"))
+    ring = polynomial.Settings.from_manifest(synth_settings(out, "polynomial"), out)
     assert ring == polynomial.Settings(degree=2, train_ops=(1, 2), val_ops=(1, 4))
     assert _check_answers(out, ring) == {"train": {1, 2}, "val": {1, 2, 3, 4}}
     # a dataset written before the settings were recorded was made with the paper's
-    assert polynomial.Settings.from_manifest({"task": "polynomial", "version": 1}) == polynomial.Settings()
+    older = {"task": "polynomial", "version": 1}
+    assert polynomial.Settings.from_manifest(older, out) == polynomial.Settings()
+
+
+def test_settings_normalise_what_a_manifest_holds_and_refuse_what_cannot_be_generated(tmp_path):
+    assert polynomial.Settings(2, [1, 2], [1, 3]) == polynomial.Settings(2, (1, 2), (1, 3))  # JSON lists
+    with pytest.raises(UserError, match="--train-ops must be a range LOW-HIGH of two integers"):
+        polynomial.Settings(train_ops=(1, 2, 3))
+    with pytest.raises(UserError, match="--val-ops 6-8 shares no operation count with --train-ops 1-5"):
+        polynomial.Settings(val_ops=(6, 8))
+    polynomial.Settings(train_ops=(2, 3), val_ops=(1, 2))  # control: overlapping at 2 is enough
+    with pytest.raises(DataError, match=r"manifest.json: its polynomial settings are not valid \(--degree"):
+        polynomial.Settings.from_manifest({"degree": "five"}, tmp_path / "manifest.json")
 
 
 @pytest.mark.parametrize("flags, message", [
     (["induction", "--degree", "2"], "--degree: polynomial settings; the induction task has none"),
+    (["polynomial", "--val-ops", "5-"], "expected LOW-HIGH or K"),
     (["polynomial", "--train-ops", "3-1"], "--train-ops must be a range LOW-HIGH with 1 <= LOW <= HIGH"),
     (["polynomial", "--val-ops", "0-4"], "--val-ops must be a range"),
-    (["polynomial", "--degree", "0"], "--degree must be >= 1"),
+    (["polynomial", "--degree", "0"], "--degree must be an integer >= 1"),
     (["polynomial", "--train-ops", "one"], "expected LOW-HIGH or K"),
 ])
 def test_bad_generator_settings_are_refused_naming_the_flag_and_write_nothing(tmp_path, capsys, flags,

@@ -4,9 +4,12 @@ the spread over seeds (the experiments themselves are not part of the suite)."""
 
 from dataclasses import replace
 
+import pytest
+
 from megatrain.data.synth.polynomial import Settings
+from megatrain.errors import UserError
 from megatrain.experiments import __main__ as experiments_main
-from megatrain.experiments import finetune, polynomial
+from megatrain.experiments import finetune, induction, polynomial
 from megatrain.experiments.common import direction, train_runs
 
 
@@ -103,7 +106,8 @@ def test_each_finetuning_starts_from_the_pretraining_of_its_seed_and_source(tmp_
     monkeypatch.setattr(finetune, "train_runs", fake_train_runs)
     monkeypatch.setattr(finetune, "evaluate_run", fake_eval)
     sizes = finetune.QUICK
-    finetune.run(sizes, finetune.QUICK_ARMS, tmp_path / "data", tmp_path, jobs=2)
+    outcome = finetune.run(sizes, finetune.QUICK_ARMS, tmp_path / "data", tmp_path, jobs=2)
+    assert [row[0] for row in outcome["rows"]] == ["n=1 pretrained", "n=4 pretrained", *finetune.QUICK_ARMS]
     pretrainings, finetunings = batches
     assert sorted(d.name for d, _ in pretrainings) == sorted(
         f"pretrain_n{n}_seed{s}" for n in (1, 4) for s in sizes.seeds)
@@ -112,3 +116,20 @@ def test_each_finetuning_starts_from_the_pretraining_of_its_seed_and_source(tmp_
         source, seed = run_dir.name.split("_")[1].split("to")[0], run_dir.name.split("seed")[1]
         assert overrides["init.path"] == tmp_path / f"pretrain_n{source}_seed{seed}", run_dir.name
         assert overrides["train.seed"] == int(seed)
+
+
+def test_induction_formation_row_gives_each_seeds_first_step_at_twice_chance():
+    steps = [250, 500, 750]
+    by_step = {250: [0.04, 0.09, 0.04], 500: [0.05, 0.20, 0.04], 750: [0.10, 0.30, 0.05]}
+    assert induction.FORMED == 2 / 24
+    assert induction._formation(by_step, steps) == "750 / 250 / —"
+
+
+@pytest.mark.parametrize("experiment", [induction, polynomial, finetune])
+def test_every_variant_gives_its_models_the_positions_of_its_longest_document(experiment):
+    for sizes in (experiment.QUICK, experiment.FULL):
+        experiments_main._check_documents_fit(experiment.TASK, sizes)
+    # negative control: a variant whose sequences are too short is refused before any training
+    short = replace(experiment.QUICK, train={**experiment.QUICK.train, "data.seq_len": 4})
+    with pytest.raises(UserError, match="raise data.seq_len .* to at least"):
+        experiments_main._check_documents_fit(experiment.TASK, short)

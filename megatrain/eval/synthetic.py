@@ -2,8 +2,8 @@
 polynomial arithmetic (the tasks and their token layouts: megatrain/data/synth/).
 
 Both read head 1 (next-token prediction) teacher-forced: one forward per batch of documents, the
-argmax at each scored position. For polynomial answers this *is* greedy decoding: all five answer
-tokens are the argmax given the true prefix exactly when greedy generation writes the true answer
+argmax at each scored position. For polynomial answers this *is* greedy decoding: all the answer's
+coefficient tokens are the argmax given the true prefix exactly when greedy generation writes the true answer
 (it follows the true prefix as long as it is right), so the exact-match rate is greedy accuracy.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatrain.data.shards import MANIFEST_NAME
 from megatrain.data.synth import induction, polynomial
 from megatrain.data.synth.dataset import EOS_ID, read_documents, synth_settings
 from megatrain.errors import DataError
@@ -75,7 +76,8 @@ def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: in
     distribution (greedy decoding's accuracy, see the module docstring), and per-coefficient
     accuracy."""
     dataset_dir = Path(dataset_dir)
-    ring = polynomial.Settings.from_manifest(synth_settings(dataset_dir, "polynomial"))
+    ring = polynomial.Settings.from_manifest(synth_settings(dataset_dir, "polynomial"),
+                                             dataset_dir / MANIFEST_NAME)
     documents = read_documents(dataset_dir, "val")
     predictions = head1_predictions(model, documents, device=device, batch_size=batch_size, pad_id=EOS_ID)
     by_ops: dict[int, list[int]] = {}  # operations -> [exact, coefficients right, examples]

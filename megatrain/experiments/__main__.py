@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatrain.errors import UserError
 from megatrain.experiments import code, finetune, induction, polynomial
 from megatrain.experiments.common import RESULTS_FILE, append_results, default_jobs
 
@@ -16,6 +17,21 @@ EXPERIMENTS = {"induction": induction, "polynomial": polynomial, "finetune": fin
 def cost(sizes, arms) -> str:
     runs = len(sizes.seeds) * len(arms)
     return f"{runs} training runs of {sizes.steps} steps ({len(sizes.seeds)} seeds × {len(arms)} arms)"
+
+
+def _check_documents_fit(task: str, sizes) -> None:
+    """The probes read whole documents, so a model's positions must hold the longest one: said
+    before the training, not by the evaluation after it."""
+    from megatrain.data.synth import induction as induction_task
+    from megatrain.data.synth import polynomial as polynomial_task
+
+    longest = (polynomial_task.longest_document(polynomial.ring_of(sizes)) if task == "polynomial"
+               else induction_task.MAX_TOKENS)
+    positions = max(sizes.model.get("model.max_seq_len", 0), sizes.train["data.seq_len"])
+    if longest > positions:
+        raise UserError(f"{task} documents run to {longest} tokens but the models have {positions} "
+                        f"positions: raise data.seq_len (or model.max_seq_len) of this variant to at least "
+                        f"{longest}")
 
 
 def _generator(settings: dict) -> str:
@@ -58,15 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[experiments] {args.name} ({variant}): {describe(sizes, arms)}, {args.jobs} at a time, in "
           f"{work}", file=sys.stderr)
     started = time.perf_counter()
-    dataset = None  # the trainer's default corpus
+    dataset, data = None, ""  # None: the trainer's default corpus
     if experiment.TASK is not None:
+        _check_documents_fit(experiment.TASK, sizes)
         dataset = work / f"data_{experiment.TASK}"
         manifest = make_synth_dataset(experiment.TASK, dataset, sizes.examples, seed=0, ring=sizes.ring)
         data = f"{sizes.examples} training documents ({_generator(manifest[SYNTH_KEY])}), "
     outcome = experiment.run(sizes, arms, dataset, work, jobs=max(1, args.jobs))
     keys = ", ".join(f"{k}={v}" for k, v in {**sizes.model, **sizes.train}.items())
     setting = (f"`{args.name}` {variant}: {outcome['metric']}; seeds {list(sizes.seeds)}, "
-               f"{sizes.steps} steps, {data if dataset else ''}{keys}")
+               f"{sizes.steps} steps, {data}{keys}")
     block = append_results(f"{args.name} ({variant})", setting, outcome["header"], outcome["rows"],
                            outcome["paper"], outcome["notes"], time.perf_counter() - started, args.results,
                            jobs=max(1, min(args.jobs, len(sizes.seeds) * len(arms))))
@@ -75,4 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as err:  # one message and exit status 2, as the megatrain command does
+        print(f"python -m megatrain.experiments: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatrain.data.synth.polynomial import Settings
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_FILE = REPO / "docs" / "results.md"
 # every run: quiet, no TensorBoard, keep every checkpoint (curves are read from them), one thread:
@@ -35,7 +37,7 @@ class Sizes:
     train: dict = field(default_factory=dict)  # train.* / data.* overrides
     eval_every: int = 0  # evaluate checkpoints every this many steps too (0: the last one only)
     options: dict = field(default_factory=dict)  # an experiment's own knobs
-    ring: object = None  # the polynomial task's generator settings (polynomial.Settings; None: the paper's)
+    ring: Settings | None = None  # the polynomial task's ring and operation counts (None: the paper's)
 
 
 def overrides_list(values: dict) -> list[str]:

@@ -18,7 +18,7 @@ DEFAULT_EXAMPLES = 20_000
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("task", choices=sorted(TASKS), help="induction: recurring two-token names; "
-                        "polynomial: arithmetic over F_7[X]/(X^5)")
+                        "polynomial: arithmetic over F_7[X]/(X^5) by default")
     parser.add_argument("--output", required=True, help="folder to create (must be absent or empty)")
     parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
                         help=f"training documents (default {DEFAULT_EXAMPLES}); the val split is sized "
@@ -36,8 +36,10 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _ops_range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
+    low, dash, high = text.partition("-")
     try:
+        if dash and not high:
+            raise ValueError(text)
         return int(low), int(high or low)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LOW-HIGH or K (e.g. 1-5), got {text!r}") from None
@@ -60,11 +62,14 @@ def make_synth_dataset(task: str, output: str | Path, examples: int = DEFAULT_EX
         settings.update(ring.as_manifest())
         splits = polynomial.splits(examples, seed, ring)
     elif ring is not None:
-        raise UserError(f"--degree, --train-ops and --val-ops are polynomial settings; the {task} task "
-                        f"has none")
+        raise UserError(_not_polynomial(task, "--degree, --train-ops, --val-ops"))
     else:
         splits = module.splits(examples, seed)
     return write_dataset(Path(output).expanduser(), module.vocabulary(), splits, settings)
+
+
+def _not_polynomial(task: str, flags: str) -> str:
+    return f"{flags}: polynomial settings; the {task} task has none"
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -72,16 +77,15 @@ def run_synth(args: argparse.Namespace) -> int:
     given = {key: value for key, value in (("degree", args.degree), ("train_ops", args.train_ops),
                                            ("val_ops", args.val_ops)) if value is not None}
     if given:
-        if args.task != "polynomial":
-            flags = ", ".join("--" + key.replace("_", "-") for key in given)
-            raise UserError(f"{flags}: polynomial settings; the {args.task} task has none")
+        if args.task != "polynomial":  # said before the values are checked: none of them apply
+            raise UserError(_not_polynomial(args.task, ", ".join("--" + key.replace("_", "-") for key in given)))
         ring = replace(polynomial.Settings(), **given)
     manifest = make_synth_dataset(args.task, args.output, args.examples, args.seed, ring)
     counts = ", ".join(f"{split} {s['documents']} documents / {s['tokens']} tokens"
                        for split, s in manifest["splits"].items())
     written = manifest[SYNTH_KEY]
-    ring = (f" (F_7[X]/(X^{written['degree']}), training operations {_show(written['train_ops'])}, "
-            f"validation {_show(written['val_ops'])})" if args.task == "polynomial" else "")
-    print(f"[data synth] {args.task}{ring} -> {args.output}: vocab {manifest['vocab_size']}, {counts}",
+    described = (f" (F_7[X]/(X^{written['degree']}), training operations {_show(written['train_ops'])}, "
+                 f"validation {_show(written['val_ops'])})" if args.task == "polynomial" else "")
+    print(f"[data synth] {args.task}{described} -> {args.output}: vocab {manifest['vocab_size']}, {counts}",
           file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatrain.errors import UserError
+from megatrain.errors import DataError, UserError
 
 P = 7  # the field F_7
 DEGREE = 5  # default d: X^5 = 0, polynomials of 5 coefficients
@@ -48,22 +48,35 @@ class Settings:
     val_ops: tuple[int, int] = VAL_OPS
 
     def __post_init__(self):
-        low, high = self.train_ops
-        if self.degree < 1:
-            raise UserError(f"--degree must be >= 1 (coefficients per polynomial), got {self.degree}")
-        for flag, (lo, hi) in (("--train-ops", self.train_ops), ("--val-ops", self.val_ops)):
-            if not 1 <= lo <= hi:
-                raise UserError(f"{flag} must be a range LOW-HIGH with 1 <= LOW <= HIGH, got {lo}-{hi}")
+        for name in ("train_ops", "val_ops"):  # tuples whatever came in (a manifest holds lists)
+            value = tuple(getattr(self, name))
+            if len(value) != 2 or not all(isinstance(v, int) for v in value):
+                raise UserError(f"--{name.replace('_', '-')} must be a range LOW-HIGH of two integers, "
+                                f"got {value}")
+            object.__setattr__(self, name, value)
+        if not isinstance(self.degree, int) or self.degree < 1:
+            raise UserError(f"--degree must be an integer >= 1 (coefficients per polynomial), got {self.degree}")
+        for flag, (low, high) in (("--train-ops", self.train_ops), ("--val-ops", self.val_ops)):
+            if not 1 <= low <= high:
+                raise UserError(f"{flag} must be a range LOW-HIGH with 1 <= LOW <= HIGH, got {low}-{high}")
+        (low, high), (val_low, val_high) = self.train_ops, self.val_ops
+        if val_high < low or val_low > high:
+            raise UserError(f"--val-ops {val_low}-{val_high} shares no operation count with --train-ops "
+                            f"{low}-{high}: validation would have nothing in distribution to compare with")
 
     def as_manifest(self) -> dict:
         return {"degree": self.degree, "train_ops": list(self.train_ops), "val_ops": list(self.val_ops)}
 
     @classmethod
-    def from_manifest(cls, settings: dict) -> Settings:
-        """The settings a dataset's manifest records; a dataset written before they were recorded
-        used the defaults."""
-        return cls(int(settings.get("degree", DEGREE)), tuple(settings.get("train_ops", TRAIN_OPS)),
-                   tuple(settings.get("val_ops", VAL_OPS)))
+    def from_manifest(cls, settings: dict, source: object) -> Settings:
+        """The settings ``source`` (a dataset's manifest) records; a dataset written before they
+        were recorded used the defaults. A DataError naming ``source`` if they are not valid."""
+        try:
+            return cls(settings.get("degree", DEGREE), tuple(settings.get("train_ops", TRAIN_OPS)),
+                       tuple(settings.get("val_ops", VAL_OPS)))
+        except (UserError, TypeError) as err:
+            raise DataError(f"{source}: its polynomial settings are not valid ({err}); write the dataset "
+                            f"again with `megatrain data synth polynomial`") from None
 
     def in_distribution(self, n_ops: int) -> bool:
         return self.train_ops[0] <= n_ops <= self.train_ops[1]
