@@ -99,7 +99,7 @@ def evaluate_polynomial(model, cfg, dataset_dir: Path, *, device, batch_size: in
         return _rate(sum(r[key] * r["examples"] for r in rows), sum(r["examples"] for r in rows))
 
     return {"task": "polynomial", "data": str(dataset_dir), "documents": len(documents),
-            "ring": f"F_{polynomial.P}[X]/(X^{ring.degree})", "train_operations": list(ring.train_ops),
+            "ring": ring.ring, "train_operations": list(ring.train_ops),
             **{f"{DISTRIBUTION[kind]}_accuracy": pooled(kind) for kind in DISTRIBUTION},
             **{f"{DISTRIBUTION[kind]}_coefficient_accuracy": pooled(kind, "coefficient_accuracy")
                for kind in DISTRIBUTION},

@@ -15,7 +15,7 @@ from pathlib import Path
 from megatrain.data.synth.polynomial import Settings
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
 from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_runs
-from megatrain.experiments.polynomial import QUICK_RING, metric, ring_of
+from megatrain.experiments.polynomial import QUICK_RING, metric, ring_of, scores_coefficients
 from megatrain.model.layout import LayerLayout
 
 TASK = "polynomial"
@@ -85,7 +85,7 @@ def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path, jobs: in
     for (_, arm), run_dir in zip(finetunings, train_runs(specs, jobs)):
         measure(arm, run_dir)
     ring = ring_of(sizes)
-    measures = ("in", "out") + (("in coefficients", "out coefficients") if ring.degree > 1 else ())
+    measures = ("in", "out") + (("in coefficients", "out coefficients") if scores_coefficients(ring) else ())
     names = {"in": "exact match in distribution", "out": "exact match out of distribution",
              "in coefficients": "coefficients right in distribution",
              "out coefficients": "coefficients right out of distribution"}

@@ -83,9 +83,11 @@ def run_synth(args: argparse.Namespace) -> int:
     manifest = make_synth_dataset(args.task, args.output, args.examples, args.seed, ring)
     counts = ", ".join(f"{split} {s['documents']} documents / {s['tokens']} tokens"
                        for split, s in manifest["splits"].items())
-    written = manifest[SYNTH_KEY]
-    described = (f" (F_7[X]/(X^{written['degree']}), training operations {_show(written['train_ops'])}, "
-                 f"validation {_show(written['val_ops'])})" if args.task == "polynomial" else "")
+    described = ""
+    if args.task == "polynomial":
+        written = polynomial.Settings.from_manifest(manifest[SYNTH_KEY], args.output)
+        described = (f" ({written.ring}, training operations {_show(written.train_ops)}, validation "
+                     f"{_show(written.val_ops)})")
     print(f"[data synth] {args.task}{described} -> {args.output}: vocab {manifest['vocab_size']}, {counts}",
           file=sys.stderr)
     return 0

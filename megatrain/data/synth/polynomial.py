@@ -78,6 +78,10 @@ class Settings:
             raise DataError(f"{source}: its polynomial settings are not valid ({err}); write the dataset "
                             f"again with `megatrain data synth polynomial`") from None
 
+    @property
+    def ring(self) -> str:
+        return f"F_{P}[X]/(X^{self.degree})"
+
     def in_distribution(self, n_ops: int) -> bool:
         return self.train_ops[0] <= n_ops <= self.train_ops[1]
 
