@@ -20,6 +20,28 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run here, or None.
+
+    Triton 3.6's interpreter (the lent GPU machines' version) converts a loop bound with
+    ``int(array)``; numpy 2.4 made that an error for the 1-element arrays it holds, and every
+    kernel with a runtime loop bound fails ("only 0-dimensional arrays can be converted to Python
+    scalars"). Triton 3.7 squeezes the array first. Compiled (GPU) kernels are unaffected."""
+    import numpy
+    import triton
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with numpy {numpy.__version__} "
+                f"(numpy >= 2.4 refuses the int() of a 1-element array that it takes of loop bounds); "
+                f"install numpy<2.4 or triton>=3.7 to run the kernels on CPU, or use impl='torch'")
+    return None
+
+
 def _check_inputs(hidden, weight, targets, bias):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} "
@@ -43,11 +65,15 @@ def _resolve_impl(impl, hidden, weight):
     if hidden.dtype != weight.dtype:
         raise ValueError(f"impl='triton' needs hidden and weight of one dtype, got {hidden.dtype} "
                          f"and {weight.dtype}")
-    if hidden.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "impl='triton' on CPU tensors runs only in the Triton interpreter: set "
-            "TRITON_INTERPRET=1 before megatrain's Triton kernels are first imported, or use "
-            "impl='torch' (the chunked reference), or CUDA tensors")
+    if hidden.device.type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "impl='triton' on CPU tensors runs only in the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before megatrain's Triton kernels are first imported, or use "
+                "impl='torch' (the chunked reference), or CUDA tensors")
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(f"impl='triton' on CPU tensors: {problem}")
     return "triton"
 
 

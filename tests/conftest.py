@@ -14,6 +14,7 @@ pytest_plugins = ["tests.slurm_fixtures"]
 torch.set_num_threads(1)
 
 
+
 @pytest.fixture
 def tiny_model_cfg():
     from megatrain.config import ModelConfig

@@ -11,6 +11,7 @@ from megatrain.head_grads import HeadGradSink
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, mtp_loss, mtp_loss_naive
 from megatrain.profiling.live_bytes import LiveBytes
+from tests.marks import needs_split_backward
 
 SEQ = 8
 
@@ -118,6 +119,7 @@ def test_every_sink_and_order_gives_the_whole_batch_gradients(tiny_model_cfg, he
         _assert_grads_equal(_grads(model), want)
 
 
+@needs_split_backward
 @pytest.mark.parametrize("mode", ["direct", "shared_split", "shared"])
 def test_a_zero_bubble_split_backward_gets_exact_head_gradients(tiny_model_cfg, mode):
     """torch's zero-bubble schedules run the node's backward twice: for the stage input's

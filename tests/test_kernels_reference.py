@@ -139,3 +139,25 @@ def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
     case = kt.make_case(4, 8, 16, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fused_linear_cross_entropy(case["hidden"], case["weight"], case["targets"], impl="triton")
+
+
+def test_triton_interpreter_that_cannot_run_says_which_versions_to_install(monkeypatch):
+    """Triton 3.6 (the lent GPU machines') with numpy >= 2.4 fails inside every kernel; the call
+    says so up front instead (a version pair that works is let through)."""
+    import numpy
+    import triton
+
+    from megatrain.kernels import interpreter_problem
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert "numpy<2.4 or triton>=3.7" in interpreter_problem()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    case = kt.make_case(4, 8, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="Triton 3.6.0 interpreter fails with numpy 2.4.6"):
+        fused_linear_cross_entropy(case["hidden"], case["weight"], case["targets"], impl="triton")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert interpreter_problem() is None
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    assert interpreter_problem() is None

@@ -6,6 +6,7 @@ FSDP sums (not averages) gradients, so every step must equal the single-process 
 
 import pytest
 
+from tests.marks import needs_split_backward
 from tests.parallel_harness import (
     assert_comparison_catches,
     assert_matches,
@@ -71,6 +72,7 @@ def test_dp2_tp2_pp2_matches_single_process():
 
 
 @pytest.mark.slow
+@needs_split_backward
 def test_dp2_pp2_zero_bubble_matches_single_process():
     """FSDP with a zero-bubble schedule: the heads' backward runs as an input pass, then a weight
     pass; their gradient set (shared by the microbatches) must reach the weight pass once."""

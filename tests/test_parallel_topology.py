@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatrain.errors import ConfigError
 from megatrain.parallel import ParallelConfig, ParallelDims, dist_env, parallelize_mtp
@@ -49,6 +50,18 @@ def test_pipeline_needs_enough_trunk_layers_for_its_stages():
     with pytest.raises(ConfigError, match=r"4 pipeline stages, but the model has only 2 trunk layers.*"
                                           r"model.n_layers to >= 7"):
         check_pipeline_layout(tiny_cfg(), 2, ParallelConfig(pp=2, pp_schedule="zbv", microbatches=4))
+
+
+def test_zero_bubble_schedules_are_refused_on_a_torch_that_cannot_run_them(monkeypatch):
+    cfg, layout = tiny_cfg(n_layers=8), dict(pp=2, microbatches=4)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # the lent GPU machines' torch
+    for schedule in ("zbv", "dualpipev"):
+        with pytest.raises(ConfigError, match=f"pp_schedule={schedule} needs torch >= 2.12 .*torch "
+                                              f"2.11.0.*use parallel.pp_schedule=1f1b"):
+            check_pipeline_layout(cfg, 2, ParallelConfig(pp_schedule=schedule, **layout))
+    check_pipeline_layout(cfg, 2, ParallelConfig(pp_schedule="1f1b", **layout))  # the others run
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    check_pipeline_layout(cfg, 2, ParallelConfig(pp_schedule="zbv", **layout))
 
 
 @pytest.mark.parametrize("schedule, micro, need", [("1f1b", 1, 2), ("interleaved_1f1b", 1, 2),

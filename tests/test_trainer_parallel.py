@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.marks import needs_split_backward
 from tests.test_trainer import REPO, _overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -114,6 +115,7 @@ def test_validation_runs_under_pipeline_parallelism(dataset, single_process_run,
         assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(g, w)), (g, w)
 
 
+@needs_split_backward
 def test_two_stages_per_rank_match_and_their_checkpoints_reshard(dataset, tmp_path):
     """ZB-V and interleaved 1F1B hold 2 stages per rank: losses match one process, and a ZB-V
     checkpoint (two model parts, two optimizers per rank) resumes on one process."""

@@ -26,8 +26,13 @@ from megatrain.head_grads import HeadGradSink
 from megatrain.model.mtp import initial_value
 from megatrain.model.transformer import rope_tables
 from megatrain.parallel.data_parallel import apply_fsdp
-from megatrain.parallel.pipeline import SPLIT_BACKWARD, MTPStage, build_schedule, split_model
-from megatrain.parallel.pipeline_layout import check_pipeline_layout, local_stage_ids, resolve_microbatches
+from megatrain.parallel.pipeline import MTPStage, build_schedule, split_model
+from megatrain.parallel.pipeline_layout import (
+    SPLIT_BACKWARD,
+    check_pipeline_layout,
+    local_stage_ids,
+    resolve_microbatches,
+)
 from megatrain.parallel.runtime import ParallelModel
 from megatrain.parallel.tensor_parallel import apply_tp
 from megatrain.parallel.topology import ParallelDims

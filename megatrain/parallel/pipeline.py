@@ -38,8 +38,6 @@ from megatrain.profiling.phases import phase, phase_context
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
              "interleaved_1f1b": ScheduleInterleaved1F1B, "zbv": ScheduleZBVZeroBubble,
              "dualpipev": ScheduleDualPipeV}
-# schedules that split a stage's backward into an input pass and a weight pass (zero bubble)
-SPLIT_BACKWARD = {"zbv", "dualpipev"}
 
 
 class MTPStage(MTPHeads, nn.Module):

@@ -15,6 +15,8 @@ layer costs 1; a head costs one layer (a dim x dim map for head_type=linear) plu
 
 from __future__ import annotations
 
+import torch
+
 from megatrain.config import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.model.layout import LayerLayout
@@ -22,6 +24,25 @@ from megatrain.model.transformer import ffn_hidden_dim
 
 EMBEDDING_COST = 0.1
 V_SHAPED = ("zbv", "dualpipev")
+# The zero-bubble schedules, which split a stage's backward into an input pass and a weight pass.
+SPLIT_BACKWARD = V_SHAPED
+# torch 2.11's weight pass (torch/distributed/pipelining/_backward.py) resumes the backward from
+# output 0 of each autograd node only; the sequential-heads node has several outputs, and a
+# zbv / dualpipev step fails in it (an `_input_metadata` RuntimeError; the other ranks then report
+# gloo's "Pair is not connected"). torch 2.12 resumes from every output (read in its source; 2.13
+# is what the suite runs).
+SPLIT_BACKWARD_MIN_TORCH = (2, 12)
+
+
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of ``version`` (default: the running torch's)."""
+    major, minor = (version or torch.__version__).split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def split_backward_supported(version: str | None = None) -> bool:
+    """Whether this torch runs the zero-bubble schedules on megatrain's stages."""
+    return torch_version(version) >= SPLIT_BACKWARD_MIN_TORCH
 
 
 def stages_per_rank(schedule: str, virtual_stages: int) -> int:
@@ -125,6 +146,12 @@ def check_pipeline_layout(cfg: ModelConfig, pp: int, parallel, local_batch: int 
         raise ConfigError(f"{n_micro} pipeline microbatches must divide the per-rank batch "
                           f"{local_batch} (train.batch_size / parallel.dp); change "
                           f"parallel.microbatches or train.batch_size")
+    if schedule in SPLIT_BACKWARD and not split_backward_supported():
+        need = ".".join(map(str, SPLIT_BACKWARD_MIN_TORCH))
+        raise ConfigError(f"parallel.pp_schedule={schedule} needs torch >= {need} (this is torch "
+                          f"{torch.__version__}, whose zero-bubble weight pass cannot run the MTP "
+                          f"heads' node); use parallel.pp_schedule=1f1b or interleaved_1f1b, or "
+                          f"upgrade torch")
     return layers
 
 
