@@ -25,8 +25,10 @@ setup(
     package_data={"megatrain.slurm": ["*.sh"]},
     # torch is deliberately a loose floor: the installer puts the wanted build (CPU wheel 2.13.0
     # here) in place first, and a tight pin here would make pip fetch a CUDA build instead.
+    # Tested: 2.13 (CI) and 2.11 (the lent GPU machines' image, benchmarks/torch_compat.sh), where
+    # only the zero-bubble schedules are refused (they need 2.12).
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.11",
         "numpy",
         "omegaconf>=2.3",
         "pyyaml",

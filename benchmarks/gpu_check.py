@@ -1,39 +1,30 @@
-"""The GPU check: fused linear + cross-entropy table and the 1.3B paper model's training step.
+"""The GPU check: what megatrain measures on a lent GPU, in one budgeted run.
 
-On a bare machine with one H100 / H200 (meant to take under 8 minutes; not yet timed on one),
-from the repository root:
+Run it through ``bash benchmarks/gpu_check.sh`` (which installs the carried wheels and megatrain
+itself first; see docs/benchmarks.md, "When a GPU is lent"). Sections, each independent (one that
+fails is recorded with its error and the next runs), rows skipped with a reason once the budget
+(``--budget-s``) would not hold them:
 
-    bash install.sh
-    .venv/bin/python -m pip uninstall -y torch
-    .venv/bin/python -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
-    .venv/bin/python -m pip install triton
-    .venv/bin/python benchmarks/gpu_check.py          # prints both tables, appends them to docs/benchmarks.md
+1. fused linear + cross-entropy, bf16 fwd+bwd at 16384x4096x32000, 16384x4096x128256 and
+   65536x4096x32000: the GEMM floor, torch eager, torch.compile, megatrain's Triton path (the
+   gradient scheme it picks, each scheme forced, and a 256 MiB working-buffer cap), Liger-Kernel
+   and cut-cross-entropy where importable; each shape's kernel first judged against a float64
+   truth on a 256-row slice (``benchmarks/fused_ce.py``);
+2. one training step of the 1.3B paper model, n_future 1 and 4, compile off and on: ms, MFU,
+   peak memory (``gpu_check_train.py``);
+3. the memory planner against the device (``gpu_check_memory.py``);
+4. plain vs self-speculative decoding cost per forward at the 1.3B shape (``gpu_check_decode.py``).
 
-``install.sh`` installs the CPU torch wheel; the two pip lines replace it with the CUDA 12.8 build
-and make sure Triton is there. Optional comparisons are used when importable
-(``pip install liger-kernel cut-cross-entropy xformers``; check that none of them replaces torch).
+``--smoke`` runs only the 30-second check that the machine can do the rest: CUDA visible, one
+tiny MTP training step in bf16 with the Triton loss, one speculative generation.
+``--cpu-smoke`` runs everything at tiny sizes on the CPU (the Triton kernels in the interpreter),
+sections that need CUDA skipped with the reason: that is how the script is tested; its numbers
+mean nothing. Without CUDA and without ``--cpu-smoke`` it exits with status 1.
 
-1. Fused linear + cross-entropy, bf16, fwd+bwd, T x D x V = 16384x4096x32000, 16384x4096x128256,
-   65536x4096x32000 (``benchmarks/fused_ce.py``'s providers and measurement: median ms and extra
-   peak memory, each against the GEMM floor of the same run; not the chunked torch path, which is
-   the CPU one), plus this check's own rows: the Triton path with each of its two gradient
-   schemes forced ("rows": 3 GEMM-equivalents; "tiles": 4, less traffic; the plain row is the
-   one it picks) and with a 256 MiB working-buffer cap instead of 16 MiB, to show the cap's
-   price. Each shape's kernel is first judged against a float64 truth on a 256-row slice.
-2. One training step of ``configs/paper/1.3b_n1.yaml`` and ``1.3b_n4.yaml`` on one GPU
-   (2 x 4096 tokens, one micro-batch, bf16 autocast, AdamW, random tokens), with
-   ``train.compile`` off and on, and with ``model.attention=xformers`` when xformers imports:
-   median ms, MFU and peak allocated memory. MFU = model FLOPs per step / time / the GPU's dense
-   bf16 peak (989 TFLOP/s on H100 / H200 SXM; ``--peak-tflops`` for others). FLOPs are
-   ``benchmarks/mtp_memory.py``'s count: 6 x tokens x (matmul parameters of every block, heads
-   included, + n_future x dim x vocab for the unembedding used once per head) + PaLM's attention
-   term, so n_future=4 is credited with its extra unembeddings. torch's deterministic algorithms
-   (on in ``megatrain train`` by default, ``train.deterministic``) are off unless
-   ``--deterministic``.
-
-``--cpu-smoke`` runs the same code at tiny sizes on CPU (the Triton kernels in the interpreter) so
-that the script is tested without a GPU; its numbers mean nothing. Without CUDA and without
-``--cpu-smoke`` it exits with status 1 and says what to install.
+Files in ``--out-dir`` (rewritten after every row, so a run cut short keeps what it measured):
+``report.md`` (the tables), ``results.json`` (the raw numbers), ``memory_profile.json``
+(section 3's profile). On CUDA the finished report is appended to docs/benchmarks.md unless
+``--no-append``.
 """
 
 from __future__ import annotations
@@ -42,37 +33,73 @@ import argparse
 import datetime
 import gc
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fused_ce, machine, mtp_memory
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-import fused_ce  # noqa: E402  (benchmarks/fused_ce.py)
 import torch  # noqa: E402
+from gpu_check_report import Budget, Report  # noqa: E402
 from machine import machine_name  # noqa: E402
-from mtp_memory import step_flops  # noqa: E402
 
-NO_CUDA = ("benchmarks/gpu_check.py needs a CUDA GPU and found none (torch {version}). Install the "
-           "CUDA build first: .venv/bin/python -m pip uninstall -y torch && .venv/bin/python -m pip "
-           "install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 && "
-           ".venv/bin/python -m pip install triton. To exercise this script on CPU: "
-           "python benchmarks/gpu_check.py --cpu-smoke")
-PAPER_CONFIGS = {1: REPO / "configs/paper/1.3b_n1.yaml", 4: REPO / "configs/paper/1.3b_n4.yaml"}
-DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+NO_CUDA = ("benchmarks/gpu_check.py needs a CUDA GPU and found none (torch {version}). On a lent GPU "
+           "machine run `bash benchmarks/gpu_check.sh` (docs/benchmarks.md, 'When a GPU is lent'); to "
+           "exercise this script on CPU: python benchmarks/gpu_check.py --cpu-smoke")
+SECTIONS = ("ce", "train", "memory", "decode")
 EXTRA_CAPS_MIB = (256,)  # Triton rows with a larger working-buffer cap than the default
+CE_SHAPE_SECONDS = 45  # rough, on an H100: kernel check, autotuning, every provider's timing
 
 
-def peak_tflops(name: str, override: float | None) -> float | None:
-    if override:
-        return override
-    return next((v for key, v in DENSE_BF16_TFLOPS.items() if key in name), None)
+# ---- the smoke -----------------------------------------------------------------------------------
+
+def smoke(device: torch.device) -> str:
+    """One tiny MTP training step with the Triton loss (bf16 on CUDA) and one speculative
+    generation; returns a one-line summary, raises on any failure."""
+    from gpu_check_train import time_train_step, train_config
+
+    from megatrain.inference.generate import Generator
+    from megatrain.model.mtp import MTPTransformer
+
+    started = time.perf_counter()
+    impl, note = "triton", ""
+    if device.type == "cpu" and _interpreter_problem():
+        impl, note = "torch", f" (not the Triton loss: {_interpreter_problem()})"
+    cfg = train_config(4, False, "sdpa", smoke=True, batch=2, seq_len=64, extra=[f"loss.impl={impl}"])
+    if device.type == "cuda":
+        cfg.train.device, cfg.train.dtype = "cuda", "bf16"
+    step = time_train_step(cfg, device, warmup=0, steps=1)
+    if not 0 < step["loss"] < 100:
+        raise RuntimeError(f"the smoke training step's loss is {step['loss']}")
+    with torch.device(device):
+        model = MTPTransformer(cfg.model, max_seq_len=64).eval()
+    out = Generator(model).generate([[1, 2, 3, 4], [5, 6]], 8, speculative=True)
+    if [len(t) for t in out.tokens] != [8, 8]:
+        raise RuntimeError(f"the smoke generation returned {out.tokens}")
+    return (f"smoke ok on {machine_name()}: torch {torch.__version__}, triton {_triton_version()}, "
+            f"one n_future=4 step with loss.impl={impl}{note} (loss {step['loss']:.3f}, "
+            f"{step['ms']:.0f} ms), "
+            f"one speculative generation ({out.tokens_per_forward:.2f} tokens/forward); "
+            f"{time.perf_counter() - started:.1f} s")
 
 
-# ---- 1. fused linear + cross-entropy -----------------------------------------------------------
+def _interpreter_problem() -> str | None:
+    """Why the Triton kernels cannot run in the CPU interpreter here (None: they can)."""
+    from megatrain.kernels import interpreter_problem
+
+    return interpreter_problem() if os.environ.get("TRITON_INTERPRET") == "1" else "TRITON_INTERPRET is not 1"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+# ---- 1. fused linear + cross-entropy -------------------------------------------------------------
 
 def _triton_with(cap_mib=None, scheme=None):
     """The Triton path with its working-buffer cap and/or gradient scheme set for the call (the
@@ -92,7 +119,9 @@ def _triton_with(cap_mib=None, scheme=None):
     return run
 
 
-def ce_providers(device, interpret, caps_mib=EXTRA_CAPS_MIB):
+def ce_providers(device: str, interpret: bool, caps_mib=EXTRA_CAPS_MIB) -> dict:
+    import fused_ce
+
     providers = fused_ce.make_providers(device, interpret)
     if device == "cuda":
         # the CPU path: float32 GEMMs without tensor cores, ~1 s a step at 65536 x 32000; it would
@@ -106,181 +135,113 @@ def ce_providers(device, interpret, caps_mib=EXTRA_CAPS_MIB):
     return providers
 
 
-def ce_table(device, dtype, shapes, repeats, interpret, caps_mib=EXTRA_CAPS_MIB):
-    providers = ce_providers(device, interpret, caps_mib)
-    rows = []
+def ce_section(report: Report, budget: Budget, device: torch.device, smoke_sizes: bool,
+               repeats: int) -> None:
+    import fused_ce
+
+    problem = _interpreter_problem() if device.type == "cpu" else None
+    interpret = device.type == "cpu" and not problem
+    dtype = torch.float32 if smoke_sizes else torch.bfloat16
+    shapes = fused_ce.SMOKE_SHAPES if smoke_sizes else fused_ce.GPU_SHAPES
+    providers = ce_providers(device.type, interpret, (1,) if smoke_sizes else EXTRA_CAPS_MIB)
+    missing = [name for name in ("liger-kernel", "cut-cross-entropy") if name not in providers]
+    title = (f"**1. Fused linear + cross-entropy**, {str(dtype).removeprefix('torch.')}, fwd+bwd; median "
+             f"ms; extra peak = peak allocated above inputs, weights and their grads."
+             + (f" Not importable here (or no CUDA): {', '.join(missing)}." if missing else "")
+             + (f" No Triton rows: {problem}." if problem else ""))
+    rows, skipped = [], []
     for shape in shapes:
-        rows += fused_ce.bench_shape(shape, dtype, device, providers, repeats, interpret)
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return fused_ce.table(rows)
-
-
-# ---- 2. training step --------------------------------------------------------------------------
-
-def train_cases(smoke: bool, xformers: bool):
-    """(n_future, compile, attention) of each training row."""
-    cases = [(n, compile_, "sdpa") for n in (1, 4) for compile_ in (False, True)]
-    if smoke:  # a cold torch.compile of a block takes 10-20 s on CPU: not for a smoke test
-        cases = [c for c in cases if not c[1]]
-    if xformers:
-        cases += [(n, False, "xformers") for n in (1, 4)]
-    return cases
-
-
-def train_config(n_future, compile_, attention, smoke, batch, seq_len):
-    from megatrain.config import load_config
-    overrides = [f"train.compile={str(compile_).lower()}", f"model.attention={attention}",
-                 f"train.batch_size={batch}", f"train.micro_batch_size={batch}",
-                 f"data.seq_len={seq_len}"]
-    if smoke:  # the embedded tiny model's shape, with a fixed vocabulary (no dataset here)
-        overrides += [f"model.n_future={n_future}", "model.vocab_size=512", "train.device=cpu",
-                      "train.dtype=fp32"]
-        return load_config(None, overrides)
-    return load_config(PAPER_CONFIGS[n_future], overrides)
-
-
-def time_train_step(cfg, device, warmup, steps):
-    """Median ms of ``steps`` optimizer steps after ``warmup`` (compilation, autotuning), peak
-    allocated bytes during the timed steps, the last loss, and the model's FLOPs per step."""
-    from megatrain.model.mtp import MTPTransformer
-    from megatrain.mtp_loss import build_head_targets
-    from megatrain.parallel.engine import build_engine
-    from megatrain.parallel.topology import ParallelDims
-    from megatrain.trainer import head_scales
-
-    started = time.perf_counter()
-    m, t = cfg.model, cfg.train
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    engine, n_params = build_engine(cfg, ParallelDims(1, 1, 1, 1), None, device, autocast_dtype)
-    gen = torch.Generator().manual_seed(0)
-    window = torch.randint(0, m.vocab_size, (t.batch_size, cfg.data.seq_len + 1), generator=gen)
-    window = window.to(device)
-    targets = build_head_targets(window, m.n_future)
-    scales = head_scales((targets != -100).flatten(1).sum(1).cpu(), [1.0] * m.n_future)
-    times, loss = [], float("nan")
-    for step in range(warmup + steps):
-        if step == warmup and device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            loss, _ = engine.forward_backward(window[:, :-1], targets, scales, t.micro_batch_size)
-        engine.optimizer_step(loss)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")
-    with torch.device("meta"):  # FLOPs from the full model's parameter names and shapes
-        meta = MTPTransformer(m, max_seq_len=cfg.data.seq_len)
-    flops = step_flops(meta, SimpleNamespace(batch=t.batch_size, seq_len=cfg.data.seq_len,
-                                             layers=m.n_layers, dim=m.dim, vocab=m.vocab_size,
-                                             n_future=m.n_future))
-    del engine
-    return dict(ms=statistics.median(times), peak=peak, loss=float(loss), flops=flops,
-                params=n_params, seconds=time.perf_counter() - started)
-
-
-def train_table(device, smoke, warmup, steps, batch, seq_len, peak_tf):
-    try:
-        import xformers.ops  # noqa: F401
-        xformers = device.type == "cuda"
-    except ImportError:
-        xformers = False
-        print("xformers not importable: no xformers rows")
-    lines = ["| n_future | train.compile | attention | params | ms / step | TFLOP/s | MFU | "
-             "peak GiB | loss |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for n, compile_, attention in train_cases(smoke, xformers):
-        cfg = train_config(n, compile_, attention, smoke, batch, seq_len)
-        try:
-            r = time_train_step(cfg, device, warmup, steps)
-        except torch.cuda.OutOfMemoryError:
-            lines.append(f"| {n} | {compile_} | {attention} | | OOM | | | | |")
+        need = 5 if smoke_sizes else CE_SHAPE_SECONDS
+        if not budget.allows(need):
+            skipped.append(f"{'x'.join(map(str, shape))} {budget.skip_reason(need)}")
             continue
-        finally:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        tflops = r["flops"] / (r["ms"] / 1e3) / 1e12
-        mfu = f"{100 * tflops / peak_tf:.1f}%" if peak_tf else "n/a"
-        lines.append(f"| {n} | {compile_} | {attention} | {r['params'] / 1e9:.3f}B | {r['ms']:.1f} | "
-                     f"{tflops:.1f} | {mfu} | {r['peak'] / 2**30:.2f} | {r['loss']:.3f} |")
-        print(f"{lines[-1]}  [{r['seconds']:.0f} s]", flush=True)
-    return "\n".join(lines)
+        rows += fused_ce.bench_shape(shape, dtype, device.type, providers, repeats, interpret)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report.set("ce", f"{title}\n\n{fused_ce.table(rows)}", rows)
+    text = f"{title}\n\n{fused_ce.table(rows)}" + "".join(f"\n\nShape {s}" for s in skipped)
+    report.set("ce", text, rows)
 
 
-# ---- the report --------------------------------------------------------------------------------
+# ---- the report ----------------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="only the 30-second smoke check")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny sizes on CPU (Triton in the interpreter): tests the script only")
-    parser.add_argument("--skip-ce", action="store_true", help="no fused cross-entropy table")
-    parser.add_argument("--skip-train", action="store_true", help="no training-step table")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all), e.g. to "
+                             f"rerun what a first run did not reach")
+    parser.add_argument("--budget-s", type=float, default=480,
+                        help="seconds the sections may take in all; a row that would not fit is "
+                             "skipped with the reason (default 480)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="write report.md, results.json and memory_profile.json here")
     parser.add_argument("--repeats", type=int, default=5, help="fused CE: timing repeats")
     parser.add_argument("--steps", type=int, default=5, help="training: timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="training: untimed first steps")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="training rows with torch.use_deterministic_algorithms, as the trainer")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak for MFU (default: 989 on H100/H200)")
     parser.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
-    parser.add_argument("--out", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; choose among {', '.join(SECTIONS)}")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.cpu_smoke:
         # before megatrain's Triton kernels are first imported (the fused-CE rows import them)
         os.environ.setdefault("TRITON_INTERPRET", "1")
         torch.set_num_threads(1)
-        device, dtype, shapes = torch.device("cpu"), torch.float32, fused_ce.SMOKE_SHAPES
-        batch, seq_len, caps = 2, 32, (1,)
+        device = torch.device("cpu")
     elif torch.cuda.is_available():
-        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, fused_ce.GPU_SHAPES
-        batch, seq_len, caps = 2, 4096, EXTRA_CAPS_MIB
+        device = torch.device("cuda")
     else:
-        sys.exit(NO_CUDA.format(version=torch.__version__))
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        print(NO_CUDA.format(version=torch.__version__), file=sys.stderr)
+        return 1
+    if args.smoke:
+        print(smoke(device), flush=True)
+        return 0
+    import gpu_check_decode
+    import gpu_check_memory
+    import gpu_check_train
+
     name = machine_name()
-    peak_tf = peak_tflops(name, args.peak_tflops)
-    started = time.perf_counter()
-    sections = []
-    if not args.skip_ce:
-        ce = ce_table(device.type, dtype, shapes, args.repeats, interpret, caps)
-        sections.append(f"Fused linear + cross-entropy, {str(dtype).removeprefix('torch.')}, "
-                        f"fwd+bwd; median ms; extra peak = peak allocated above inputs, weights "
-                        f"and their grads.\n\n{ce}")
-        print(sections[-1], flush=True)
-        print(f"[{time.perf_counter() - started:.0f} s]", flush=True)
-    if not args.skip_train:
-        if args.deterministic:  # as megatrain.trainer.setup does for train.deterministic=true
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        what = ("the default tiny model" if args.cpu_smoke
-                else "configs/paper/1.3b_n{1,4}.yaml")
-        tr = train_table(device, args.cpu_smoke, args.warmup, args.steps, batch, seq_len, peak_tf)
-        sections.append(f"Training step of {what}, {batch} x {seq_len} tokens, one micro-batch, "
-                        f"AdamW, random tokens; median of {args.steps} steps after {args.warmup}; "
-                        f"MFU against {peak_tf or '?'} TFLOP/s dense bf16, counting n_future "
-                        f"unembeddings.\n\n{tr}")
-        print(sections[-1], flush=True)
-    import triton
+    peak_tf = gpu_check_train.peak_tflops(name, args.peak_tflops)
     title = ("CPU smoke of benchmarks/gpu_check.py (not a benchmark)" if args.cpu_smoke else
-             f"GPU check (benchmarks/gpu_check.py), {name}, {datetime.date.today().isoformat()}")
-    report = (f"### {title}\n\nCommand: `python benchmarks/gpu_check.py "
-              f"{' '.join(sys.argv[1:] if argv is None else argv)}`; torch {torch.__version__}, "
-              f"triton {triton.__version__}; {time.perf_counter() - started:.0f} s in all.\n\n"
-              + "\n\n".join(sections) + "\n")
-    print(report)
-    if args.out:
-        args.out.write_text(report)
+             f"GPU check (benchmarks/gpu_check.sh), {name}, {datetime.date.today().isoformat()}")
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    report = Report(args.out_dir, title, f"Command: `python benchmarks/gpu_check.py {command}`; torch "
+                                         f"{torch.__version__}, triton {_triton_version()};")
+    budget = Budget(args.budget_s)
+    wanted = args.sections.split(",")
+    small = args.cpu_smoke
+    train = gpu_check_train.TrainSection(report, device, small, peak_tf, args.warmup, args.steps)
+    # the compiled training rows (minutes of compilation) last, so the budget reaches every section
+    order = [("ce", lambda: ce_section(report, budget, device, small, args.repeats)),
+             ("train", lambda: train.run(budget, compiled=False)),
+             ("memory", lambda: gpu_check_memory.run(report, budget, device, small, args.out_dir)),
+             ("decode", lambda: gpu_check_decode.run(report, budget, device, small)),
+             ("train", lambda: train.run(budget, compiled=True))]
+    for section, run in order:
+        if section in wanted:
+            print(f"[{section}] {budget.left():.0f} s of the budget left", flush=True)
+            with report.guarded(section):
+                run()
+    report.finish()
+    text = report.markdown()
+    print(text, flush=True)
     if device.type == "cuda" and not args.no_append:
         with (REPO / "docs" / "benchmarks.md").open("a") as f:
-            f.write("\n" + report)
-        print("appended to docs/benchmarks.md")
+            f.write("\n" + text)
+        print("appended to docs/benchmarks.md", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
