@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from memory_plan import measured_phases, planned_phases  # benchmarks/memory_plan.py: the phase mapping
 
 GIB = 2**30
 SECTION_SECONDS = 90  # rough, on an H100: dataset, model build, two profiled steps, the plan
@@ -52,20 +53,6 @@ def profile_config(smoke: bool, dataset: Path):
                         f"data.seq_len={SEQ_LEN}"])
 
 
-# The planner's phase "heads" is the sequential-heads node's forward, inside which the profiler
-# records every head's forward, loss and backward; the node's own backward (handing out the
-# gradients it accumulated) runs inside the profiler's trunk.backward.
-PLANNED_ONLY = {"heads.backward": "(within trunk.backward)"}
-
-
-def measured_as_planned(name: str, measured: dict[str, int]) -> int | None:
-    """The measured peak of the planner's phase ``name``."""
-    if name == "heads":
-        return max((v for k, v in measured.items() if k.startswith("head") and k[4:5].isdigit()),
-                   default=None)
-    return measured.get(name)
-
-
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
@@ -75,7 +62,6 @@ def run(report, budget, device: torch.device, smoke: bool, out_dir: Path | None)
     from megatrain.planning.memory_model import CUDA_CONTEXT_BYTES, CUDA_FRAGMENTATION
     from megatrain.planning.plan import make_plan
     from megatrain.profiling.memory import profile_memory
-    from megatrain.profiling.report import per_phase_step_peaks
 
     title = ("**3. Memory planner vs the device**: `megatrain profile memory` of "
              + ("the tiny default (CPU smoke)" if smoke else
@@ -92,23 +78,20 @@ def run(report, budget, device: torch.device, smoke: bool, out_dir: Path | None)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        # the profile counts from what is allocated when it starts; the device holds that too
+        origin = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         profile = profile_memory(cfg, steps=1, out_dir=work / "profile")
         if out_dir is not None:
             shutil.copy(work / "profile" / "memory_profile.json", out_dir / "memory_profile.json")
         total = torch.cuda.mem_get_info()[1] if device.type == "cuda" else 80 * 10**9
         plan = make_plan(cfg, total / 1e9, world_size=1)
-        measured_rank = profile["ranks"][0]
-        last_step = max(p["step"] for p in measured_rank["phases"])
-        measured = {name: peak for (name, step), peak in per_phase_step_peaks(measured_rank["phases"]).items()
-                    if step == last_step}
-        predicted = plan.ranks[0].phases
+        measured, predicted = measured_phases(profile), planned_phases(plan.ranks[0])
         lines = ["| phase | planned GiB | measured GiB | measured / planned |", "|---|---:|---:|---:|"]
-        for name, want in predicted.items():
-            got = measured_as_planned(name, measured)
-            ratio = f"{got / want:.3f}" if got and want else ""
-            lines.append(f"| {name} | {_gib(want)} | {_gib(got) if got else PLANNED_ONLY.get(name, '')} "
-                         f"| {ratio} |")
-        rank_peak, planned_peak = measured_rank["peak_bytes"], plan.ranks[0].peak_bytes
+        for name, got in measured.items():
+            want = predicted.get(name)
+            ratio = f"{got / want:.3f}" if want else ""
+            lines.append(f"| {name} | {_gib(want) if want else ''} | {_gib(got)} | {ratio} |")
+        rank_peak, planned_peak = profile["ranks"][0]["peak_bytes"], plan.ranks[0].peak_bytes
         lines.append(f"| **rank peak** | {_gib(planned_peak)} | {_gib(rank_peak)} | "
                      f"{rank_peak / planned_peak:.3f} |")
         results = {"planned_phases": predicted, "measured_phases": measured,
@@ -116,7 +99,7 @@ def run(report, budget, device: torch.device, smoke: bool, out_dir: Path | None)
                    "planned_with_allowance_bytes": plan.needed[0]}
         text = f"{title}\n\n" + "\n".join(lines)
         if device.type == "cuda":
-            text += "\n\n" + _device_allowance(rank_peak, plan.needed[0], results,
+            text += "\n\n" + _device_allowance(origin + rank_peak, plan.needed[0], results,
                                                CUDA_FRAGMENTATION, CUDA_CONTEXT_BYTES)
         report.set("memory", text, results)
     finally:

@@ -155,3 +155,20 @@ def test_mfu_peak_is_known_for_h100_and_h200_only_by_name():
     cases = gpu_check_train.train_cases(smoke=False, xformers=True)
     assert {(1, True, "sdpa"), (4, True, "sdpa"), (4, False, "xformers")} <= set(cases)
     assert all(not compile_ for _, compile_, _ in gpu_check_train.train_cases(smoke=True, xformers=False))
+
+
+def test_a_failing_provider_gets_its_row_and_the_others_are_still_timed():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import fused_ce
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def broken(hidden, weight, targets):
+        raise RuntimeError("built for another triton")
+
+    providers = {"gemm floor (3 matmuls)": None, "broken library": broken, "torch eager": fused_ce.eager_loss}
+    rows = fused_ce.bench_shape((48, 16, 100), torch.float32, "cpu", providers, 1, interpret=False)
+    assert [r[1] for r in rows] == ["gemm floor (3 matmuls)", "broken library (failed: RuntimeError)",
+                                    "torch eager"]
+    assert rows[2][2] > 0 and rows[1][2] != rows[1][2]  # timed; NaN for the failed one

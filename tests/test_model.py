@@ -116,3 +116,17 @@ def test_meta_build_then_materialize_equals_eager_init(tiny_model_cfg, head_type
     assert torch.equal(stages[0].rope_cos, eager.rope_cos)
     other_seed = MTPTransformer(cfg, 16, seed=8)
     assert not torch.equal(other_seed.output.weight, eager.output.weight)
+
+
+def test_initial_values_are_made_on_the_cpu_whatever_the_default_device(tiny_model_cfg):
+    """Built under ``with torch.device("cuda")`` the model's init would otherwise draw a CUDA tensor
+    with a CPU generator, which CUDA refuses; the meta device stands in for it here."""
+    from megatrain.model.mtp import initial_value
+
+    cfg = tiny_model_cfg()
+    expected = initial_value("layers.0.attention.wq.weight", (8, 4), cfg, seed=3)
+    with torch.device("meta"):
+        value = initial_value("layers.0.attention.wq.weight", (8, 4), cfg, seed=3)
+        norm = initial_value("norm.weight", (4,), cfg, seed=3)
+    assert value.device.type == "cpu" and norm.device.type == "cpu"
+    assert torch.equal(value, expected)

@@ -27,13 +27,15 @@ def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor
     exactly the weights of a single-process run. Norm gains are 1; residual-branch outputs (wo,
     w2) get std / sqrt(2 * n_layers) (GPT-2 / Megatron), every other matrix ``init_std``.
     """
+    # device="cpu" explicitly: built under `with torch.device("cuda")` the tensor would otherwise
+    # land on the GPU, whose normal_ refuses the CPU generator
     if len(shape) == 1:
-        return torch.ones(shape)
+        return torch.ones(shape, device="cpu")
     std = cfg.init_std
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         std = std / (2 * cfg.n_layers) ** 0.5
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
 
 
 class MTPTransformer(MTPHeads, nn.Module):

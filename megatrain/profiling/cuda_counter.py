@@ -49,7 +49,9 @@ class CudaAllocatorCounter:
         return peak
 
     def start(self) -> None:
-        torch.cuda.memory._record_memory_history(max_entries=_HISTORY_ENTRIES)
+        # Python stacks only: with C++ stacks ("all", the default) the snapshot's symbol lookup
+        # (addr2line) has taken minutes per dump in torch's and torchtitan's own reports
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=_HISTORY_ENTRIES)
         torch._C._cuda_attach_out_of_memory_observer(self._dump_on_oom)
         self._origin = torch.cuda.memory_allocated(self.cuda)
         torch.cuda.reset_peak_memory_stats(self.cuda)
