@@ -65,16 +65,16 @@ def time_train_step(cfg, device: torch.device, warmup: int, steps: int) -> dict:
     """Median ms of ``steps`` optimizer steps after ``warmup`` (compilation, autotuning), peak
     allocated bytes during the timed steps, the last loss, and the model's FLOPs per step."""
     from megatrain.model.mtp import MTPTransformer
-    from megatrain.mtp_loss import build_head_targets
+    from megatrain.mtp_loss import build_head_targets, head_scales
     from megatrain.parallel.engine import build_engine
-    from megatrain.parallel.topology import ParallelDims
-    from megatrain.trainer import head_scales
+    from megatrain.spec import resolve
 
     started = time.perf_counter()
     m, t = cfg.model, cfg.train
     cuda = device.type == "cuda"
     autocast_dtype = torch.bfloat16 if cuda else None
-    engine, n_params = build_engine(cfg, ParallelDims(1, 1, 1, 1), None, device, autocast_dtype)
+    spec = resolve(cfg, world_size=1, data="none")  # random tokens: no dataset, the vocabulary given
+    engine, n_params = build_engine(spec, None, device, autocast_dtype)
     gen = torch.Generator().manual_seed(0)
     window = torch.randint(0, m.vocab_size, (t.batch_size, cfg.data.seq_len + 1), generator=gen).to(device)
     targets = build_head_targets(window, m.n_future)

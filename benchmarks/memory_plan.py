@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatrain.config import load_config
     from megatrain.planning.memory_model import plan_rank
     from megatrain.profiling.memory import profile_memory
+    from megatrain.spec import resolve
 
     if args.gpu and not torch.cuda.is_available():
         print("--gpu: no CUDA device is visible; run on a GPU machine (see docs/benchmarks.md)",
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config, overrides)
     with tempfile.TemporaryDirectory() as out:
         profile = profile_memory(cfg, steps=args.steps, out_dir=Path(out))
-        resolved = load_config(Path(out) / "run" / "config.yaml")  # the vocabulary the run resolved
-    plan = plan_rank(resolved, 0)
+    plan = plan_rank(resolve(cfg, data="existing"), 0)
     measured, planned = measured_phases(profile), planned_phases(plan)
     rows = [f"| {name} | {planned.get(name, 0) / GB:.3f} | {measured[name] / GB:.3f} | "
             f"{planned.get(name, 0) / measured[name] - 1:+.1%} |" for name in measured]

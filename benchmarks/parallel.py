@@ -80,11 +80,12 @@ def rank_worker(out_dir: Path, config: str | None, overrides: list[str]) -> None
     from megatrain.config import load_config
     from megatrain.metrics import peak_memory_bytes
     from megatrain.parallel import shutdown_distributed
-    from megatrain.trainer import resolve_device, train
+    from megatrain.spec import resolve
+    from megatrain.trainer import train
 
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cfg = load_config(config, overrides)
-    device, _ = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    device, _ = resolve(cfg).device(int(os.environ.get("LOCAL_RANK", "0")))
     peaks: list[int] = []
 
     def record_and_stop_after_last_step(step: int) -> bool:

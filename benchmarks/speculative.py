@@ -292,7 +292,7 @@ def main() -> None:
     from megatrain.inference.generate import Generator
     from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint
     from megatrain.model.mtp import count_parameters
-    from megatrain.trainer import resolve_dataset
+    from megatrain.spec import dataset_dir_of, trained_length
 
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     if not args.gpu and args.threads:
@@ -305,7 +305,7 @@ def main() -> None:
         run_dirs = train_models(args, device)
     folders = [checkpoint_folder(d) for d in run_dirs]
     configs = [config_of(f) for f in folders]
-    datasets = {resolve_dataset(c).resolve() for c in configs}
+    datasets = {dataset_dir_of(c).resolve() for c in configs}
     if len(datasets) != 1:
         sys.exit(f"the run directories were trained on different datasets ({', '.join(map(str, datasets))}); "
                  f"the comparison needs the same data")
@@ -317,7 +317,7 @@ def main() -> None:
 
     rows = []
     for run_dir, folder, cfg in zip(run_dirs, folders, configs):
-        trained_len = cfg.model.max_seq_len or cfg.data.seq_len
+        trained_len = trained_length(cfg)
         if need > trained_len:
             print(f"note: {need} prompt + new tokens exceed the {trained_len} {run_dir} was trained on",
                   file=sys.stderr)

@@ -234,6 +234,13 @@ def _prepare_locked(config: PrepareConfig, output_path: Path, *, tasks: int, pro
     return manifest
 
 
+def default_dataset_dir(cache_dir: str | os.PathLike) -> Path:
+    """Where ``ensure_default_dataset`` builds the embedded corpus of this interpreter."""
+    name = (f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bpe{DEFAULT_CORPUS_VOCAB_SIZE}"
+            f"-v{PIPELINE_VERSION}")
+    return Path(cache_dir).expanduser().resolve() / name
+
+
 def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, progress: bool = True,
                            wait_timeout_s: float = DEFAULT_BUILD_WAIT_S) -> Path:
     """The embedded default corpus: this interpreter's stdlib ``.py`` files without its test suites,
@@ -243,9 +250,7 @@ def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, prog
     from megatrain.data_pipelines.build_once import build_once
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    name = (f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-bpe{DEFAULT_CORPUS_VOCAB_SIZE}"
-            f"-v{PIPELINE_VERSION}")
-    output_dir = Path(cache_dir).expanduser().resolve() / name
+    output_dir = default_dataset_dir(cache_dir)
 
     def build() -> None:
         prepare_dataset(

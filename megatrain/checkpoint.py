@@ -1,6 +1,6 @@
 """Atomic, resharding-friendly checkpoints through torch.distributed.checkpoint (DCP).
 
-Layout under ``run.dir/checkpoints``::
+Layout under ``run.dir/checkpoints`` (the names are ``RunDir``'s)::
 
     step_0000050/      one DCP checkpoint (model, optimizer, scheduler, data loader, RNG, step;
                        the model and optimizer in the layout-independent form of
@@ -35,7 +35,7 @@ from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of
 from megatrain.errors import CheckpointError
 from megatrain.files import atomic_write_text, fsync_dir
 from megatrain.parallel.comm import agree_flags, all_reduce_host
-from megatrain.run_dir import STEP_DIR, archive
+from megatrain.run_dir import CONFIG_FILE, RunDir
 
 
 def _rank() -> int:
@@ -90,10 +90,10 @@ class CheckpointManager:
     (checkpoint_integrity.py), so a checkpoint says what it was saved with.
     """
 
-    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False,
+    def __init__(self, run_dir: RunDir | str | Path, keep: int, async_save: bool = False,
                  config_text: str | None = None):
-        self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "checkpoints"
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.root = self.run_dir.checkpoints_dir
         self.keep = keep
         self.async_save = async_save
         self.config_text = config_text
@@ -121,10 +121,7 @@ class CheckpointManager:
     # ---- finding checkpoints ----------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Steps of the complete-looking checkpoint folders, oldest first."""
-        if not self.root.is_dir():
-            return []
-        return sorted(int(m.group(1)) for p in self.root.iterdir()
-                      if p.is_dir() and (m := STEP_DIR.match(p.name)))
+        return self.run_dir.checkpoint_steps()
 
     def candidates(self, step: int = 0, asked_as: str = "step") -> list[int]:
         """The checkpoints to try, newest first; only ``step``'s when one is asked for (under the
@@ -138,19 +135,16 @@ class CheckpointManager:
         return [step]
 
     def path_of(self, step: int) -> Path:
-        return self.root / f"step_{step:07d}"
+        return self.run_dir.checkpoint_path(step)
 
     def latest(self) -> Path | None:
         """The checkpoint ``latest`` names (None without one); a damaged pointer is reported and
         ignored, since the step folders themselves say which checkpoints exist."""
-        pointer = self.root / "latest"
+        pointer = self.run_dir.latest_path
         if not pointer.is_file():
             return None
-        try:
-            name = pointer.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            name = ""
-        if not STEP_DIR.match(name):
+        name = self.run_dir.latest_name() or ""
+        if RunDir.step_of(Path(name)) is None:
             _say(f"warning: {pointer} is damaged (it should name a step_* folder); ignoring it")
             return None
         return self.root / name
@@ -193,10 +187,10 @@ class CheckpointManager:
         def archive_newer_and_point():
             newer = [self.path_of(s) for s in self.steps() if s > step]
             if newer:
-                target = archive(self.run_dir, newer, archive_label)
+                target = self.run_dir.archive(newer, archive_label)
                 _say(f"moved {', '.join(p.name for p in newer)} to {target}")
             if (self.latest() or Path()).name != self.path_of(step).name:
-                atomic_write_text(self.root / "latest", self.path_of(step).name + "\n")
+                atomic_write_text(self.run_dir.latest_path, self.path_of(step).name + "\n")
         _on_rank_0(archive_newer_and_point, f"make {self.path_of(step).name} the latest checkpoint")
 
     # ---- saving ----------------------------------------------------------------------------------
@@ -240,7 +234,8 @@ class CheckpointManager:
             self._publish(step)
 
     def _tmp(self, step: int) -> Path:
-        return self.root / f"step_{step:07d}.tmp"
+        final = self.path_of(step)
+        return final.with_name(final.name + ".tmp")
 
     def _publish(self, step: int) -> None:
         """Every rank has written step's files: add the config and checksums, rename the folder,
@@ -248,7 +243,7 @@ class CheckpointManager:
         _barrier()  # main-thread agreement on the default group (see poll)
         tmp, final = self._tmp(step), self.path_of(step)
         if self.config_text is not None:
-            _on_rank_0(lambda: atomic_write_text(tmp / "config.yaml", self.config_text),
+            _on_rank_0(lambda: atomic_write_text(tmp / CONFIG_FILE, self.config_text),
                        f"write the config into {tmp}")
         manifest = checksums_text(tmp)  # collective: every rank hashes a share
         _on_rank_0(lambda: self._rename_and_point(tmp, final, manifest), f"publish {final}")
@@ -259,7 +254,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        atomic_write_text(self.root / "latest", final.name + "\n")
+        atomic_write_text(self.run_dir.latest_path, final.name + "\n")
         self._prune(keep_also=final)
 
     @contextlib.contextmanager

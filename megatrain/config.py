@@ -2,14 +2,17 @@
 
 The defaults *are* the embedded tiny CPU run (`megatrain train` with no arguments). Each field's
 ``doc`` (and ``valid`` range, where it has one) becomes the config reference in the README
-(``megatrain config --reference``). OmegaConf does the merging and the type checks; ``validate``
-checks the ranges and the cross-field rules. Every error, a broken YAML file's included, is one
-line that names the key or file and the fix.
+(``megatrain config --reference``). OmegaConf does the merging and the type checks, choices
+included (fields typed with a ``Choice`` enum); ``validate`` checks the ranges and the cross-field
+rules. Every error, a broken YAML file's included, is one line that names the key or file and the
+fix. What the environment decides (the dataset's vocabulary, absolute paths, the per-rank batch)
+is resolved once afterwards, by ``megatrain.spec.resolve``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +24,40 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatrain.errors import ConfigError
 
-HEAD_TYPES = ("transformer", "linear", "causal", "anticausal")
-ATTENTION_BACKENDS = ("sdpa", "xformers")
-NORM_IMPLS = ("torch", "apex")
-OPTIMIZERS = ("adamw", "apex_fused_adam")
-DEVICES = ("auto", "cpu", "cuda")
-OVERWRITE_MODES = ("refuse", "archive")
+
+class Choice(str, enum.Enum):
+    """A config value from a fixed set. Members are strings (``HeadType.linear == "linear"``) that
+    print as their value; OmegaConf refuses anything else by name at load time."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    # the functional API: some values ("1f1b") are not identifiers; module and qualname let a
+    # Config holding them pickle (submitit sends the config to the job that way)
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+HeadType = _choice("HeadType", "transformer", "linear", "causal", "anticausal")
+AttentionBackend = _choice("AttentionBackend", "sdpa", "xformers")
+NormImpl = _choice("NormImpl", "torch", "apex")
+LossImpl = _choice("LossImpl", "auto", "torch", "triton")
+Optimizer = _choice("Optimizer", "adamw", "apex_fused_adam")
+Device = _choice("Device", "auto", "cpu", "cuda")
+DType = _choice("DType", "auto", "fp32", "bf16")
+OverwriteMode = _choice("OverwriteMode", "refuse", "archive")
+PPSchedule = _choice("PPSchedule", "gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+DPEngine = _choice("DPEngine", "fsdp", "deepspeed")
+ActivationCheckpointing = _choice("ActivationCheckpointing", "none", "selective", "full")
+HEAD_TYPES = HeadType.values()
 
 
 def doc(default: Any, text: str, valid: str = "", **kwargs):
@@ -48,7 +79,7 @@ class ModelConfig:
                         valid=">= 1")
     n_future: int = doc(4, "Number of output heads; head i predicts token t+i. 1 = next-token Llama.",
                         valid=">= 1")
-    head_type: str = doc("transformer", "transformer (independent heads, default) | linear "
+    head_type: HeadType = doc(HeadType.transformer, "transformer (independent heads, default) | linear "
                                         "(a dim x dim map per head on a full-depth trunk) | causal "
                                         "(head i reads head i-1) | anticausal (head i reads head i+1).")
     dim: int = doc(128, "Model width.", valid=">= 1")
@@ -64,8 +95,9 @@ class ModelConfig:
     rope_theta: float = doc(10000.0, "RoPE base frequency.", valid="> 0")
     max_seq_len: int = doc(0, "Longest sequence RoPE is precomputed for; 0 = data.seq_len, otherwise "
                               "at least data.seq_len.", valid=">= 0")
-    attention: str = doc("sdpa", "Attention kernel: sdpa (torch) | xformers (GPU only).")
-    norm_impl: str = doc("torch", "RMSNorm implementation: torch (nn.RMSNorm; fused by "
+    attention: AttentionBackend = doc(AttentionBackend.sdpa, "Attention kernel: sdpa (torch) | "
+                                                             "xformers (GPU only).")
+    norm_impl: NormImpl = doc(NormImpl.torch, "RMSNorm implementation: torch (nn.RMSNorm; fused by "
                                   "train.compile) | apex (NVIDIA apex's FusedRMSNorm, CUDA; apex is "
                                   "not on PyPI and must be built from source). Same parameter names.")
     init_std: float = doc(0.02, "Standard deviation of the weight initialisation.", valid="> 0")
@@ -90,7 +122,7 @@ class LossConfig:
     ignore_index: int = doc(-100, "Target id that contributes no loss.")
     mask_cross_document: bool = doc(False, "Mask head i's target when an end-of-document token "
                                             "lies strictly between the input and the target.")
-    impl: str = doc("auto", "fused_linear_cross_entropy implementation: auto | torch | triton.")
+    impl: LossImpl = doc(LossImpl.auto, "fused_linear_cross_entropy implementation: auto | torch | triton.")
 
 
 @dataclass
@@ -130,15 +162,16 @@ class TrainConfig:
     # numpy's generator (the data order) refuses a negative seed
     seed: int = doc(0, "Seed for initialisation and data order.", valid=">= 0")
     deterministic: bool = doc(True, "Deterministic algorithms (bit-exact resume on CPU).")
-    device: str = doc("auto", "auto (cuda if available) | cpu | cuda.")
-    dtype: str = doc("auto", "Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16.")
+    device: Device = doc(Device.auto, "auto (cuda if available) | cpu | cuda.")
+    dtype: DType = doc(DType.auto, "Autocast dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16.")
     eval_every: int = doc(50, "Validation every this many steps; 0 = never.", valid=">= 0")
     max_bad_steps: int = doc(3, "Stop after this many consecutive NaN/inf steps (none applied).",
                              valid=">= 1")
     threads: int = doc(0, "CPU threads for torch; 0 = torch's default.", valid=">= 0")
     compile: bool = doc(False, "torch.compile every transformer block (trunk and heads); not "
                                "with parallel.sequence_parallel.")
-    optimizer: str = doc("adamw", "adamw (torch's AdamW, fused on CUDA) | apex_fused_adam (NVIDIA "
+    optimizer: Optimizer = doc(Optimizer.adamw,
+                               "adamw (torch's AdamW, fused on CUDA) | apex_fused_adam (NVIDIA "
                                   "apex's FusedAdam in AdamW mode, CUDA only; apex must be built "
                                   "from source; its optimizer state is laid out differently, so "
                                   "resume with the same choice).")
@@ -167,7 +200,8 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     dir: str = doc("runs/default", "Run directory: config, metrics, TensorBoard, checkpoints.")
-    overwrite: str = doc("refuse", "What a fresh start (checkpoint.resume=false, or no usable "
+    overwrite: OverwriteMode = doc(OverwriteMode.refuse,
+                                   "What a fresh start (checkpoint.resume=false, or no usable "
                                    "checkpoint) does in a run.dir that already holds checkpoints: "
                                    "refuse (default) stops with an error; archive moves the old run "
                                    "aside to `run.dir/archive/<timestamp>/` first. Nothing is ever deleted.")
@@ -192,11 +226,6 @@ class InitConfig:
 OVERRIDE_ALIASES = {"init.from": "init.path"}
 
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
-DP_ENGINES = ("fsdp", "deepspeed")
-ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
-
-
 @dataclass
 class ParallelConfig:
     dp: int = doc(1, "Data-parallel degree (FSDP2 shards parameters, gradients and optimizer state "
@@ -209,7 +238,7 @@ class ParallelConfig:
     pp: int = doc(1, "Pipeline-parallel degree: ranks that each hold a contiguous slice of the "
                      "trunk. The last pipeline rank holds every MTP head, the norm, the unembedding "
                      "and the loss.", valid=">= 1")
-    pp_schedule: str = doc("1f1b", "Pipeline schedule: gpipe | 1f1b | interleaved_1f1b "
+    pp_schedule: PPSchedule = doc(PPSchedule["1f1b"], "Pipeline schedule: gpipe | 1f1b | interleaved_1f1b "
                                    "(parallel.virtual_stages per rank) | zbv | dualpipev "
                                    "(V-shaped: 2 stages per rank).")
     microbatches: int = doc(0, "Pipeline microbatches per step and data-parallel rank; 0 = the "
@@ -224,15 +253,16 @@ class ParallelConfig:
                                       "unembedding).")
     sequence_parallel: bool = doc(False, "With tp > 1, also shard the trunk's norms and residual "
                                          "stream along the sequence (less activation memory).")
-    dp_engine: str = doc("fsdp", "Data-parallel engine: fsdp (FSDP2, composes with tp and pp) | "
+    dp_engine: DPEngine = doc(DPEngine.fsdp, "Data-parallel engine: fsdp (FSDP2, composes with tp and pp) | "
                                  "deepspeed (ZeRO, dp only).")
     zero_stage: int = doc(3, "DeepSpeed ZeRO stage 1 | 2 | 3 (parallel.dp_engine=deepspeed only).",
                           valid="[1, 3]")
     offload_optimizer: bool = doc(False, "DeepSpeed ZeRO-Offload: keep the fp32 master weights and "
                                          "AdamW state in CPU memory and step them there "
                                          "(parallel.dp_engine=deepspeed with zero_stage 2 or 3).")
-    activation_checkpointing: str = doc("none", "none | selective (every other trunk layer) | full "
-                                                "(every trunk layer).")
+    activation_checkpointing: ActivationCheckpointing = doc(
+        ActivationCheckpointing.none, "none | selective (every other trunk layer) | full (every trunk "
+                                      "layer).")
 
 
 @dataclass
@@ -256,6 +286,8 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
         known = _known_keys(section)
         return ConfigError(f"{source}: unknown config key '{key}'. Known keys"
                            f"{' in ' + section if section else ''}: {', '.join(known)}")
+    if "expected one of" in msg:  # a Choice field: the message lists what is allowed
+        return ConfigError(f"{source}: bad value for '{key}': {msg}; set it to one of those.")
     return ConfigError(f"{source}: bad value for '{key}': {msg}. "
                        f"See `megatrain config --reference` for the field's type.")
 
@@ -389,18 +421,24 @@ def _check_ranges(cfg: Config) -> None:
                               f"range, e.g. the default {default}. {key}: {f.metadata['doc']}")
 
 
+def _check_choices(cfg: Config) -> None:
+    """Every ``Choice`` field holds one of its values. A loaded config always does (OmegaConf
+    refuses the rest); this catches a dataclass built in code with a bad string."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            kind, value = f.type, getattr(values, f.name)
+            kind = globals().get(kind, kind) if isinstance(kind, str) else kind  # postponed annotations
+            if isinstance(kind, type) and issubclass(kind, Choice) and value not in kind.values():
+                raise ConfigError(f"{section.name}.{f.name}={value!r} is not one of "
+                                  f"{', '.join(kind.values())}; {f.metadata['doc']}")
+
+
 def validate(cfg: Config) -> None:
-    """Ranges and cross-field rules; each failure names the keys, the bad value and the fix."""
+    """Ranges, choices and cross-field rules; each failure names the keys, the bad value and the fix."""
     _check_ranges(cfg)
+    _check_choices(cfg)
     m, t, d = cfg.model, cfg.train, cfg.data
-    if m.head_type not in HEAD_TYPES:
-        raise ConfigError(f"model.head_type='{m.head_type}' is not one of {HEAD_TYPES}.")
-    if m.attention not in ATTENTION_BACKENDS:
-        raise ConfigError(f"model.attention='{m.attention}' is not one of {ATTENTION_BACKENDS}.")
-    if m.norm_impl not in NORM_IMPLS:
-        raise ConfigError(f"model.norm_impl='{m.norm_impl}' is not one of {NORM_IMPLS}.")
-    if t.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"train.optimizer='{t.optimizer}' is not one of {OPTIMIZERS}.")
     if m.norm_impl == "apex" and cfg.parallel.sequence_parallel:
         raise ConfigError("model.norm_impl=apex with parallel.sequence_parallel=true is not "
                           "supported (sequence parallelism makes the norms' weights DTensors, "
@@ -439,25 +477,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.head_weights={list(weights)} must be finite and >= 0, at least one "
                           f"of them > 0 (all 0 trains nothing); fix them or leave the list empty "
                           f"(= 1 for head 1, loss.extra_heads_weight for the others).")
-    if cfg.loss.impl not in ("auto", "torch", "triton"):
-        raise ConfigError(f"loss.impl='{cfg.loss.impl}' is not one of auto, torch, triton.")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                           f"train.micro_batch_size={t.micro_batch_size}.")
-    if t.device not in DEVICES:
-        raise ConfigError(f"train.device='{t.device}' is not one of {DEVICES}.")
-    if t.dtype not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.dtype='{t.dtype}' is not one of auto, fp32, bf16.")
     if t.compile and cfg.parallel.sequence_parallel:
         raise ConfigError("train.compile=true with parallel.sequence_parallel=true is not supported "
                           "(per-block compiled backward fails under sequence parallelism in torch "
                           "2.13); set one of them to false")
     if not cfg.run.dir:
         raise ConfigError("run.dir is empty; give a run directory, e.g. run.dir=runs/my_run.")
-    if cfg.run.overwrite not in OVERWRITE_MODES:
-        raise ConfigError(f"run.overwrite='{cfg.run.overwrite}' is not one of {OVERWRITE_MODES}; "
-                          f"refuse stops a fresh start in a run.dir holding checkpoints, archive moves "
-                          f"them aside first.")
 
 
 def predates_extra_heads_weight(saved_config: Path) -> bool:
@@ -496,5 +524,8 @@ def reference_markdown() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             text = f.metadata.get("doc", "").replace("|", "\\|")  # keep the table intact
             valid = f"`{f.metadata['valid']}`" if f.metadata.get("valid") else ""
+            if isinstance(default, Choice):
+                valid = " \\| ".join(f"`{v}`" for v in type(default).values())
+                default = default.value
             lines.append(f"| `{section.name}.{f.name}` | `{default!r}` | {valid} | {text} |")
     return "\n".join(lines)

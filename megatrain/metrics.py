@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from megatrain.files import atomic_write_text
+from megatrain.run_dir import RunDir
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -38,14 +39,16 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, tensorboard: bool, progress: bool, total_steps: int,
+    """Writes a run's metrics.jsonl and TensorBoard events (``RunDir`` names them)."""
+
+    def __init__(self, run_dir: RunDir, *, tensorboard: bool, progress: bool, total_steps: int,
                  start_step: int, enabled: bool = True):
         self.enabled = enabled
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.jsonl = open(run_dir.metrics_path, "a") if enabled else None
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(log_dir=str(run_dir.tensorboard_dir), purge_step=start_step + 1)
         self.bar = None
         if enabled and progress:
             from tqdm import tqdm

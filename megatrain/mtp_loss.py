@@ -61,6 +61,12 @@ def build_head_targets(window: torch.Tensor, n_future: int, ignore_index: int = 
     return targets
 
 
+def head_scales(valid_counts: torch.Tensor, weights) -> torch.Tensor:
+    """``head_scales[i] = weight_i / valid targets of head i in the global batch`` (float32): the
+    normalisation above, from each head's count of valid targets over every data-parallel rank."""
+    return (torch.tensor(list(weights), dtype=torch.float64) / valid_counts.clamp(min=1).double()).float()
+
+
 @dataclass
 class HeadStats:
     """Per-head statistics of one micro-batch, detached: summed CE, argmax hits, valid targets."""

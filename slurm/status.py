@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megatrain.errors import UserError
+from megatrain.run_dir import RunDir
 from megatrain.slurm import registry
 
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -88,7 +89,7 @@ def _tail(path: Path, n_bytes: int = 65536) -> str:
 
 
 def last_step(run_dir: Path) -> int | None:
-    metrics = run_dir / "metrics.jsonl"
+    metrics = RunDir(run_dir).metrics_path
     if not metrics.is_file():
         return None
     for line in reversed(_tail(metrics).splitlines()):
@@ -137,14 +138,9 @@ def collect(run_dir: str | Path) -> RunStatus:
             job.error = reported[-1] if reported else _error_line(Path(job.stderr))
         jobs.append(job)
 
-    total = None
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        from omegaconf import OmegaConf
-
-        total = OmegaConf.load(config).get("train", {}).get("steps")
-    pointer = run_dir / "checkpoints" / "latest"
-    latest = pointer.read_text().strip() if pointer.is_file() else None
+    saved = RunDir(run_dir).saved_config_tree() or {}
+    total = (saved.get("train") or {}).get("steps")
+    latest = RunDir(run_dir).latest_name()
     return RunStatus(str(run_dir), last_step(run_dir), total, latest, jobs, accounting_error)
 
 

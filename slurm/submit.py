@@ -7,7 +7,6 @@ before anything is written or queued. Then the resolved ``config.yaml`` and a co
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import shlex
@@ -19,11 +18,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from megatrain.config import Config
-from megatrain.errors import ConfigError
-from megatrain.run_dir import check_same_model, has_checkpoints, write_config
+from megatrain.errors import ConfigError, DataError
+from megatrain.run_dir import RunDir
 from megatrain.slurm import registry
 from megatrain.slurm.resources import PartitionInfo, Resources, check_fits, read_partitions
 from megatrain.slurm.snapshot import git_revision, write_snapshot
+from megatrain.spec import with_absolute_paths
 
 LOG_DIR = "slurm_logs"
 CODE_DIR = "code"
@@ -39,15 +39,6 @@ class SubmitResult:
     stdout: Path | None = None  # rank 0's logs
     stderr: Path | None = None
     job: object = None  # the submitit job (for tests and callers that wait on it)
-
-
-def absolute_paths(cfg: Config) -> Config:
-    """The job may start in another directory: make run.dir and data.path absolute."""
-    cfg = copy.deepcopy(cfg)
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().absolute())
-    if cfg.data.path:
-        cfg.data.path = str(Path(cfg.data.path).expanduser().absolute())
-    return cfg
 
 
 def check_run_dir_writable(run_dir: Path, create: bool) -> None:
@@ -152,7 +143,7 @@ def check_memory_plan(cfg: Config, res: Resources, device_memory_gb: float) -> N
 
     try:
         plan = make_plan(cfg, device_memory_gb, res.world_size)
-    except ConfigError as err:  # e.g. the vocabulary is not known here: say so, do not block
+    except (ConfigError, DataError) as err:  # e.g. the dataset is on the cluster only: say so, do not block
         print(f"megatrain: warning: no memory plan for this job ({err})", file=sys.stderr)
         return
     if plan.fits:
@@ -173,10 +164,10 @@ def submit(cfg: Config, res: Resources, *, dry_run: bool = False, command: list[
 
     GPU jobs are checked against the memory planner first (``plan_check``)."""
     res.validate()
-    cfg = absolute_paths(cfg)
+    cfg = with_absolute_paths(cfg)  # the job starts in another directory
     run_dir = Path(cfg.run.dir)
     check_run_dir_writable(run_dir, create=False)
-    check_same_model(run_dir, cfg)
+    RunDir(run_dir).check_same_model(cfg)
     check_no_active_job(run_dir)
     partition = check_fits(res, read_partitions())
     check_process_layout(cfg, res)
@@ -193,8 +184,8 @@ def submit(cfg: Config, res: Resources, *, dry_run: bool = False, command: list[
         return SubmitResult(None, run_dir, res, sbatch_text(executor))
 
     check_run_dir_writable(run_dir, create=True)
-    if not has_checkpoints(run_dir):  # a resumed run keeps its config.yaml (vocabulary resolved)
-        write_config(run_dir, cfg)
+    if not RunDir(run_dir).has_checkpoints():  # a resumed run keeps its config.yaml (vocabulary resolved)
+        RunDir(run_dir).write_config(cfg)
     write_snapshot(snapshot)
     from megatrain.slurm.job import TrainJob
 

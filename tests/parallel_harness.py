@@ -30,9 +30,8 @@ import torch
 
 from megatrain.config import ModelConfig, TrainConfig
 from megatrain.model.mtp import MTPTransformer
-from megatrain.mtp_loss import build_head_targets, mtp_loss
+from megatrain.mtp_loss import build_head_targets, head_scales, mtp_loss
 from megatrain.optim import build_optimizer
-from megatrain.trainer import head_scales
 
 SEQ_LEN, BATCH, STEPS, LR = 16, 4, 5, 3e-3
 

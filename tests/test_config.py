@@ -244,3 +244,23 @@ def test_a_saved_config_from_before_extra_heads_weight_reads_as_the_unweighted_s
     older.write_text(current.read_text().replace("  extra_heads_weight: 0.03\n", ""))
     assert "extra_heads_weight" not in older.read_text()
     assert head_loss_weights(load_saved_config(older)) == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_every_choice_is_refused_by_name_when_loaded_and_when_built_in_code():
+    """Choices are enum-typed: a loaded config names the key and the allowed values, and a Config
+    built in code with a bad string is caught by validate, in the same one place."""
+    import dataclasses
+
+    from megatrain.config import Choice, Config, ParallelConfig, validate
+
+    choices = [(section.name, f.name, f.default) for section in dataclasses.fields(Config)
+               for f in dataclasses.fields(section.default_factory()) if isinstance(f.default, Choice)]
+    assert len(choices) >= 11
+    for section, name, default in choices:
+        with pytest.raises(ConfigError, match=f"'{section}.{name}': Invalid value 'bogus', expected one "
+                                              f"of \\[{type(default).values()[0]}"):
+            load_config(None, [f"{section}.{name}=bogus"])
+    cfg = load_config(None, ["parallel.pp_schedule=1f1b", "model.head_type=linear"])
+    assert cfg.parallel.pp_schedule == "1f1b" and f"{cfg.model.head_type}" == "linear"  # strings
+    with pytest.raises(ConfigError, match="parallel.pp_schedule='zigzag' is not one of gpipe, 1f1b"):
+        validate(Config(parallel=ParallelConfig(pp_schedule="zigzag")))

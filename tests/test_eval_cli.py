@@ -142,3 +142,5 @@ def test_polynomial_task_runs_through_the_cli(tmp_path, capsys):
     result = _eval_json(capsys, "--run-dir", str(run_dir), "polynomial", "--data", str(data))
     assert result["task"] == "polynomial" and result["checkpoint"] == 2 and result["table"]
     assert json.loads((run_dir / "eval" / "polynomial-2.json").read_text())["table"] == result["table"]
+    # without --data: the run's own dataset, which its config names
+    assert _eval_json(capsys, "--run-dir", str(run_dir), "polynomial")["table"] == result["table"]

@@ -8,8 +8,7 @@ from megatrain.config import ModelConfig
 from megatrain.inference.generate import Generator, Sampling
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
-from megatrain.mtp_loss import build_head_targets, mtp_loss
-from megatrain.trainer import head_scales
+from megatrain.mtp_loss import build_head_targets, head_scales, mtp_loss
 
 HEAD_TYPES = ["transformer", "causal", "anticausal", "linear"]
 VOCAB = 16

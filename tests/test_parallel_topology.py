@@ -39,8 +39,6 @@ def test_unsupported_combinations_are_config_errors():
         dims.validate(tiny_cfg(), ParallelConfig(dp=2, tp=2, dp_engine="deepspeed"))
     with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tp > 1"):
         ParallelDims(1, 1, 1, 1).validate(tiny_cfg(), ParallelConfig(sequence_parallel=True))
-    with pytest.raises(ConfigError, match="pp_schedule='zigzag' is not one of"):
-        ParallelDims(1, 1, 1, 1).validate(tiny_cfg(), ParallelConfig(pp_schedule="zigzag"))
     with pytest.raises(ConfigError, match="train.batch_size=3 must be a multiple of parallel.dp=2"):
         dims.validate(tiny_cfg(), batch_size=3)
 

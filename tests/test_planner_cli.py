@@ -57,13 +57,24 @@ def test_suggested_changes_really_fit():
 @pytest.mark.parametrize("args, message", [
     (["parallel.tp=3"], "parallel.tp=3 must divide model.n_heads"),
     (["parallel.dp=4", "--world-size", "6"], "start 4 processes"),
-    (["model.vocab_size=0"], "model.vocab_size"),
+    (["model.vocab_size=0", "data.path=/nonexistent/ds"], "/nonexistent/ds is not a prepared dataset"),
 ])
 def test_bad_input_exits_2_naming_the_key(capsys, args, message):
     code = main(["plan", *TINY, *args])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
+
+
+def test_the_default_config_plans_like_train_resolves_it(capsys, tmp_path):
+    """`megatrain train` with no arguments trains on the embedded corpus (vocabulary 4096); `plan`
+    of the same config plans that model, without building the corpus."""
+    cache = tmp_path / "cache"
+    code, plan = _plan_json(capsys, f"data.cache_dir={cache}", "train.device=cpu")
+    assert code == 0 and plan["fits"] is True
+    assert not cache.exists()  # nothing built
+    resolved = make_plan(load_config(None, [f"data.cache_dir={cache}"]), 80, world_size=1)
+    assert resolved.cfg.model.vocab_size == 4096
 
 
 def test_gpu_target_adds_the_cuda_allowance():

@@ -16,9 +16,8 @@ import sys
 import pytest
 
 from megatrain.config import load_config
-from megatrain.data.shards import read_manifest
 from megatrain.planning.memory_model import plan_layout
-from megatrain.trainer import resolve_vocab
+from megatrain.spec import resolve
 from tests.planner_measurements import COMMON
 from tests.test_trainer import REPO
 
@@ -76,8 +75,7 @@ def measured(dataset, tmp_path_factory):
 
 def _planned(dataset, overrides) -> list[int]:
     cfg = load_config(None, [*COMMON, f"data.path={dataset}", *overrides])
-    resolve_vocab(cfg, int(read_manifest(dataset)["vocab_size"]), dataset)
-    return [r.peak_bytes for r in plan_layout(cfg)]
+    return [r.peak_bytes for r in plan_layout(resolve(cfg))]
 
 
 @pytest.mark.parametrize("name", [*SINGLE, *TWO_RANKS, *FOUR_RANKS])

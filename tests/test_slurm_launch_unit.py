@@ -182,29 +182,28 @@ def test_processes_asked_for_must_match_the_parallel_layout():
 
 
 def test_run_dir_of_another_model_is_refused_before_queueing(tmp_path):
-    from megatrain.config import to_yaml
-    from megatrain.run_dir import check_same_model
+    from megatrain.run_dir import RunDir
 
     old = load_config(None, [f"run.dir={tmp_path}"])
-    (tmp_path / "config.yaml").write_text(to_yaml(old))
-    (tmp_path / "checkpoints" / "step_0000050").mkdir(parents=True)  # the step folders count
-    check_same_model(tmp_path, old)
+    run_dir = RunDir(tmp_path)
+    run_dir.write_config(old)
+    run_dir.checkpoint_path(50).mkdir(parents=True)  # the step folders count
+    run_dir.check_same_model(old)
     with pytest.raises(ConfigError, match="model.dim differ"):
-        check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}", "model.dim=256"]))
+        run_dir.check_same_model(load_config(None, [f"run.dir={tmp_path}", "model.dim=256"]))
 
 
 def test_resubmitting_a_run_whose_vocabulary_was_taken_from_the_dataset_is_accepted(tmp_path):
     """The trainer saves the resolved vocabulary (0 -> the tokenizer's); the same command, with
     model.vocab_size=0 again, must resume - an explicit different size must not."""
-    from megatrain.config import to_yaml
-    from megatrain.run_dir import check_same_model
+    from megatrain.run_dir import RunDir
 
-    saved = load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=4096"])
-    (tmp_path / "config.yaml").write_text(to_yaml(saved))
-    (tmp_path / "checkpoints" / "step_0000050").mkdir(parents=True)  # the step folders count
-    check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}"]))  # vocab_size=0
+    run_dir = RunDir(tmp_path)
+    run_dir.write_config(load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=4096"]))
+    run_dir.checkpoint_path(50).mkdir(parents=True)  # the step folders count
+    run_dir.check_same_model(load_config(None, [f"run.dir={tmp_path}"]))  # vocab_size=0
     with pytest.raises(ConfigError, match="model.vocab_size differ"):
-        check_same_model(tmp_path, load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=8192"]))
+        run_dir.check_same_model(load_config(None, [f"run.dir={tmp_path}", "model.vocab_size=8192"]))
 
 
 def test_code_snapshot_holds_every_installed_part_without_caches(tmp_path):

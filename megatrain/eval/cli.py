@@ -39,7 +39,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         elif name == "humaneval":
             _humaneval_options(task)
         else:
-            task.add_argument("--data", required=True, help=f"dataset of `megatrain data synth {name}`")
+            task.add_argument("--data", help=f"dataset of `megatrain data synth {name}` (default: the "
+                                             f"run's own; required with --from)")
             task.add_argument("--batch-size", type=int, default=64, help="sequences per forward (default 64)")
     return parser
 
@@ -157,7 +158,7 @@ def _dtype(args) -> torch.dtype:
 def _heldout(args, source) -> dict:
     from megatrain.eval.heldout import evaluate_heldout
     from megatrain.inference.source import resolve_device
-    from megatrain.trainer import resolve_dataset
+    from megatrain.spec import dataset_dir_of
 
     device = resolve_device(args.device)
     run_cfg = source.config()
@@ -173,7 +174,7 @@ def _heldout(args, source) -> dict:
     seq_len = seq_len or cfg.data.seq_len
     batch_size = args.batch_size or max(1, cfg.train.batch_size // cfg.parallel.dp)
     batches = cfg.data.val_batches if args.batches is None else (args.batches or None)
-    data = Path(args.data) if args.data else resolve_dataset(cfg)
+    data = Path(args.data) if args.data else dataset_dir_of(cfg)
     autocast = torch.bfloat16 if args.dtype == "bf16" else None
     return evaluate_heldout(model, cfg, data, device=device, autocast_dtype=autocast, batch_size=batch_size,
                             max_batches=batches, seq_len=seq_len)
@@ -219,6 +220,7 @@ def _check_humaneval_args(args) -> None:
 
 def _synthetic(args, source) -> dict:
     from megatrain.inference.source import resolve_device
+    from megatrain.spec import dataset_dir_of
 
     try:
         from megatrain.eval import synthetic
@@ -228,11 +230,16 @@ def _synthetic(args, source) -> dict:
         raise UserError(f"`megatrain eval {args.eval_task}` needs megatrain/eval/synthetic.py, which this "
                         f"installation lacks; update megatrain") from None
     _require_at_least(("--batch-size", args.batch_size, 1))
+    run_cfg = source.config()
+    if args.data is None and run_cfg is None:
+        raise ConfigError(f"{args.eval_task} with --from needs --data: an export does not record its "
+                          f"training data")
+    data = Path(args.data) if args.data else dataset_dir_of(run_cfg)
     device = resolve_device(args.device)
     model, cfg = source.load(device, _dtype(args))
     evaluate = {"induction": synthetic.evaluate_induction,
                 "polynomial": synthetic.evaluate_polynomial}[args.eval_task]
-    return evaluate(model, cfg, Path(args.data), device=device, batch_size=args.batch_size)
+    return evaluate(model, cfg, data, device=device, batch_size=args.batch_size)
 
 
 def _require_at_least(*checks) -> None:

@@ -20,7 +20,7 @@ from megatrain.data.shards import open_split
 from megatrain.errors import DataError
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import HeadStats, mtp_loss
-from megatrain.trainer import evaluate
+from megatrain.validation import evaluate
 
 
 class OneProcessEngine:

@@ -35,6 +35,7 @@ from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoi
 from megatrain.inference.meta_format import check_meta_exportable, write_meta
 from megatrain.model.layout import LayerLayout
 from megatrain.model.transformer import ffn_hidden_dim
+from megatrain.spec import dataset_dir_of, trained_length
 
 FORMATS = ("meta", "hf")
 TOKENIZER_FILE = "tokenizer.json"
@@ -112,7 +113,7 @@ def hf_config(cfg: Config, eos_id: int | None):
         vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=ffn_hidden_dim(m),
         num_hidden_layers=len(LayerLayout.of(m).layer_keys), num_attention_heads=m.n_heads,
         num_key_value_heads=m.n_kv_heads or m.n_heads, hidden_act="silu",
-        max_position_embeddings=m.max_seq_len or cfg.data.seq_len, rms_norm_eps=m.norm_eps,
+        max_position_embeddings=trained_length(cfg), rms_norm_eps=m.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
         tie_word_embeddings=False,  # our embedding and unembedding are separate (docs/design.md)
         bos_token_id=None, eos_token_id=eos_id, architectures=["LlamaForCausalLM"], dtype="float32")
@@ -129,7 +130,7 @@ def write_hf(state: dict[str, torch.Tensor], cfg: Config, out: Path, eos_id: int
     if extra:
         save_file(extra, str(out / HF_EXTRA_HEADS_FILE),
                   metadata={"format": "pt", "n_future_tokens": str(cfg.model.n_future),
-                            "head_type": cfg.model.head_type})
+                            "head_type": str(cfg.model.head_type)})
         files.append(out / HF_EXTRA_HEADS_FILE)
     return files
 
@@ -137,10 +138,8 @@ def write_hf(state: dict[str, torch.Tensor], cfg: Config, out: Path, eos_id: int
 def dataset_tokenizer(cfg: Config) -> tuple[Path, int] | None:
     """The tokenizer file and EOS id of the dataset ``cfg`` trained on; None when that dataset is
     not on this machine. (The embedded default corpus is rebuilt if missing: it is deterministic.)"""
-    from megatrain.trainer import resolve_dataset  # which dataset a config trains on is its to say
-
     try:
-        split = open_split(resolve_dataset(cfg), "train")
+        split = open_split(dataset_dir_of(cfg), "train")
     except DataError:
         return None
     return (split.tokenizer_path, split.eos_id) if split.tokenizer_path.is_file() else None

@@ -117,9 +117,9 @@ SAMPLE_PROMPT = "def fibonacci(n):\n"
 def _is_synthetic(cfg) -> bool:
     from megatrain.data.shards import read_manifest
     from megatrain.data.synth.dataset import SYNTH_KEY
-    from megatrain.trainer import resolve_dataset
+    from megatrain.spec import dataset_dir_of
 
-    return SYNTH_KEY in read_manifest(resolve_dataset(cfg))
+    return SYNTH_KEY in read_manifest(dataset_dir_of(cfg))
 
 
 def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:

@@ -38,6 +38,7 @@ from megatrain.inference.meta_format import PARAMS_FILE, WEIGHTS_FILE, read_meta
 from megatrain.model.layout import LayerLayout
 from megatrain.model.mtp import MTPTransformer, initial_value
 from megatrain.model.transformer import ffn_hidden_dim
+from megatrain.run_dir import CONFIG_FILE, RunDir
 
 # Keys that set the shapes of every weight besides the layer count (the SwiGLU width is compared
 # separately: it follows from multiple_of and ffn_dim_multiplier together).
@@ -154,7 +155,7 @@ def _read_checkpoint(folder: Path) -> tuple[Callable[[str], torch.Tensor], dict[
             raise CheckpointError(f"init.path: cannot read {name} from {folder}: {lines[-1]}") from err
         return tensor
 
-    return read, shapes, theirs, f"init.path={folder} (its config.yaml)"
+    return read, shapes, theirs, f"init.path={folder} (its {CONFIG_FILE})"
 
 
 def _open_source(path: str):
@@ -169,7 +170,7 @@ def _open_source(path: str):
             raise CheckpointError(f"init.path={path}: the checkpoint is damaged ({problem}); give another "
                                   f"step's folder or the run directory (its newest intact checkpoint)")
         return _read_checkpoint(folder)
-    if (folder / "checkpoints").is_dir():
+    if RunDir(folder).checkpoints_dir.is_dir():
         return _read_checkpoint(checkpoint_folder(folder))
     raise CheckpointError(f"init.path={path} is not a Meta-format folder ({PARAMS_FILE} + "
                           f"{WEIGHTS_FILE}, from `megatrain export --format meta`), nor a run directory "

@@ -19,7 +19,9 @@ from megatrain.config import Config, load_saved_config, validate
 from megatrain.errors import CheckpointError, ConfigError
 from megatrain.inference.meta_format import PARAMS_FILE, WEIGHTS_FILE, read_meta
 from megatrain.model.mtp import MTPTransformer
-from megatrain.model.transformer import rope_tables
+from megatrain.model.transformer import fill_rope_buffers
+from megatrain.run_dir import CONFIG_FILE, RunDir
+from megatrain.spec import trained_length
 
 MODEL_KEY = ("model_optim", "model")  # where the trainer's checkpoint keeps the model's tensors
 EXPORT_CONTEXT = 4096  # RoPE positions of a model loaded from an export (no training length recorded)
@@ -43,7 +45,7 @@ def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
 
 def config_of(folder: Path) -> Config:
     """The config a checkpoint was saved with (older checkpoints: the run directory's)."""
-    for path in (folder / "config.yaml", folder.parent.parent / "config.yaml"):
+    for path in (folder / CONFIG_FILE, RunDir(folder.parent.parent).config_path):
         if path.is_file():
             return load_saved_config(path)
     raise CheckpointError(f"no config.yaml in {folder} or its run directory; cannot rebuild the model")
@@ -53,13 +55,11 @@ def build_for_inference(cfg: Config, max_seq_len: int | None = None,
                         device: str | torch.device = "cpu") -> MTPTransformer:
     """An MTPTransformer of ``cfg``'s shape with uninitialised weights (to be loaded) and RoPE
     tables for ``max_seq_len`` positions (default: the training length)."""
-    max_seq_len = max_seq_len or cfg.model.max_seq_len or cfg.data.seq_len
+    max_seq_len = max_seq_len or trained_length(cfg)
     with torch.device("meta"):  # no random init of weights that are about to be overwritten
         model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=cfg.train.seed)
     model.to_empty(device=device)
-    cos, sin = rope_tables(cfg.model.dim // cfg.model.n_heads, max_seq_len, cfg.model.rope_theta)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
+    fill_rope_buffers(model, cfg.model, max_seq_len)
     return model
 
 

@@ -16,9 +16,7 @@ import torch
 from megatrain.config import Config
 from megatrain.errors import ConfigError, UserError
 from megatrain.model.mtp import MTPTransformer
-from megatrain.run_dir import STEP_DIR
-
-RESULTS_FOLDER = "eval"
+from megatrain.run_dir import RunDir
 
 
 @dataclass
@@ -43,11 +41,12 @@ class ModelSource:
                 raise ConfigError(f"--from {export_dir} is not a folder")
             return cls(None, Path(export_dir), None, "export")
         folder = checkpoint_folder(run_dir, step)
-        return cls(Path(run_dir), None, folder, str(int(STEP_DIR.match(folder.name).group(1))))
+        return cls(Path(run_dir), None, folder, str(RunDir.step_of(folder)))
 
     @property
     def results_dir(self) -> Path:
-        return (self.run_dir or self.export_dir) / RESULTS_FOLDER
+        """Where eval writes: the run dir's eval/ folder (an export's own eval/ folder)."""
+        return RunDir(self.run_dir or self.export_dir).eval_dir
 
     def describe(self) -> dict:
         if self.export_dir is not None:
@@ -61,8 +60,10 @@ class ModelSource:
         return config_of(self.folder) if self.folder is not None else None
 
     def trained_length(self) -> int | None:
+        from megatrain.spec import trained_length
+
         cfg = self.config()
-        return (cfg.model.max_seq_len or cfg.data.seq_len) if cfg is not None else None
+        return trained_length(cfg) if cfg is not None else None
 
     def load(self, device: torch.device, dtype: torch.dtype = torch.float32,
              max_seq_len: int | None = None) -> tuple[MTPTransformer, Config]:

@@ -16,7 +16,7 @@ from megatrain.config import ModelConfig
 from megatrain.model.heads import MTPHeads
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.layout import LayerLayout
-from megatrain.model.transformer import TransformerBlock, build_norm, rope_tables
+from megatrain.model.transformer import TransformerBlock, build_norm, model_rope_tables
 
 
 def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ class MTPTransformer(MTPHeads, nn.Module):
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(n_extra))
         self.norm = build_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

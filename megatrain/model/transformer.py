@@ -42,6 +42,19 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
     return angles.cos().float(), angles.sin().float()
 
 
+def model_rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE tables of ``cfg``'s attention heads for ``length`` positions."""
+    return rope_tables(cfg.dim // cfg.n_heads, length, cfg.rope_theta)
+
+
+def fill_rope_buffers(module: nn.Module, cfg: ModelConfig, length: int) -> None:
+    """Write the RoPE tables into ``module``'s ``rope_cos`` / ``rope_sin`` buffers: a module built
+    on the meta device and moved with ``to_empty`` holds uninitialised memory there."""
+    cos, sin = model_rope_tables(cfg, length)
+    module.rope_cos.copy_(cos)
+    module.rope_sin.copy_(sin)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1), (x2, x3) ... as Meta's complex-number RoPE does."""
     # x: (B, T, n_heads, head_dim); cos/sin: (T, head_dim // 2), or (B, T, head_dim // 2) when the

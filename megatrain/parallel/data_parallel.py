@@ -13,7 +13,7 @@ node, after the parameter list was taken: its gradients would land on nothing (t
 parameters are not in the node's graph) and be silently lost.
 
 Gradients are SUMMED over dp (divide factor 1): the loss is already normalised by the global
-batch's valid targets (trainer.head_scales), so each rank's gradient is its share of the sum.
+batch's valid targets (mtp_loss.head_scales), so each rank's gradient is its share of the sum.
 """
 
 from __future__ import annotations

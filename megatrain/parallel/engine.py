@@ -14,13 +14,12 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 
-from megatrain.config import Config
 from megatrain.model.mtp import MTPTransformer, count_parameters
 from megatrain.mtp_loss import HeadStats
 from megatrain.parallel.deepspeed_engine import parallelize_deepspeed
 from megatrain.parallel.parallelize import materialize, parallelize_mtp
 from megatrain.parallel.pipeline import MTPStage
-from megatrain.parallel.topology import ParallelDims
+from megatrain.spec import RunSpec
 
 
 class TrainingEngine(Protocol):
@@ -55,7 +54,7 @@ class TrainingEngine(Protocol):
         """Whether every parameter (on every rank) is finite; the same answer on every rank."""
 
 
-def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, device: torch.device,
+def build_engine(spec: RunSpec, mesh: DeviceMesh | None, device: torch.device,
                  autocast_dtype: torch.dtype | None,
                  init_weights: Mapping[str, torch.Tensor] | None = None) -> tuple[TrainingEngine, int]:
     """This rank's engine for ``parallel.dp_engine`` and the model's parameter count.
@@ -65,9 +64,9 @@ def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, devic
     AdamW inside (deepspeed_engine.py). ``init_weights`` (full tensors by parameter name:
     ``init.path``) replace the initial values, in both engines.
     """
+    cfg, dims, max_seq_len = spec.config, spec.dims, spec.max_seq_len
     t, p = cfg.train, cfg.parallel
-    max_seq_len = cfg.model.max_seq_len or cfg.data.seq_len
-    common = dict(device=device, local_batch=t.batch_size // p.dp,
+    common = dict(device=device, local_batch=spec.local_batch,
                   micro_batch_size=t.micro_batch_size, ignore_index=cfg.loss.ignore_index,
                   impl=cfg.loss.impl, compile_blocks=t.compile)
     if p.dp_engine == "deepspeed":
@@ -79,7 +78,9 @@ def build_engine(cfg: Config, dims: ParallelDims, mesh: DeviceMesh | None, devic
     with torch.device("meta"):
         model = MTPTransformer(cfg.model, max_seq_len=max_seq_len, seed=t.seed)
     fsdp_dtype = torch.bfloat16 if device.type == "cuda" and dims.dp_enabled else None
-    engine = parallelize_mtp(model, dims, mesh, p, param_dtype=fsdp_dtype, **common)
+    engine = parallelize_mtp(model, dims, mesh, p, param_dtype=fsdp_dtype,
+                             stage_layers=list(spec.stage_layers),
+                             n_microbatches=spec.pipeline_microbatches, **common)
     materialize(engine.stages, device, t.seed, max_seq_len, init_weights)
     engine.attach_optimizers(t, device.type)
     return engine, count_parameters(model)

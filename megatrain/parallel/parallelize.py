@@ -24,12 +24,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from megatrain.config import ParallelConfig
 from megatrain.head_grads import HeadGradSink
 from megatrain.model.mtp import initial_value
-from megatrain.model.transformer import rope_tables
+from megatrain.model.transformer import fill_rope_buffers
 from megatrain.parallel.data_parallel import apply_fsdp
 from megatrain.parallel.pipeline import MTPStage, build_schedule, split_model
 from megatrain.parallel.pipeline_layout import (
     SPLIT_BACKWARD,
-    check_pipeline_layout,
     local_stage_ids,
     resolve_microbatches,
 )
@@ -90,9 +89,7 @@ def materialize(stages: list[MTPStage], device: torch.device, seed: int, max_seq
                     param.to_local().copy_(shard)
                 else:
                     param.copy_(full)
-            cos, sin = rope_tables(stage.cfg.dim // stage.cfg.n_heads, max_seq_len, stage.cfg.rope_theta)
-            stage.rope_cos.copy_(cos)
-            stage.rope_sin.copy_(sin)
+            fill_rope_buffers(stage, stage.cfg, max_seq_len)
 
 
 def head_grad_mode(parallel: ParallelConfig) -> str:
@@ -112,19 +109,23 @@ def head_grad_sink(parallel: ParallelConfig) -> HeadGradSink:
 def parallelize_mtp(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None,
                 parallel: ParallelConfig, *, device: torch.device | None = None,
                 local_batch: int | None = None, micro_batch_size: int = 0,
+                stage_layers: list[int] | None = None, n_microbatches: int | None = None,
                 ignore_index: int = -100, impl: str = "auto",
                 param_dtype: torch.dtype | None = None, compile_blocks: bool = False) -> ParallelModel:
     """Turn a freshly initialised MTPTransformer (same seed on every rank) into this rank's parts.
 
-    ``mesh`` is ``dims.build_mesh()`` (None for a single process). ``local_batch`` is
-    train.batch_size / dp (needed to derive pipeline microbatches). ``param_dtype``: FSDP's
-    compute dtype (bf16 on GPU); gradients are reduced in float32.
+    ``mesh`` is ``dims.build_mesh()`` (None for a single process). ``stage_layers`` and
+    ``n_microbatches`` (pipelining) come validated from the run's ``RunSpec``; without them they are
+    derived here from ``local_batch`` (train.batch_size / dp) and ``micro_batch_size``, with the
+    same checks. ``param_dtype``: FSDP's compute dtype (bf16 on GPU); gradients are reduced in
+    float32.
     """
     device = device or torch.device("cpu")
-    dims.validate(model.cfg, parallel)
+    if stage_layers is None:  # not resolved by the caller: the checks resolve() runs
+        batch = None if local_batch is None else local_batch * dims.dp
+        stage_layers = dims.validate(model.cfg, parallel, batch, micro_batch_size)
     # 0. Pipeline split: keep only this rank's stages, original parameter names.
     if dims.pp_enabled:
-        stage_layers = check_pipeline_layout(model.cfg, dims.pp, parallel, local_batch, micro_batch_size)
         stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, parallel.pp_schedule,
                                     parallel.virtual_stages)
         stages = split_model(model, stage_layers, stage_ids, ignore_index, impl)
@@ -148,6 +149,6 @@ def parallelize_mtp(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | Non
         stage.head_grad_sink = head_grad_sink(parallel)
     schedule, n_micro = None, 1
     if dims.pp_enabled:
-        n_micro = resolve_microbatches(parallel, dims.pp, local_batch, micro_batch_size)
+        n_micro = n_microbatches or resolve_microbatches(parallel, dims.pp, local_batch, micro_batch_size)
         schedule = build_schedule(stages, mesh["pp"], parallel.pp_schedule, n_micro, device)
     return ParallelModel(stages, dims, mesh, schedule, n_micro)

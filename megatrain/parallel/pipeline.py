@@ -8,7 +8,7 @@ and the schedule.
 - A stage keeps the original parameter names (``layers.7.attention.wq.weight``): unowned entries
   are simply absent from its ``layers`` ModuleDict, so DCP checkpoints reshard between layouts.
 
-The loss of microbatch m is already normalised by the global batch (trainer.head_scales), so
+The loss of microbatch m is already normalised by the global batch (mtp_loss.head_scales), so
 the schedules run with ``scale_grads=False``: gradients are summed over microbatches, not averaged.
 """
 

@@ -82,7 +82,7 @@ class ParallelModel:
         """Forward + backward of this rank's batch share; gradients accumulate into ``.grad``.
 
         ``tokens`` (B_local, T) and ``targets`` (n_future, B_local, T) are this dp rank's rows
-        (the same on every tp and pp rank of it); ``head_scales`` from trainer.head_scales
+        (the same on every tp and pp rank of it); ``head_scales`` from mtp_loss.head_scales
         over the *global* batch. Returns the global summed loss and global HeadStats.
         """
         n = self.stages[0].n_future

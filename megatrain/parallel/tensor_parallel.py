@@ -61,6 +61,15 @@ def block_plan(sequence_parallel: bool) -> dict:
     }
 
 
+def block_weight_split_dims() -> dict[str, int]:
+    """The dim along which ``block_plan`` splits each block weight, by parameter-name suffix:
+    0 for column-parallel (the output features), 1 for row-parallel. The planner's account of
+    the shards reads this, not a copy of the plan."""
+    return {f"{name}.weight": 0 if isinstance(style, ColwiseParallel) else 1
+            for name, style in block_plan(sequence_parallel=False).items()
+            if isinstance(style, (ColwiseParallel, RowwiseParallel))}
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
     """Shard ``model`` (an MTPStage: one pipeline stage, or the whole model when pp=1) in place.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megatrain.config import ACTIVATION_CHECKPOINTING, DP_ENGINES, PP_SCHEDULES, ModelConfig
+from megatrain.config import ModelConfig
 from megatrain.errors import ConfigError
 from megatrain.parallel.pipeline_layout import check_pipeline_layout
 
@@ -53,8 +53,9 @@ class ParallelDims:
         return self.dp > 1
 
     def validate(self, model: ModelConfig, parallel=None, batch_size: int | None = None,
-                 micro_batch_size: int = 0) -> None:
-        """Check the degrees against the model (and the ``parallel`` section, if given)."""
+                 micro_batch_size: int = 0) -> list[int]:
+        """Check the degrees against the model (and the ``parallel`` section, if given); returns
+        the trunk layers per pipeline stage (empty without pipelining)."""
         n_kv = model.n_kv_heads or model.n_heads
         for key, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", n_kv),
                            ("model.vocab_size", model.vocab_size)):
@@ -68,25 +69,15 @@ class ParallelDims:
             raise ConfigError(f"train.batch_size={batch_size} must be a multiple of parallel.dp="
                               f"{self.dp} (each data-parallel rank takes an equal share)")
         if parallel is None:
-            return
-        if parallel.pp_schedule not in PP_SCHEDULES:
-            raise ConfigError(f"parallel.pp_schedule={parallel.pp_schedule!r} is not one of "
-                              f"{', '.join(PP_SCHEDULES)}")
-        if parallel.dp_engine not in DP_ENGINES:
-            raise ConfigError(f"parallel.dp_engine={parallel.dp_engine!r} is not one of "
-                              f"{', '.join(DP_ENGINES)}")
-        if parallel.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise ConfigError(f"parallel.activation_checkpointing="
-                              f"{parallel.activation_checkpointing!r} is not one of "
-                              f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+            return []
+        # the choices and ranges of single keys are config.validate's; these are the rules
+        # between the degrees and the other parallel keys
         if parallel.dp_engine == "deepspeed":
             if self.tp > 1 or self.pp > 1:
                 raise ConfigError(
                     f"parallel.dp_engine=deepspeed supports data parallelism only, got "
                     f"parallel.tp={self.tp}, parallel.pp={self.pp}; use parallel.dp_engine=fsdp "
                     f"(composes with tp and pp) or set parallel.tp=1 and parallel.pp=1")
-            if parallel.zero_stage not in (1, 2, 3):
-                raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} must be 1, 2 or 3")
             if parallel.offload_optimizer and parallel.zero_stage == 1:
                 raise ConfigError("parallel.offload_optimizer=true needs parallel.zero_stage=2 or 3 "
                                   "(ZeRO-Offload partitions gradients); raise parallel.zero_stage")
@@ -98,7 +89,8 @@ class ParallelDims:
                               "set parallel.sequence_parallel=false")
         if self.pp > 1:
             local_batch = None if batch_size is None else batch_size // self.dp
-            check_pipeline_layout(model, self.pp, parallel, local_batch, micro_batch_size)
+            return check_pipeline_layout(model, self.pp, parallel, local_batch, micro_batch_size)
+        return []
 
     def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
         """The (dp, pp, tp) device mesh; needs the process group (``init_distributed``)."""

@@ -33,7 +33,7 @@ import torch
 from megatrain.config import Config
 from megatrain.model.layout import LayerLayout
 from megatrain.parallel.parallelize import head_grad_mode
-from megatrain.parallel.pipeline_layout import resolve_microbatches, stages_per_rank
+from megatrain.parallel.pipeline_layout import stages_per_rank
 from megatrain.planning.schedules import occupancy, rank_actions
 from megatrain.planning.shards import (
     LocalParameter,
@@ -44,6 +44,7 @@ from megatrain.planning.shards import (
     stages_of_rank,
 )
 from megatrain.planning.trace import HeadsMemory, LayerMemory, trace_heads, trace_layer
+from megatrain.spec import RunSpec
 
 FP32 = 4
 INT64 = 8
@@ -108,17 +109,6 @@ class _ModelKey:
         return isinstance(other, _ModelKey) and self._key == other._key
 
 
-def micro_batch(cfg: Config) -> tuple[int, int]:
-    """(sequences per forward, forwards per step) on one rank."""
-    t, p = cfg.train, cfg.parallel
-    local = t.batch_size // p.dp
-    if p.pp > 1:
-        n_micro = resolve_microbatches(p, p.pp, local, t.micro_batch_size)
-        return local // n_micro, n_micro
-    micro = t.micro_batch_size or local
-    return micro, local // micro
-
-
 class _Ledger:
     """Live parts of one rank through the step; records each phase's peak and the parts at the peak."""
 
@@ -148,8 +138,9 @@ class _Ledger:
             self.peak, self.peak_phase, self.at_peak = total, phase, live
 
 
-def plan_rank(cfg: Config, rank: int, shapes: dict | None = None) -> RankPlan:
-    """The predicted memory of ``rank`` in the layout of ``cfg`` (``model.vocab_size`` resolved)."""
+def plan_rank(spec: RunSpec, rank: int, shapes: dict | None = None) -> RankPlan:
+    """The predicted memory of ``rank`` in the resolved layout ``spec``."""
+    cfg = spec.config
     p, model = cfg.parallel, cfg.model
     target = target_of(cfg)
     coords = rank_coords(rank, p.dp, p.pp, p.tp)
@@ -158,7 +149,7 @@ def plan_rank(cfg: Config, rank: int, shapes: dict | None = None) -> RankPlan:
     my_stages = stages_of_rank(cfg, coords.pp_rank)
     layers_per_stage = stage_trunk_layers(cfg)
     last_stage = len(layers_per_stage) - 1
-    micro, n_micro = micro_batch(cfg)
+    micro, n_micro = spec.micro_batch, spec.forwards_per_step
     seq = cfg.data.seq_len
     tp = p.tp
     key = _ModelKey(model)
@@ -168,7 +159,7 @@ def plan_rank(cfg: Config, rank: int, shapes: dict | None = None) -> RankPlan:
 
     ledger = _Ledger()
     grads = _persistent(ledger, held, p, deepspeed, target, LayerLayout.of(model).trunk_keys)
-    local_batch = cfg.train.batch_size // p.dp
+    local_batch = spec.local_batch
     ledger.set("batch (token ids and targets)",
                local_batch * (seq + 1) * INT64 + model.n_future * local_batch * seq * INT64)
 
@@ -328,9 +319,10 @@ def _largest_param(held: list[LocalParameter]) -> int:
     return max((x.local_numel for x in held), default=0)
 
 
-def plan_layout(cfg: Config) -> list[RankPlan]:
+def plan_layout(spec: RunSpec) -> list[RankPlan]:
     """Every rank's plan. Ranks that differ only in their data-parallel replica share one
     computation unless shard padding makes them differ (it is recomputed for the tail ranks)."""
+    cfg = spec.config
     p = cfg.parallel
     shapes = model_shapes(cfg)
     world = p.dp * p.pp * p.tp
@@ -342,7 +334,7 @@ def plan_layout(cfg: Config) -> list[RankPlan]:
         signature = (coords.pp_rank, coords.tp_rank, tuple(x.allocated_numel for x in held),
                      tuple(x.local_numel for x in held))
         if signature not in cache:
-            cache[signature] = plan_rank(cfg, rank, shapes)
+            cache[signature] = plan_rank(spec, rank, shapes)
         base = cache[signature]
         plans.append(RankPlan(rank, base.stages, base.peak_bytes, base.peak_phase, base.breakdown,
                               base.phases))

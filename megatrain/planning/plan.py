@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from megatrain.config import Config, validate
-from megatrain.data.shards import read_manifest
+from megatrain.config import Config
 from megatrain.errors import ConfigError
 from megatrain.parallel.topology import ParallelDims
 from megatrain.planning.memory_model import RankPlan, plan_layout, target_of, with_allowance
+from megatrain.spec import RunSpec, resolve
 
 GB = 1e9
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 1
@@ -26,10 +26,14 @@ EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 1
 
 @dataclass
 class Plan:
-    cfg: Config
+    spec: RunSpec
     ranks: list[RankPlan]
     device_memory_bytes: int
     needed: list[int]  # per rank: prediction plus the device's own overheads
+
+    @property
+    def cfg(self) -> Config:
+        return self.spec.config
 
     @property
     def worst(self) -> RankPlan:
@@ -52,41 +56,32 @@ class Plan:
                           for r, need in zip(self.ranks, self.needed)]}
 
 
-def resolve_layout(cfg: Config, world_size: int | None) -> Config:
-    """A copy of ``cfg`` whose degrees multiply to ``world_size`` and whose vocabulary is known."""
+def resolve_layout(cfg: Config, world_size: int | None) -> RunSpec:
+    """``cfg`` resolved (``megatrain.spec.resolve``, without building the embedded corpus) for
+    ``world_size`` processes: ``parallel.dp`` left at 1 takes what tp and pp leave."""
     cfg = copy.deepcopy(cfg)
     p = cfg.parallel
     if world_size is not None:
         if p.dp == 1 and world_size % (p.tp * p.pp) == 0:
             p.dp = world_size // (p.tp * p.pp)
         ParallelDims(p.dp, p.tp, p.pp, world_size)  # names the keys when the product differs
-    if cfg.model.vocab_size < 1:
-        if not cfg.data.path:
-            raise ConfigError("model.vocab_size=0 means 'the dataset's', but data.path is empty: set "
-                              "model.vocab_size (e.g. 32000) or data.path to a prepared dataset")
-        from megatrain.trainer import resolve_vocab  # the trainer's rounding, not a copy of it
-
-        resolve_vocab(cfg, int(read_manifest(cfg.data.path)["vocab_size"]), cfg.data.path)
-    validate(cfg)
-    ParallelDims(p.dp, p.tp, p.pp, p.dp * p.tp * p.pp).validate(cfg.model, p, cfg.train.batch_size,
-                                                              cfg.train.micro_batch_size)
-    return cfg
+    return resolve(cfg, world_size=world_size, data="existing")
 
 
 def make_plan(cfg: Config, device_memory_gb: float, world_size: int | None = None) -> Plan:
-    cfg = resolve_layout(cfg, world_size)
-    ranks = plan_layout(cfg)
-    target = target_of(cfg)
+    spec = resolve_layout(cfg, world_size)
+    ranks = plan_layout(spec)
+    target = target_of(spec.config)
     needed = [with_allowance(r, target) for r in ranks]
-    return Plan(cfg, ranks, int(device_memory_gb * GB), needed)
+    return Plan(spec, ranks, int(device_memory_gb * GB), needed)
 
 
 # ---- what would make it fit -------------------------------------------------------------------
-def _alternatives(cfg: Config, gpus_per_node: int | None) -> list[tuple[str, list[str]]]:
+def _alternatives(spec: RunSpec, gpus_per_node: int | None) -> list[tuple[str, list[str]]]:
     """(description, overrides) of single changes, cheapest in step time first."""
-    p, t = cfg.parallel, cfg.train
+    p = spec.config.parallel
     out = []
-    micro = t.micro_batch_size or t.batch_size // p.dp
+    micro = spec.micro_batch
     if micro > 1:
         out.append((f"halve the microbatch: train.micro_batch_size={micro // 2}",
                     [f"train.micro_batch_size={micro // 2}"]))
@@ -113,7 +108,7 @@ def _changed(cfg: Config, overrides: list[str]) -> Config:
 def suggestions(plan: Plan, gpus_per_node: int | None = None) -> list[tuple[str, int]]:
     """The single changes that would fit, with their predicted peak."""
     found = []
-    for description, overrides in _alternatives(plan.cfg, gpus_per_node):
+    for description, overrides in _alternatives(plan.spec, gpus_per_node):
         try:
             changed = make_plan(_changed(plan.cfg, overrides), plan.device_memory_bytes / GB)
         except ConfigError:

@@ -31,10 +31,10 @@ from megatrain.parallel.pipeline_layout import (
     local_stage_ids,
     stages_per_rank,
 )
+from megatrain.parallel.tensor_parallel import block_weight_split_dims
 
-COLWISE = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-           "feed_forward.w1.weight", "feed_forward.w3.weight")
-ROWWISE = ("attention.wo.weight", "feed_forward.w2.weight")
+# the block weights' split dims, from the TP plan itself (suffix -> dim)
+BLOCK_SPLIT_DIMS = block_weight_split_dims()
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,11 @@ def tp_local_shape(name: str, shape: tuple[int, ...], tp: int, tp_rank: int) -> 
     """The shape of ``name`` on one tensor-parallel rank."""
     if tp == 1 or len(shape) == 1 or name.startswith("linear_heads."):
         return shape
-    if name.startswith(("tok_embeddings.", "output.")) or name.endswith(COLWISE):
+    suffix = ".".join(name.split(".")[-3:])  # e.g. attention.wq.weight
+    dim = 0 if name.startswith(("tok_embeddings.", "output.")) else BLOCK_SPLIT_DIMS.get(suffix)
+    if dim == 0:
         return (chunk_size(shape[0], tp, tp_rank), *shape[1:])
-    if name.endswith(ROWWISE):
+    if dim == 1:
         return (shape[0], chunk_size(shape[1], tp, tp_rank))
     return shape
 

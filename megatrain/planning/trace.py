@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from megatrain.config import ModelConfig
-from megatrain.model.transformer import TransformerBlock, rope_tables
+from megatrain.model.transformer import TransformerBlock, model_rope_tables
 from megatrain.planning.shards import chunk_size
 from megatrain.profiling.live_bytes import LiveBytes
 
@@ -85,7 +85,7 @@ def trace_layer(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
         if checkpointed:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             block = checkpoint_wrapper(block, preserve_rng_state=False)
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, seq, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg, seq)
         # the residual stream is in the weights' dtype (FSDP's bf16 compute copies make the
         # embedding's output bf16), float32 otherwise
         x = torch.randn(batch, seq, cfg.dim, dtype=param_dtype or torch.float32, requires_grad=True)

@@ -30,14 +30,14 @@ from megatrain.errors import UserError
 from megatrain.files import atomic_write_text
 from megatrain.mtp_loss import HeadStats, mtp_loss_naive
 from megatrain.parallel.comm import agree_flags
-from megatrain.parallel.pipeline_layout import resolve_microbatches
 from megatrain.parallel.process_group import init_distributed
 from megatrain.profiling.cpu_counter import CpuAllocationCounter
 from megatrain.profiling.cuda_counter import CudaAllocatorCounter
 from megatrain.profiling.phases import recording
 from megatrain.profiling.report import format_report, head_summary, per_phase_step_peaks
 from megatrain.profiling.timeline_plot import plot_timeline
-from megatrain.trainer import resolve_device, setup, train_step
+from megatrain.spec import RunSpec, resolve
+from megatrain.trainer import setup, train_step
 
 _SCRATCH_MARKER = "MEGATRAIN_PROFILE_RUN"
 WARMUP_STEPS = 1  # builds the optimizer state and the pipeline's buffers before anything is measured
@@ -48,7 +48,7 @@ BASELINE = "bytes allocated since the profiler started (before the model was bui
 class _Measured:
     ranks: list[dict]  # {"rank", "peak_bytes", "phases"} per rank, in rank order
     timelines: list[dict]  # {"t_s", "bytes"} per rank
-    cfg: Config  # as the run resolved it (model.vocab_size from the dataset)
+    spec: RunSpec  # the profiled run, resolved
     device: torch.device
     autocast_dtype: torch.dtype | None
 
@@ -93,9 +93,10 @@ def _title(profile: dict, loss: str) -> str:
 
 
 def _profile_dict(measured: _Measured, steps: int) -> dict:
-    cfg, p = measured.cfg, measured.cfg.parallel
+    spec = measured.spec
+    cfg, p = spec.config, spec.config.parallel
     ce_dtype = measured.autocast_dtype or torch.float32
-    tokens = tokens_per_loss(cfg)
+    tokens = spec.micro_batch * cfg.data.seq_len  # what each head's loss sees at a time on a rank
     return {
         "baseline": BASELINE,
         "device": measured.device.type,
@@ -110,17 +111,6 @@ def _profile_dict(measured: _Measured, steps: int) -> dict:
         "naive_logits_bytes_per_head": tokens * (cfg.model.vocab_size // p.tp) * ce_dtype.itemsize,
         "ranks": measured.ranks,
     }
-
-
-def tokens_per_loss(cfg: Config) -> int:
-    """Tokens in one microbatch: what each head's loss sees at a time on a rank."""
-    t, p = cfg.train, cfg.parallel
-    local_batch = t.batch_size // p.dp
-    if p.pp > 1:
-        rows = local_batch // resolve_microbatches(p, p.pp, local_batch, t.micro_batch_size)
-    else:
-        rows = t.micro_batch_size or local_batch
-    return rows * cfg.data.seq_len
 
 
 def _profiling_config(cfg: Config, run_dir: Path) -> Config:
@@ -143,8 +133,9 @@ def _counter(device: torch.device, out_dir: Path, rank: int, naive: bool):
 def _measure(cfg: Config, steps: int, out_dir: Path, naive: bool) -> _Measured:
     cfg = _profiling_config(cfg, out_dir / ("run_naive" if naive else "run"))
     env = init_distributed()  # setup joins too; joining first lets rank 0 clear the scratch run dir
-    _fresh_scratch_run_dir(Path(cfg.run.dir), env.rank)
-    device, autocast_dtype = resolve_device(cfg, env.local_rank)
+    spec = resolve(cfg, world_size=env.world_size)
+    _fresh_scratch_run_dir(spec.run_dir.path, env.rank)
+    device, autocast_dtype = spec.device(env.local_rank)
     # Whatever an earlier measurement in this process left must be gone before the counter starts:
     # a block freed while it counts but allocated while an earlier one counted would be subtracted.
     gc.collect()
@@ -154,7 +145,7 @@ def _measure(cfg: Config, steps: int, out_dir: Path, naive: bool) -> _Measured:
     try:
         try:
             with recording(counter):
-                run = setup(cfg)
+                run = setup(spec)
                 if naive:
                     for stage in run.engine.stages:
                         stage.loss_fn = naive_mtp_loss
@@ -175,7 +166,7 @@ def _measure(cfg: Config, steps: int, out_dir: Path, naive: bool) -> _Measured:
     timelines = [r.pop("timeline") for r in everyone]
     for entry in everyone:
         entry["heads"] = head_summary(entry["phases"])  # None on ranks without heads
-    return _Measured(everyone, timelines, cfg, device, autocast_dtype)
+    return _Measured(everyone, timelines, spec, device, autocast_dtype)
 
 
 def _fresh_scratch_run_dir(run_dir: Path, rank: int) -> None:
