@@ -65,8 +65,10 @@ def test_prefill_and_cached_steps_equal_a_full_forward(head_type):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["adaptive", "always"])
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
-def test_speculative_greedy_is_greedy_token_for_token_with_rows_accepting_differently(head_type, trained):
+def test_speculative_greedy_is_greedy_token_for_token_with_rows_accepting_differently(head_type, policy,
+                                                                                     trained):
     model = trained[head_type]
     g = torch.Generator().manual_seed(5)
     in_task = _counting(3, 7, g).tolist()
@@ -74,13 +76,18 @@ def test_speculative_greedy_is_greedy_token_for_token_with_rows_accepting_differ
     prompts = in_task + off_task + [[4]]
     generator = Generator(model)
     plain = generator.generate(prompts, 40)
-    spec = generator.generate(prompts, 40, speculative=True)
+    spec = generator.generate(prompts, 40, speculative=True, draft_policy=policy)
     assert spec.tokens == plain.tokens
+    for row in range(len(prompts)):  # one row alone: the same tokens as in the batch
+        alone = generator.generate(prompts[row:row + 1], 40, speculative=True, draft_policy=policy)
+        assert alone.tokens[0] == plain.tokens[row]
     assert plain.tokens_per_forward == 1.0
-    # the heads learned the task: most drafts are kept, so far fewer forwards are needed
-    assert spec.tokens_per_forward > 2.0, (spec.tokens_per_forward, spec.accepted_per_head)
-    assert spec.forwards < plain.forwards / 1.8
     assert spec.accepted_per_head[0] == 1.0 and len(spec.accepted_per_head) == 3
+    if policy == "always":  # the heads learned the task: most drafts are kept, far fewer forwards
+        assert spec.tokens_per_forward > 2.0, (spec.tokens_per_forward, spec.accepted_per_head)
+        assert spec.forwards < plain.forwards / 1.8
+    else:  # how many it verifies is the policy's cost-based choice; it does draft here
+        assert spec.tokens_per_forward > 1.3 and max(spec.decisions["forwards_by_block_width"]) == 3
 
 
 def test_speculative_greedy_equals_greedy_for_an_untrained_model_with_eos():
@@ -106,9 +113,79 @@ def test_speculative_decoding_skips_a_verify_forward_when_every_row_needs_one_to
     one = generator.generate(prompts, 1, speculative=True)
     assert one.forwards == 0 and one.tokens == generator.generate(prompts, 1).tokens
     for new in (2, 5, 9):  # random heads: about one token per forward, the last one free
-        plain, spec = generator.generate(prompts, new), generator.generate(prompts, new, speculative=True)
+        plain = generator.generate(prompts, new)
+        spec = generator.generate(prompts, new, speculative=True, draft_policy="always")
         assert spec.tokens == plain.tokens
         assert spec.forwards <= plain.forwards
+
+
+def _fixed_costs(generator, monkeypatch, batch, costs):
+    """The policy's forward costs held at ``costs`` (seconds by block width): its decisions then
+    depend on the acceptance alone, not on this machine's timing noise."""
+    from megatrain.inference.draft_policy import AdaptiveDrafts
+
+    monkeypatch.setattr(AdaptiveDrafts, "measured", lambda self, *args: None)
+    monkeypatch.setattr(AdaptiveDrafts, "charge_catch_up", lambda self, *args: None)
+    generator._costs[batch] = dict(costs)
+
+
+TWICE_PLAIN = {1: 1.0, 2: 1.5, 3: 1.8, 4: 2.0}  # a verify of 3 drafts costs two plain forwards
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_adaptive_drafting_turns_to_plain_decoding_where_drafts_are_never_kept(head_type, monkeypatch):
+    """Random heads: the policy decodes plainly, probing with a doubling interval (8, 16, 32 ...);
+    the extra heads catch up in one forward per probe. The same tokens as plain decoding."""
+    model = MTPTransformer(_cfg(head_type, n_future=4, n_layers=6), max_seq_len=160, seed=7).eval()
+    generator = Generator(model)
+    _fixed_costs(generator, monkeypatch, 1, TWICE_PLAIN)
+    plain = generator.generate([[1, 2, 3]], 120)
+    spec = generator.generate([[1, 2, 3]], 120, speculative=True)
+    assert spec.tokens == plain.tokens
+    widths, probes = spec.decisions["forwards_by_block_width"], spec.decisions["probes"]
+    verifies = sum(n for w, n in widths.items() if w > 1)
+    catch_ups = spec.decisions["catch_up_forwards"]
+    assert probes == 3 and verifies == probes, spec.decisions
+    if head_type == "anticausal":  # head 1 reads the others: every forward runs them all, no catch-up
+        assert catch_ups == 0 and spec.forwards == plain.forwards, spec.decisions
+    else:  # each probe costs one catch-up forward of the extra heads, and nothing else
+        assert catch_ups == probes and spec.forwards == plain.forwards + probes, spec.decisions
+
+
+def test_adaptive_drafting_keeps_drafting_where_drafts_are_kept(trained, monkeypatch):
+    model = trained["transformer"]
+    prompts = _counting(2, 7, torch.Generator().manual_seed(9)).tolist()
+    generator = Generator(model)
+    _fixed_costs(generator, monkeypatch, 2, {1: 1.0, 2: 1.5, 3: 2.0})
+    spec = generator.generate(prompts, 60, speculative=True)
+    always = generator.generate(prompts, 60, speculative=True, draft_policy="always")
+    assert spec.tokens == always.tokens == generator.generate(prompts, 60).tokens
+    widths = spec.decisions["forwards_by_block_width"]
+    # the prior (half the drafts kept) does not pay at twice the cost: plain first, until a probe
+    # finds the drafts kept; from then on it verifies both
+    assert spec.decisions["probes"] == 1 and widths[3] > widths[1], spec.decisions
+    assert spec.tokens_per_forward > 1.8, spec.decisions
+
+
+def test_speculative_sampling_draws_fresh_from_head_1_after_the_drafts_a_row_verified():
+    """A row whose policy verified k drafts and kept them all draws its next token from head 1's
+    distribution after them, not from the residual of a draft it never verified."""
+    from megatrain.inference.generate import _speculative_sampling
+
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 20000, 4
+    p_logits = torch.randn(1, 3, vocab, generator=g).expand(rows, 3, vocab)
+    drafts = torch.zeros(rows, 2, dtype=torch.long)  # token 0 at both depths
+    q = torch.full((rows, 2, vocab), 0.0)
+    q[..., 0] = 1.0  # the drafts were certain: a rejection's residual puts nothing on token 0
+    sampling = Sampling(temperature=1.0)
+    p = sampling.probs(p_logits[0])  # (3, V)
+    for limit, position in ((0, 0), (1, 1)):
+        n_kept, t0 = _speculative_sampling(p_logits, drafts, q, sampling, g, torch.full((rows,), limit))
+        assert int(n_kept.max()) <= limit
+        fresh = t0[n_kept == limit]  # every verified draft kept: a fresh draw at `position`
+        freq = torch.bincount(fresh, minlength=vocab).float() / len(fresh)
+        torch.testing.assert_close(freq, p[position], atol=0.02, rtol=0)
 
 
 def _pairs(tokens, n_rows):
@@ -136,7 +213,7 @@ def test_speculative_sampling_keeps_head_1s_distribution(trained, monkeypatch):
 
     def tv(speculative, seed):
         result = Generator(model).generate([prompt] * rows, 2, speculative=speculative,
-                                           sampling=Sampling(1.5, 0.95, seed))
+                                           sampling=Sampling(1.5, 0.95, seed), draft_policy="always")
         return 0.5 * (_pairs(result.tokens, rows) - exact).abs().sum(), result
 
     plain_tv, _ = tv(False, 11)
@@ -144,7 +221,7 @@ def test_speculative_sampling_keeps_head_1s_distribution(trained, monkeypatch):
     assert 0.2 < spec.accepted_per_head[1] < 0.9  # the acceptance rule is really exercised
     assert plain_tv < 1.6 * noise and spec_tv < 1.6 * noise, (plain_tv, spec_tv, noise)
 
-    def keep_everything(p_logits, drafts, draft_probs, sampling, generator):
+    def keep_everything(p_logits, drafts, draft_probs, sampling, generator, limit=None):
         n_kept = torch.full((drafts.shape[0],), drafts.shape[1], dtype=torch.long)
         return n_kept, torch.multinomial(sampling.probs(p_logits[:, -1]), 1, generator=generator)[:, 0]
 
@@ -182,9 +259,12 @@ def test_generate_cli_from_a_run_dir_and_from_its_export(dataset, tmp_path, caps
 
     plain = generate("--run-dir", str(run))
     spec = generate("--run-dir", str(run), "--speculative")
-    assert spec["tokens"] == plain["tokens"] and spec["text"] == plain["text"]
+    always = generate("--run-dir", str(run), "--speculative", "--draft-policy", "always")
+    assert spec["tokens"] == always["tokens"] == plain["tokens"] and spec["text"] == plain["text"]
     assert len(plain["tokens"]) == 12 and plain["tokens_per_forward"] == 1.0
     assert len(spec["accepted_per_head"]) == 3 and spec["tokens_per_s"] > 0
+    assert spec["decisions"]["policy"] == "adaptive" and always["decisions"]["policy"] == "always"
+    assert set(always["decisions"]["forwards_by_block_width"]) == {"3"}  # JSON keys are strings
     assert main(["export", "--run-dir", str(run), "--format", "meta", "--out", str(tmp_path / "meta")]) == 0
     capsys.readouterr()
     assert generate("--from", str(tmp_path / "meta"))["tokens"] == plain["tokens"]

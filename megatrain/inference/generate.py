@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatrain.inference.draft_policy import make_policy
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
 
@@ -55,10 +56,11 @@ class Sampling:
 @dataclass
 class Generation:
     tokens: list[list[int]]  # the new tokens of each row, up to and including EOS
-    forwards: int  # decoding forwards after the prompt's prefill
+    forwards: int  # decoding forwards after the prompt's prefill (catch-up forwards included)
     accepted: list[int] = field(default_factory=list)  # per head: steps its token was kept
     steps: int = 0  # row-steps of decoding (forwards x rows still generating)
     seconds: float = 0.0
+    decisions: dict = field(default_factory=dict)  # the draft policy's (speculative decoding)
 
     @property
     def n_new(self) -> int:
@@ -74,6 +76,9 @@ class Generation:
         return [a / max(self.steps, 1) for a in self.accepted]
 
 
+DRAFT_POLICIES = ("adaptive", "always")
+
+
 class Generator:
     """Greedy or sampled generation from an MTPTransformer, plain or self-speculative."""
 
@@ -81,10 +86,14 @@ class Generator:
         self.model = model.eval()
         self.n = model.n_future
         self.capacity = model.rope_cos.shape[0]
+        self._costs: dict[int, dict[int, float]] = {}  # batch size -> the draft policy's costs
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling | None = None,
-                 speculative: bool = False, eos_id: int | None = None) -> Generation:
+                 speculative: bool = False, eos_id: int | None = None,
+                 draft_policy: str = "adaptive") -> Generation:
+        """``draft_policy`` (speculative only): "adaptive" verifies per row as many drafts as pay
+        (draft_policy.py), "always" every draft on every forward."""
         sampling = sampling or Sampling()
         if speculative and self.n == 1:
             speculative = False  # nothing to draft with: plain decoding is the same thing
@@ -101,13 +110,17 @@ class Generator:
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         state = _Rows(prompts, max_new_tokens, eos_id, self.n)
         cache = ModelCache.for_model(self.model, len(prompts), need)
-        logits = self._prefill(prompts, cache, all_heads=speculative)
+        decisions = {}
         if speculative:
-            self._speculative(state, cache, logits, sampling, generator)
+            costs = self._costs.setdefault(len(prompts), {})  # measured forwards, kept across calls
+            policy = make_policy(draft_policy, self.n, len(prompts), costs)
+            _SpeculativeDecoding(self, state, cache, sampling, generator, policy).run(prompts)
+            decisions = {"policy": policy.name, **policy.decisions.as_dict()}
         else:
+            logits = self._prefill(prompts, cache, all_heads=False)
             self._plain(state, cache, logits[0], sampling, generator)
         return Generation(state.output(), state.forwards, state.accepted, state.steps,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, decisions)
 
     # ---- forwards ------------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache,
@@ -155,43 +168,110 @@ class Generator:
             state.forwards += 1
             nxt = _pick(logits, sampling, generator)
 
-    # ---- self-speculative decoding ---------------------------------------------------------------
-    def _speculative(self, state, cache, logits, sampling, generator) -> None:
-        n, batch = self.n, state.batch
-        rows = torch.arange(batch)
-        t0 = _pick(logits[0], sampling, generator)
-        drafts, draft_probs = self._draft(logits[1:], sampling, generator)
+
+class _SpeculativeDecoding:
+    """One self-speculative generation: t0 from head 1, drafts from heads 2..n, verified in blocks
+    whose width the draft policy picks; plain forwards (and the extra heads' catch-up) where it
+    picks none."""
+
+    def __init__(self, gen: Generator, state, cache: ModelCache, sampling: Sampling, generator, policy):
+        self.gen, self.model, self.n = gen, gen.model, gen.n
+        self.state, self.cache, self.policy = state, cache, policy
+        self.sampling, self.generator = sampling, generator
+        self.device = self.model.rope_cos.device
+        # The extra heads skip plain forwards; what they will read there waits here (what the
+        # first extra head reads: the trunk output, or head 1's output for causal heads) with its
+        # positions, until drafting resumes (``_catch_up``).
+        self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # anticausal heads: head 1 reads head 2 (and so on): every forward runs them all anyway
+        self.extra_heads_always_run = self.model.head_type == "anticausal"
+
+    def run(self, prompts) -> None:
+        state = self.state
+        outs = self.gen._prefill(prompts, self.cache, all_heads=True)
+        t0 = _pick(outs[0], self.sampling, self.generator)
+        drafts, draft_probs = self._draft(outs[1:])
         while state.active():
             if state.last_token_of_every_row():  # t0 is head 1's own: no verify forward needed
-                state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * batch)
+                state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * state.batch)
                 break
-            block = torch.cat([t0[:, None], drafts], dim=1)  # (B, n): t0, d1 .. d_{n-1}
-            positions = state.lengths[:, None] + torch.arange(n)  # t0 sits at the row's length
-            outs = self._forward(block.to(self.model.rope_cos.device),
-                                 positions.to(self.model.rope_cos.device), cache, True)
-            state.forwards += 1
-            p = self.model.logits(outs[0]).float().cpu()  # (B, n, V): head 1 after each block token
-            if sampling.greedy:
-                predicted = p.argmax(-1)  # (B, n)
-                kept = (drafts == predicted[:, :-1]).long().cumprod(dim=1)  # (B, n-1)
-                n_kept = kept.sum(1)
-                t0_next = predicted[rows, n_kept]
-            else:
-                n_kept, t0_next = _speculative_sampling(p, drafts, draft_probs, sampling, generator)
-            emitted = [[int(t0[r])] + drafts[r, :int(n_kept[r])].tolist() for r in range(batch)]
-            state.emit(emitted, accepted_drafts=n_kept.tolist())
-            # heads 2..n draft after the last kept token: only there are they unembedded
-            drafts, draft_probs = self._draft([self._logits_at(out, n_kept) for out in outs[1:]],
-                                              sampling, generator)
-            t0 = t0_next
+            active = [r for r in range(state.batch) if not state.done[r]]
+            limits = self.policy.choose(active)
+            if not any(limits.values()) and not self.extra_heads_always_run:
+                t0 = self._plain_step(t0)
+                drafts = None
+                continue
+            if drafts is None:  # after plain forwards: the extra heads catch up, then draft
+                drafts, draft_probs = self._catch_up()
+            t0, drafts, draft_probs = self._verify_step(t0, drafts, draft_probs, limits)
 
-    def _draft(self, picked: list[torch.Tensor], sampling, generator):
+    # ---- the three kinds of forward ---------------------------------------------------------------
+    def _plain_step(self, t0: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * state.batch)
+        positions = (state.lengths[:, None] - 1).to(self.device)  # the token just emitted
+        started = time.perf_counter()
+        self.cache.at(positions)
+        hidden = self.model.trunk(t0[:, None].to(self.device), self.cache)
+        out = self.model.head_forward(0, hidden, self.cache)
+        logits = self.gen._logits_at(out, torch.zeros(state.batch, dtype=torch.long))
+        self.policy.measured(1, False, time.perf_counter() - started)
+        self.policy.decisions.count(1)
+        state.forwards += 1
+        self.waiting.append((positions, out if self.model.heads_are_chained else hidden))
+        return _pick(logits, self.sampling, self.generator)
+
+    def _catch_up(self):
+        """Run the extra heads over the positions they skipped (one batched forward); their
+        outputs at the last of them are the drafts for the next block."""
+        positions = torch.cat([p for p, _ in self.waiting], dim=1)
+        inputs = torch.cat([x for _, x in self.waiting], dim=1)
+        started = time.perf_counter()
+        self.cache.at(positions)
+        outs = self.model.extra_head_outputs(inputs, self.cache)
+        last = torch.full((self.state.batch,), inputs.shape[1] - 1, dtype=torch.long)
+        drafts = self._draft([self.gen._logits_at(o, last) for o in outs])
+        self.policy.charge_catch_up(time.perf_counter() - started, len(self.waiting))
+        self.policy.decisions.catch_ups += 1
+        self.state.forwards += 1
+        self.waiting = []
+        return drafts
+
+    def _verify_step(self, t0, drafts, draft_probs, limits: dict[int, int]):
+        state, batch = self.state, self.state.batch
+        width = 1 + max(limits.values())
+        limit = torch.tensor([limits.get(r, 0) for r in range(batch)])
+        block = torch.cat([t0[:, None], drafts[:, :width - 1]], dim=1)  # (B, W): t0, d1 .. d_{W-1}
+        positions = state.lengths[:, None] + torch.arange(width)  # t0 sits at the row's length
+        started = time.perf_counter()
+        outs = self.gen._forward(block.to(self.device), positions.to(self.device), self.cache, True)
+        p = self.model.logits(outs[0]).float().cpu()  # (B, W, V): head 1 after each block token
+        if self.sampling.greedy:
+            predicted = p.argmax(-1)  # (B, W)
+            kept = (block[:, 1:] == predicted[:, :-1]).long().cumprod(dim=1).sum(1)
+            n_kept = torch.minimum(kept, limit)
+            t0_next = predicted[torch.arange(batch), n_kept]
+        else:
+            n_kept, t0_next = _speculative_sampling(p, block[:, 1:], draft_probs[:, :width - 1],
+                                                    self.sampling, self.generator, limit)
+        state.forwards += 1
+        emitted = [[int(t0[r])] + block[r, 1:1 + int(n_kept[r])].tolist() for r in range(batch)]
+        for r in limits:
+            self.policy.observe(r, int(limit[r]), int(n_kept[r]))
+        state.emit(emitted, accepted_drafts=n_kept.tolist())
+        # heads 2..n draft after the last kept token: only there are they unembedded
+        drafts, draft_probs = self._draft([self.gen._logits_at(out, n_kept) for out in outs[1:]])
+        self.policy.measured(width, True, time.perf_counter() - started)
+        self.policy.decisions.count(width)
+        return t0_next, drafts, draft_probs
+
+    def _draft(self, picked: list[torch.Tensor]):
         """Heads 2..n's tokens from their logits (B, V) each: (B, n-1), and the distributions
         they were drawn from (sampling only)."""
-        if sampling.greedy:
+        if self.sampling.greedy:
             return torch.stack([lg.argmax(-1) for lg in picked], dim=1), None
-        probs = [sampling.probs(lg) for lg in picked]
-        tokens = torch.stack([torch.multinomial(q, 1, generator=generator)[:, 0] for q in probs], dim=1)
+        probs = [self.sampling.probs(lg) for lg in picked]
+        tokens = torch.stack([torch.multinomial(q, 1, generator=self.generator)[:, 0] for q in probs], dim=1)
         return tokens, torch.stack(probs, dim=1)  # (B, n-1), (B, n-1, V)
 
 
@@ -202,25 +282,27 @@ def _pick(logits: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
     return torch.multinomial(sampling.probs(logits), 1, generator=generator)[:, 0]
 
 
-def _speculative_sampling(p_logits, drafts, draft_probs, sampling, generator):
+def _speculative_sampling(p_logits, drafts, draft_probs, sampling, generator, limit=None):
     """Speculative sampling over a block: how many drafts each row keeps, and the next t0.
 
-    ``p_logits`` (B, n, V): head 1 after each block token; ``drafts`` (B, n-1) were drawn from
-    ``draft_probs`` (B, n-1, V). Draft k is kept with probability min(1, p_k(d)/q_k(d)); the first
-    rejected one is replaced by a sample of normalise(max(0, p_k - q_k)); if all are kept, the
-    next token is drawn from head 1's distribution after the last one.
+    ``p_logits`` (B, W, V): head 1 after each block token; ``drafts`` (B, W-1) were drawn from
+    ``draft_probs`` (B, W-1, V). Draft k is kept with probability min(1, p_k(d)/q_k(d)); the first
+    rejected one is replaced by a sample of normalise(max(0, p_k - q_k)); if all verified drafts
+    are kept (all W-1, or the row's ``limit``: the drafts its policy chose to verify), the next
+    token is drawn from head 1's distribution after the last one.
     """
     batch, n = p_logits.shape[0], p_logits.shape[1]
-    p = sampling.probs(p_logits)  # (B, n, V)
-    p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (B, n-1): p_k(d_k)
+    limit = torch.full((batch,), n - 1) if limit is None else limit
+    p = sampling.probs(p_logits)  # (B, W, V)
+    p_d = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # (B, W-1): p_k(d_k)
     q_d = draft_probs.gather(-1, drafts[..., None])[..., 0]
     u = torch.rand(p_d.shape, generator=generator)
     keep = (u * q_d <= p_d).long().cumprod(dim=1)  # u < p/q without dividing by a zero q
-    n_kept = keep.sum(1)
+    n_kept = torch.minimum(keep.sum(1), limit)
     t0 = torch.empty(batch, dtype=torch.long)
     for r in range(batch):
         k = int(n_kept[r])
-        if k == n - 1:
+        if k == int(limit[r]):  # every draft it verified was kept: a fresh draw from head 1
             dist = p[r, k]
         else:  # the residual distribution: what p puts where q (the draft's) under-covers
             dist = (p[r, k] - draft_probs[r, k]).clamp(min=0)

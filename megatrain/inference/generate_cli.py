@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megatrain.errors import ConfigError
+from megatrain.inference.generate import DRAFT_POLICIES
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,11 +36,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--speculative", action="store_true",
                         help="self-speculative decoding: heads 2..n draft, head 1 verifies (same "
                              "output as plain greedy decoding; samples from head 1's distribution)")
+    parser.add_argument("--draft-policy", choices=DRAFT_POLICIES, default="adaptive",
+                        help="with --speculative: adaptive (default: per row as many drafts as are "
+                             "kept often enough to pay for their verification, plain decoding while "
+                             "none are) | always (every draft on every forward)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--json", action="store_true",
                         help="print {text, tokens, forwards, tokens_per_forward, accepted_per_head, "
-                             "tokens_per_s} as JSON")
+                             "tokens_per_s, decisions} as JSON (decisions: the draft policy's forwards "
+                             "by block width, probes, catch-up forwards)")
     return parser
 
 
@@ -65,7 +71,8 @@ def run_generate(args) -> int:
     try:
         result = Generator(model).generate([prompt], args.max_new_tokens,
                                            sampling=Sampling(args.temperature, args.top_p, args.seed),
-                                           speculative=args.speculative, eos_id=eos_id)
+                                           speculative=args.speculative, eos_id=eos_id,
+                                           draft_policy=args.draft_policy)
     except ValueError as err:  # a request the model cannot serve: the user's to fix
         raise ConfigError(str(err)) from None
     tokens = result.tokens[0]
@@ -74,7 +81,8 @@ def run_generate(args) -> int:
         print(json.dumps({"text": completion, "tokens": tokens, "forwards": result.forwards,
                           "tokens_per_forward": result.tokens_per_forward,
                           "accepted_per_head": result.accepted_per_head,
-                          "tokens_per_s": len(tokens) / max(result.seconds, 1e-9)}))
+                          "tokens_per_s": len(tokens) / max(result.seconds, 1e-9),
+                          "decisions": result.decisions}))
     else:
         sys.stdout.write(text + completion + "\n")
         if args.speculative:

@@ -83,5 +83,17 @@ class MTPHeads:
                 x = outs[i]
         return outs
 
+    def extra_head_outputs(self, x: torch.Tensor, cache: ModelCache | None = None) -> list[torch.Tensor]:
+        """Heads 2..n's pre-norm outputs from what the first of them reads: the trunk output, or
+        head 1's output for causal heads (not anticausal: there head 1 reads head 2)."""
+        if self.head_type == "anticausal":
+            raise ValueError("anticausal heads run as one chain ending in head 1: use head_outputs")
+        outs = []
+        for i in range(1, self.n_future):
+            outs.append(self.head_forward(i, x, cache))
+            if self.heads_are_chained:
+                x = outs[-1]
+        return outs
+
     def logits(self, head_hidden: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(head_hidden))
