@@ -57,6 +57,8 @@ OverwriteMode = _choice("OverwriteMode", "refuse", "archive")
 PPSchedule = _choice("PPSchedule", "gpipe", "1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 DPEngine = _choice("DPEngine", "fsdp", "deepspeed")
 ActivationCheckpointing = _choice("ActivationCheckpointing", "none", "selective", "full")
+MTPKind = _choice("MTPKind", "parallel", "sequential")
+MTPConcat = _choice("MTPConcat", "embedding_first", "hidden_first")
 HEAD_TYPES = HeadType.values()
 
 
@@ -77,8 +79,19 @@ class ModelConfig:
     n_layers: int = doc(6, "Transformer layers in total, heads included: the trunk gets "
                            "n_layers - n_future, the heads one each (parameter-matched, paper §2).",
                         valid=">= 1")
-    n_future: int = doc(4, "Number of output heads; head i predicts token t+i. 1 = next-token Llama.",
-                        valid=">= 1")
+    n_future: int = doc(4, "Tokens predicted per position (1 + the extra heads or depths); head i "
+                           "predicts token t+i. 1 = next-token Llama.", valid=">= 1")
+    mtp_kind: MTPKind = doc(MTPKind.parallel,
+                            "parallel (the paper's: n_future independent heads that replace "
+                            "n_future - 1 trunk layers, parameter-matched) | sequential (DeepSeek-V3's: "
+                            "D = n_future - 1 chained MTP modules on top of the full n_layers trunk; "
+                            "depth k reads depth k-1's output and the embedding of token t+k; they ADD "
+                            "parameters: embedding/hidden norms, a 2*dim x dim projection, a block and "
+                            "a norm per depth).")
+    mtp_concat: MTPConcat = doc(MTPConcat.embedding_first,
+                                "sequential modules: the order of the projection's input, "
+                                "embedding_first ([emb ; hidden]: DeepSeek-V3, Megatron, vLLM, "
+                                "transformers' default) | hidden_first (MiMo).")
     head_type: HeadType = doc(HeadType.transformer, "transformer (independent heads, default) | linear "
                                         "(a dim x dim map per head on a full-depth trunk) | causal "
                                         "(head i reads head i-1) | anticausal (head i reads head i+1).")
@@ -123,6 +136,14 @@ class LossConfig:
     mask_cross_document: bool = doc(False, "Mask head i's target when an end-of-document token "
                                             "lies strictly between the input and the target.")
     impl: LossImpl = doc(LossImpl.auto, "fused_linear_cross_entropy implementation: auto | torch | triton.")
+    mtp_lambda: float = doc(0.3, "model.mtp_kind=sequential: the depths' loss weight; the loss is "
+                                 "L_main + (mtp_lambda / D) * sum of the D depths' losses (DeepSeek-V3: 0.3, "
+                                 "later 0.1). loss.head_weights, when given, wins.", valid=">= 0")
+    mtp_lambda_after: float = doc(0.1, "model.mtp_kind=sequential: mtp_lambda from "
+                                       "loss.mtp_lambda_step on (recorded in config_history.jsonl).",
+                                  valid=">= 0")
+    mtp_lambda_step: int = doc(0, "The step from which loss.mtp_lambda_after replaces loss.mtp_lambda; "
+                                  "0 = never.", valid=">= 0")
 
 
 @dataclass
@@ -444,7 +465,11 @@ def validate(cfg: Config) -> None:
                           "supported (sequence parallelism makes the norms' weights DTensors, "
                           "which apex's fused kernel does not take); set one of them back to its "
                           "default (model.norm_impl=torch or parallel.sequence_parallel=false)")
-    if m.head_type != "linear" and m.n_future >= m.n_layers:
+    if m.mtp_kind == "sequential" and m.head_type != "transformer":
+        raise ConfigError(f"model.mtp_kind=sequential with model.head_type={m.head_type}: the sequential "
+                          f"modules are chained transformer blocks of their own, so no head type "
+                          f"applies; leave model.head_type=transformer, or use model.mtp_kind=parallel")
+    if m.mtp_kind == "parallel" and m.head_type != "linear" and m.n_future >= m.n_layers:
         raise ConfigError(f"model.n_future={m.n_future} must be smaller than model.n_layers="
                           f"{m.n_layers}: the heads take n_future of the layers and the trunk "
                           f"needs at least one. Raise model.n_layers or lower model.n_future.")
@@ -504,12 +529,23 @@ def load_saved_config(path: str | Path) -> Config:
     return cfg
 
 
-def head_loss_weights(cfg: Config) -> list[float]:
-    """Each head's loss weight, head 1 first: ``loss.head_weights`` when given, else 1 for head 1
-    and ``loss.extra_heads_weight`` for heads 2..n."""
+def mtp_lambda_at(loss: LossConfig, step: int) -> float:
+    """The sequential modules' weight λ at ``step`` (0-based: the step being computed)."""
+    if loss.mtp_lambda_step and step >= loss.mtp_lambda_step:
+        return float(loss.mtp_lambda_after)
+    return float(loss.mtp_lambda)
+
+
+def head_loss_weights(cfg: Config, step: int = 0) -> list[float]:
+    """Each head's (or depth's) loss weight at ``step``, head 1 first: ``loss.head_weights`` when
+    given; else 1 for head 1 and ``loss.extra_heads_weight`` for heads 2..n (parallel heads), or
+    λ / D for each of the D sequential depths."""
     if cfg.loss.head_weights:
         return [float(w) for w in cfg.loss.head_weights]
-    return [1.0] + [float(cfg.loss.extra_heads_weight)] * (cfg.model.n_future - 1)
+    extra = cfg.model.n_future - 1
+    if cfg.model.mtp_kind == "sequential":
+        return [1.0] + [mtp_lambda_at(cfg.loss, step) / extra] * extra
+    return [1.0] + [float(cfg.loss.extra_heads_weight)] * extra
 
 
 def to_yaml(cfg: Config) -> str:

@@ -110,17 +110,31 @@ def padded_vocab(tokenizer_vocab: int) -> int:
     return -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def _vocab_size(cfg: Config, dataset_dir: Path) -> int:
-    from megatrain.data.shards import read_manifest
-
-    tokenizer_vocab = int(read_manifest(dataset_dir)["vocab_size"])
+def _vocab_size(cfg: Config, tokenizer_vocab: int, where: str) -> int:
     if cfg.model.vocab_size == 0:
         return padded_vocab(tokenizer_vocab)
     if cfg.model.vocab_size < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer_vocab} ({dataset_dir}); set model.vocab_size="
+                          f"{tokenizer_vocab} ({where}); set model.vocab_size="
                           f"{tokenizer_vocab} or 0 (= from the dataset)")
     return cfg.model.vocab_size
+
+
+def _tokenizer_vocab(cfg: Config, dataset_dir: Path, data: str) -> tuple[int | None, str]:
+    """The training data's tokenizer size and where it comes from; None when a plan's dataset is
+    not on this host (``model.vocab_size`` then stands unchecked)."""
+    from megatrain.data.shards import read_manifest
+
+    named = bool(cfg.data.path or cfg.data.mixture)
+    if (dataset_dir / "manifest.json").is_file() or data == "build" or (named and dataset_dir.exists()):
+        return int(read_manifest(dataset_dir)["vocab_size"]), str(dataset_dir)
+    if not named:  # the embedded corpus, not built yet: its tokenizer's size is part of its definition
+        from megatrain.data_pipelines.prepare import DEFAULT_CORPUS_VOCAB_SIZE
+
+        return DEFAULT_CORPUS_VOCAB_SIZE, "the embedded default corpus"
+    if cfg.model.vocab_size:
+        return None, "not on this host"
+    return int(read_manifest(dataset_dir)["vocab_size"]), str(dataset_dir)  # names what is missing
 
 
 def _loss_weights_of_an_older_run(cfg: Config, run_dir: RunDir) -> str | None:
@@ -145,8 +159,9 @@ def resolve(cfg: Config, *, world_size: int | None = None, data: str = "build") 
     """Resolve ``cfg`` for a run of ``world_size`` processes (default: the product of its degrees).
 
     ``data``: "build" (a run: the embedded corpus is built if it is the data and missing),
-    "existing" (a plan: never builds; the vocabulary of an embedded corpus not built yet comes
-    from the corpus's definition), "none" (no data at all, e.g. a benchmark on random tokens:
+    "existing" (a plan: never builds, and a dataset not on this host is fine when
+    ``model.vocab_size`` is given; the vocabulary of an embedded corpus not built yet comes from
+    the corpus's definition), "none" (no data at all, e.g. a benchmark on random tokens:
     ``model.vocab_size`` must be given; ``dataset_dir`` is None).
     Raises ConfigError / DataError naming the key and the fix."""
     if data not in DATA_MODES:
@@ -160,12 +175,9 @@ def resolve(cfg: Config, *, world_size: int | None = None, data: str = "build") 
                               "dataset: set model.vocab_size")
     else:
         dataset_dir = dataset_dir_of(cfg, build=data == "build").absolute()
-        if cfg.data.path or cfg.data.mixture or (dataset_dir / "manifest.json").is_file():
-            cfg.model.vocab_size = _vocab_size(cfg, dataset_dir)
-        else:  # the embedded corpus, not built: its tokenizer's size is part of its definition
-            from megatrain.data_pipelines.prepare import DEFAULT_CORPUS_VOCAB_SIZE
-
-            cfg.model.vocab_size = cfg.model.vocab_size or padded_vocab(DEFAULT_CORPUS_VOCAB_SIZE)
+        tokenizer_vocab, where = _tokenizer_vocab(cfg, dataset_dir, data)
+        if tokenizer_vocab is not None:  # else: planning for a cluster whose data this host lacks
+            cfg.model.vocab_size = _vocab_size(cfg, tokenizer_vocab, where)
     note = _loss_weights_of_an_older_run(cfg, run_dir)
     validate(cfg)  # again: the vocabulary is now known (tp must divide it)
     p, t = cfg.parallel, cfg.train

@@ -101,6 +101,8 @@ MATRIX = {  # name: (zero stage, model overrides, micro batch size, offload, act
     "zero2_n4_causal_offload": (2, {"n_future": 4, "head_type": "causal"}, 0, True, "none"),
     "zero3_n2_anticausal_offload": (3, {"n_future": 2, "head_type": "anticausal"}, 0, True, "none"),
     "zero3_n2_linear_full_checkpointing": (3, {"n_future": 2, "head_type": "linear"}, 0, False, "full"),
+    "zero2_sequential_d2_micro1": (2, {"n_future": 3, "n_layers": 3, "mtp_kind": "sequential"}, 1, False,
+                                   "none"),
 }
 
 
@@ -155,7 +157,6 @@ def test_zero3_checkpoint_resumes_exactly(tmp_path):
 @pytest.mark.parametrize("parallel, message", [
     (ParallelConfig(dp=1, tp=2, dp_engine="deepspeed"), "supports data parallelism only"),
     (ParallelConfig(dp=1, pp=2, dp_engine="deepspeed"), "supports data parallelism only"),
-    (ParallelConfig(dp=2, dp_engine="deepspeed", zero_stage=4), "must be 1, 2 or 3"),
     (ParallelConfig(dp=2, dp_engine="deepspeed", zero_stage=1, offload_optimizer=True),
      "needs parallel.zero_stage=2 or 3"),
     (ParallelConfig(dp=2, offload_optimizer=True), "is a DeepSpeed option"),
@@ -164,6 +165,13 @@ def test_unsupported_combinations_are_refused(parallel, message):
     dims = ParallelDims(parallel.dp, parallel.tp, parallel.pp, parallel.dp * parallel.tp * parallel.pp)
     with pytest.raises(ConfigError, match=message):
         dims.validate(tiny_cfg(), parallel)
+
+
+def test_a_zero_stage_out_of_range_is_refused_where_every_range_is_checked():
+    from megatrain.config import load_config
+
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=4 is out of range: it must be in \[1, 3\]"):
+        load_config(None, ["parallel.dp_engine=deepspeed", "parallel.zero_stage=4"])
 
 
 # ---- the trainer under torchrun ------------------------------------------------------------------

@@ -10,13 +10,15 @@ from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, head_scales, mtp_loss
 
-HEAD_TYPES = ["transformer", "causal", "anticausal", "linear"]
+HEAD_TYPES = ["transformer", "causal", "anticausal", "linear", "sequential"]  # sequential: mtp_kind
 VOCAB = 16
 
 
 def _cfg(head_type="transformer", n_future=3, **kw):
     base = dict(n_layers=5, n_future=n_future, dim=32, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
                 multiple_of=16, head_type=head_type)
+    if head_type == "sequential":  # 3 trunk layers and n_future - 1 depths on top
+        base.update(head_type="transformer", mtp_kind="sequential", n_layers=3)
     return ModelConfig(**{**base, **kw})
 
 
@@ -50,7 +52,7 @@ def trained():
     return {head_type: _trained(head_type) for head_type in HEAD_TYPES}
 
 
-@pytest.mark.parametrize("head_type", HEAD_TYPES)
+@pytest.mark.parametrize("head_type", HEAD_TYPES[:4])  # sequential depths: the drafts test below
 def test_prefill_and_cached_steps_equal_a_full_forward(head_type):
     torch.manual_seed(0)
     model = MTPTransformer(_cfg(head_type), max_seq_len=64, seed=3).eval()
@@ -68,13 +70,15 @@ def test_prefill_and_cached_steps_equal_a_full_forward(head_type):
 @pytest.mark.parametrize("policy", ["adaptive", "always"])
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_speculative_greedy_is_greedy_token_for_token_with_rows_accepting_differently(head_type, policy,
-                                                                                     trained):
+                                                                                     trained, monkeypatch):
     model = trained[head_type]
     g = torch.Generator().manual_seed(5)
     in_task = _counting(3, 7, g).tolist()
     off_task = torch.randint(0, VOCAB, (2, 5), generator=g).tolist()  # drafts rarely agree here
     prompts = in_task + off_task + [[4]]
     generator = Generator(model)
+    for batch in (1, len(prompts)):  # verifying is cheap here: what the policy drafts is deterministic
+        _fixed_costs(generator, monkeypatch, batch, {1: 1.0, 2: 1.1, 3: 1.2})
     plain = generator.generate(prompts, 40)
     spec = generator.generate(prompts, 40, speculative=True, draft_policy=policy)
     assert spec.tokens == plain.tokens
@@ -117,6 +121,45 @@ def test_speculative_decoding_skips_a_verify_forward_when_every_row_needs_one_to
         spec = generator.generate(prompts, new, speculative=True, draft_policy="always")
         assert spec.tokens == plain.tokens
         assert spec.forwards <= plain.forwards
+
+
+def test_sequential_drafts_are_what_the_whole_model_predicts_at_every_step(monkeypatch):
+    """Each round of chained drafts (depth k from depth k-1 and Emb of the token before) equals
+    the depth-k predictions of one full forward over the emitted tokens, t0 and the drafts so far,
+    whatever the rounds before accepted or rejected: the KV caches' final and provisional entries
+    (sequential_drafts.py) are kept right. Rows of different lengths; plain forwards in between
+    (the catch-up). Greedy output equals plain greedy."""
+    from megatrain.inference.sequential_drafts import SequentialDrafter
+
+    model = MTPTransformer(_cfg("sequential", n_future=4), max_seq_len=96, seed=7).eval()
+    checked = []
+    original = SequentialDrafter.draft
+
+    def checking_draft(self, last, t0, pick):
+        drafts, probs = original(self, last, t0, pick)
+        depths = self.depths
+        for r in range(drafts.shape[0]):
+            p = int(last[r])
+            sequence = self.tokens[r:r + 1, :p + depths + 1]  # x_0 .. x_P, t0, d_1 .. d_{D-1}
+            with torch.no_grad():
+                full = model(sequence, return_all_heads=True)[0, p]  # (n, V) at position P
+            want = full[1:].argmax(-1)
+            assert drafts[r].tolist() == want.tolist(), (r, p, drafts[r], want)
+            checked.append(p)
+        return drafts, probs
+
+    monkeypatch.setattr(SequentialDrafter, "draft", checking_draft)
+    generator = Generator(model)
+    prompts = [[1, 2, 3], [5], [9, 9, 9, 9, 9, 9]]
+    plain = generator.generate(prompts, 30)
+    for policy in ("always", "adaptive"):
+        if policy == "adaptive":  # drafts rarely pay at twice a plain forward: plain steps, probes
+            _fixed_costs(generator, monkeypatch, 3, {1: 1.0, 2: 1.7, 3: 1.9, 4: 2.0})
+        spec = generator.generate(prompts, 30, speculative=True, draft_policy=policy)
+        assert spec.tokens == plain.tokens
+        if policy == "adaptive":
+            assert spec.decisions["catch_up_forwards"] >= 1 and 1 in spec.decisions["forwards_by_block_width"]
+    assert len(checked) > 40
 
 
 def _fixed_costs(generator, monkeypatch, batch, costs):

@@ -10,13 +10,19 @@ from megatrain.kernels import fused_linear_cross_entropy
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, mtp_loss, mtp_loss_naive
 
-HEAD_TYPES = ["transformer", "linear", "causal", "anticausal"]
+# the parallel heads' types, and "sequential": DeepSeek-V3-style chained MTP modules (model.mtp_kind)
+HEAD_TYPES = ["transformer", "linear", "causal", "anticausal", "sequential"]
+
+
+def model_kind(head_type: str) -> dict:
+    """ModelConfig keys of a HEAD_TYPES entry."""
+    return {"mtp_kind": "sequential"} if head_type == "sequential" else {"head_type": head_type}
 
 
 def tiny_mtp_case(tiny_model_cfg, head_type, n_future, seed=0):
     """A tiny model, a (4, 17) token window, its head targets and per-head loss scales."""
     torch.manual_seed(seed)
-    cfg = tiny_model_cfg(head_type=head_type, n_future=n_future, n_layers=5)
+    cfg = tiny_model_cfg(**model_kind(head_type), n_future=n_future, n_layers=5)
     model = MTPTransformer(cfg, max_seq_len=16)
     window = torch.randint(0, cfg.vocab_size, (4, 17))
     targets = build_head_targets(window, n_future)
@@ -64,7 +70,7 @@ def test_sequential_heads_match_naive_with_grad_accumulation(tiny_model_cfg, hea
         assert diff <= 1e-6, f"micro={micro}: max grad diff {diff}"
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "causal"])
+@pytest.mark.parametrize("head_type", ["transformer", "causal", "sequential"])
 def test_head_gradients_follow_incoming_gradient_scale(tiny_model_cfg, head_type):
     """Loss scaling (e.g. x1024, or 1/accumulation) must scale head *and* trunk gradients."""
     model, window, targets, scales = tiny_mtp_case(tiny_model_cfg, head_type, 3)
@@ -205,3 +211,41 @@ def test_targets_masked_across_document_boundary():
     assert targets[2, 0].tolist() == [-100, -100, 9, -100, -100]
     plain = build_head_targets(window, 3, eos_id=eos, mask_cross_document=False)
     assert plain[1, 0].tolist() == [eos, 7, 8, 9, -100]
+
+
+@pytest.mark.parametrize("concat", ["embedding_first", "hidden_first"])
+def test_sequential_depths_follow_the_deepseek_v3_recurrence(tiny_model_cfg, concat):
+    """Depth k at position t: block_k(eh_proj([enorm(Emb(x_{t+k})); hnorm(hbar^{k-1}_t)])), hbar^0
+    = the trunk output after the final norm, hbar^k after depth k's own norm (the order the exported
+    modules must keep, docs/design.md). Negative control: the other concatenation order differs."""
+    torch.manual_seed(0)
+    cfg = tiny_model_cfg(mtp_kind="sequential", n_future=3, n_layers=2, mtp_concat=concat)
+    model = MTPTransformer(cfg, max_seq_len=16).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        got = model(tokens, return_all_heads=True)  # (B, T, 3, V)
+        cos, sin = model.rope(9)
+        hbar = model.norm(model.trunk(tokens))
+        want, swapped = [model.output(hbar)], []
+        for k, module in enumerate(model.mtp, start=1):
+            nxt = torch.zeros_like(tokens)
+            nxt[:, :9 - k] = tokens[:, k:]
+            e, h = module.enorm(model.tok_embeddings(nxt)), module.hnorm(hbar)
+            pair = [h, e] if concat == "hidden_first" else [e, h]
+            out = module.block(module.eh_proj(torch.cat(pair, -1)), cos, sin)
+            swapped.append(module.block(module.eh_proj(torch.cat(pair[::-1], -1)), cos, sin))
+            hbar = module.norm(out)
+            want.append(model.output(hbar))
+    torch.testing.assert_close(got, torch.stack(want, dim=2))
+    assert (model.output(model.mtp[0].norm(swapped[0])) - want[1]).abs().max() > 1e-3
+
+
+def test_sequential_depths_read_the_window_tokens_even_where_targets_are_masked():
+    from megatrain.mtp_loss import depth_token_ids
+
+    window = torch.tensor([[5, 6, 0, 7, 8, 9]])  # 0 = EOS
+    targets = build_head_targets(window, 3, eos_id=0, mask_cross_document=True)
+    ids = depth_token_ids(targets[0], 2)
+    assert ids[0].tolist() == [[6, 0, 7, 8, 9]]  # depth 1 reads x_{t+1}
+    assert ids[1].tolist() == [[0, 7, 8, 9, 0]]  # depth 2 reads x_{t+2}; nothing past the window
+    assert targets[1, 0, 1].item() == -100  # this target is masked, its input token is not

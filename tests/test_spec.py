@@ -66,6 +66,14 @@ def test_data_modes_build_peek_or_read_nothing(tmp_path):
     assert given.vocab_size == 512 and given.dataset_dir is None
     with pytest.raises(DataError, match="is not a prepared dataset"):
         resolve(load_config(None, [f"data.path={tmp_path / 'missing'}"]), data="existing")
+    # a plan for a cluster whose data this host lacks: the vocabulary given stands
+    elsewhere = resolve(load_config(None, [f"data.path={tmp_path / 'missing'}", "model.vocab_size=512"]),
+                        data="existing")
+    assert elsewhere.vocab_size == 512
+    # the embedded corpus's tokenizer is known unbuilt: the same refusal train would give
+    with pytest.raises(ConfigError, match="vocab_size=512 is smaller than the tokenizer's 4096 "
+                                          "\\(the embedded default corpus\\)"):
+        resolve(load_config(None, [f"data.cache_dir={cache}", "model.vocab_size=512"]), data="existing")
 
 
 def test_a_run_started_before_extra_heads_weight_keeps_its_unweighted_sum(dataset, tmp_path):

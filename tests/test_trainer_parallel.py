@@ -97,6 +97,22 @@ def test_checkpoints_reshard_across_layouts(dataset, tmp_path):
     _assert_close(_losses(run), _losses(straight), rel=1e-5)
 
 
+def test_sequential_modules_reshard_from_tp2_pp2_to_one_process(dataset, tmp_path):
+    """The sequential kind (D = 2 depths on the last stage, their token embeddings handed over
+    from the first): tp2*pp2 killed after step 3 resumes on one process like one straight run."""
+    settings = {"train.steps": 5, "checkpoint.every": 2, "model.mtp_kind": "sequential",
+                "model.n_layers": 3}
+    straight = tmp_path / "straight"
+    assert _launch(1, _base(dataset, straight, **settings)).returncode == 0
+    run = tmp_path / "resharded"
+    args = _base(dataset, run, **settings)
+    first = _launch(4, args + ["parallel.tp=2", "parallel.pp=2"], kill_after_step=3)
+    assert first.returncode != 0 and (run / "checkpoints/latest").read_text().strip() == "step_0000002"
+    second = _launch(1, args)
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    _assert_close(_losses(run), _losses(straight), rel=1e-5)
+
+
 def test_validation_runs_under_pipeline_parallelism(dataset, single_process_run, tmp_path):
     """Validation through the schedule's forward-only step equals the single-process one."""
     args = ["train.eval_every=2", "data.val_batches=2"]

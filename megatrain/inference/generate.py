@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatrain.inference.draft_policy import make_policy
+from megatrain.inference.sequential_drafts import SequentialDrafter
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
 
@@ -172,7 +173,8 @@ class Generator:
 class _SpeculativeDecoding:
     """One self-speculative generation: t0 from head 1, drafts from heads 2..n, verified in blocks
     whose width the draft policy picks; plain forwards (and the extra heads' catch-up) where it
-    picks none."""
+    picks none. Sequential MTP modules draft in a chain after each forward instead
+    (``SequentialDrafter``), the same catch-up included."""
 
     def __init__(self, gen: Generator, state, cache: ModelCache, sampling: Sampling, generator, policy):
         self.gen, self.model, self.n = gen, gen.model, gen.n
@@ -185,12 +187,19 @@ class _SpeculativeDecoding:
         self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
         # anticausal heads: head 1 reads head 2 (and so on): every forward runs them all anyway
         self.extra_heads_always_run = self.model.head_type == "anticausal"
+        self.sequential = self.model.layout.sequential
+        self.drafter = SequentialDrafter(self.model, state.batch, cache.capacity, cache) \
+            if self.sequential else None
 
     def run(self, prompts) -> None:
         state = self.state
-        outs = self.gen._prefill(prompts, self.cache, all_heads=True)
-        t0 = _pick(outs[0], self.sampling, self.generator)
-        drafts, draft_probs = self._draft(outs[1:])
+        if self.sequential:
+            t0 = self._sequential_prefill(prompts)
+            drafts, draft_probs = self._chain_drafts(t0)
+        else:
+            outs = self.gen._prefill(prompts, self.cache, all_heads=True)
+            t0 = _pick(outs[0], self.sampling, self.generator)
+            drafts, draft_probs = self._draft(outs[1:])
         while state.active():
             if state.last_token_of_every_row():  # t0 is head 1's own: no verify forward needed
                 state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * state.batch)
@@ -202,7 +211,7 @@ class _SpeculativeDecoding:
                 drafts = None
                 continue
             if drafts is None:  # after plain forwards: the extra heads catch up, then draft
-                drafts, draft_probs = self._catch_up()
+                drafts, draft_probs = self._catch_up(t0)
             t0, drafts, draft_probs = self._verify_step(t0, drafts, draft_probs, limits)
 
     # ---- the three kinds of forward ---------------------------------------------------------------
@@ -218,12 +227,22 @@ class _SpeculativeDecoding:
         self.policy.measured(1, False, time.perf_counter() - started)
         self.policy.decisions.count(1)
         state.forwards += 1
-        self.waiting.append((positions, out if self.model.heads_are_chained else hidden))
+        if self.sequential:  # the depths read the trunk output there when drafting resumes
+            self.drafter.record(positions, t0[:, None], hidden)
+        else:
+            self.waiting.append((positions, out if self.model.heads_are_chained else hidden))
         return _pick(logits, self.sampling, self.generator)
 
-    def _catch_up(self):
+    def _catch_up(self, t0: torch.Tensor):
         """Run the extra heads over the positions they skipped (one batched forward); their
-        outputs at the last of them are the drafts for the next block."""
+        outputs at the last of them are the drafts for the next block (t0 following it)."""
+        if self.sequential:  # the chain's own round catches its depths up
+            started = time.perf_counter()
+            drafts = self._chain_drafts(t0)
+            self.policy.charge_catch_up(time.perf_counter() - started, 1)
+            self.policy.decisions.catch_ups += 1
+            self.state.forwards += 1
+            return drafts
         positions = torch.cat([p for p, _ in self.waiting], dim=1)
         inputs = torch.cat([x for _, x in self.waiting], dim=1)
         started = time.perf_counter()
@@ -244,7 +263,8 @@ class _SpeculativeDecoding:
         block = torch.cat([t0[:, None], drafts[:, :width - 1]], dim=1)  # (B, W): t0, d1 .. d_{W-1}
         positions = state.lengths[:, None] + torch.arange(width)  # t0 sits at the row's length
         started = time.perf_counter()
-        outs = self.gen._forward(block.to(self.device), positions.to(self.device), self.cache, True)
+        all_heads = not self.sequential  # the sequential depths draft after it, in their chain
+        outs = self.gen._forward(block.to(self.device), positions.to(self.device), self.cache, all_heads)
         p = self.model.logits(outs[0]).float().cpu()  # (B, W, V): head 1 after each block token
         if self.sampling.greedy:
             predicted = p.argmax(-1)  # (B, W)
@@ -259,11 +279,38 @@ class _SpeculativeDecoding:
         for r in limits:
             self.policy.observe(r, int(limit[r]), int(n_kept[r]))
         state.emit(emitted, accepted_drafts=n_kept.tolist())
-        # heads 2..n draft after the last kept token: only there are they unembedded
-        drafts, draft_probs = self._draft([self.gen._logits_at(out, n_kept) for out in outs[1:]])
+        if self.sequential:
+            self.drafter.record(positions, block, outs[0])  # rejected positions: overwritten later
+            drafts, draft_probs = self._chain_drafts(t0_next)
+        else:  # heads 2..n draft after the last kept token: only there are they unembedded
+            drafts, draft_probs = self._draft([self.gen._logits_at(out, n_kept) for out in outs[1:]])
         self.policy.measured(width, True, time.perf_counter() - started)
         self.policy.decisions.count(width)
         return t0_next, drafts, draft_probs
+
+    # ---- sequential modules ------------------------------------------------------------------------
+    def _sequential_prefill(self, prompts) -> torch.Tensor:
+        """The prompts' forward (right-padded), recorded for the depths; head 1's pick after each."""
+        width = max(len(p) for p in prompts)
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
+        for r, p in enumerate(prompts):
+            tokens[r, :len(p)] = torch.tensor(p, device=self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        self.cache.at(positions)
+        hidden = self.model.trunk(tokens, self.cache)
+        self.drafter.record(positions, tokens, hidden)
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        return _pick(self.gen._logits_at(hidden, last), self.sampling, self.generator)
+
+    def _chain_drafts(self, t0: torch.Tensor):
+        """The depths' drafts after the last token in the cache (P = length - 1), t0 following it."""
+        return self.drafter.draft(self.state.lengths - 1, t0, self._pick_draft)
+
+    def _pick_draft(self, logits: torch.Tensor):
+        if self.sampling.greedy:
+            return logits.argmax(-1), None
+        probs = self.sampling.probs(logits)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
 
     def _draft(self, picked: list[torch.Tensor]):
         """Heads 2..n's tokens from their logits (B, V) each: (B, n-1), and the distributions

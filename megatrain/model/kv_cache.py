@@ -48,9 +48,7 @@ class ModelCache:
         cfg = model.cfg
         n_kv, head_dim = cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads
         param = next(model.parameters())
-        names = [f"layers.{k}" for k in model.layout.trunk_keys]
-        if model.layout.heads_are_blocks:
-            names += model.layout.head_paths
+        names = [f"layers.{k}" for k in model.layout.trunk_keys] + model.layout.attention_paths
         layers = {name: LayerCache(batch, capacity, n_kv, head_dim, param.device, param.dtype)
                   for name in names}
         return cls(layers, capacity)

@@ -16,6 +16,7 @@ from megatrain.config import ModelConfig
 from megatrain.model.heads import MTPHeads
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.layout import LayerLayout
+from megatrain.model.mtp_module import MTPModule
 from megatrain.model.transformer import TransformerBlock, build_norm, model_rope_tables
 
 
@@ -47,12 +48,14 @@ class MTPTransformer(MTPHeads, nn.Module):
         self.cfg = cfg
         self.layout = LayerLayout.of(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        if not self.layout.heads_are_blocks:
+        if self.layout.head_type == "linear" and not self.layout.sequential:
             self.linear_heads = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim, bias=False)
                                               for _ in range(cfg.n_future))
         self.layers = nn.ModuleDict({key: TransformerBlock(cfg) for key in self.layout.layer_keys})
         n_extra = cfg.n_future - 1 if self.layout.heads_are_blocks else 0
         self.extra_heads = nn.ModuleList(TransformerBlock(cfg) for _ in range(n_extra))
+        if self.layout.sequential:
+            self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(self.layout.n_depths))
         self.norm = build_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = model_rope_tables(cfg, max_seq_len)
@@ -82,7 +85,9 @@ class MTPTransformer(MTPHeads, nn.Module):
         return h
 
     def forward(self, tokens: torch.Tensor, return_all_heads: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) of head 1, or (B, T, n_future, V) of every head for inference.
+        """Logits (B, T, V) of head 1, or (B, T, n_future, V) of every head for inference (the
+        sequential kind's depth k reads the embedding of tokens[t + k]: the window's own tokens,
+        0 past its end).
 
         Training does not call this: it runs the trunk and hands the heads to the sequential
         loss (megatrain.mtp_loss) so that only one head's logits exist at a time.
@@ -90,10 +95,20 @@ class MTPTransformer(MTPHeads, nn.Module):
         h = self.trunk(tokens)
         if not return_all_heads and not self.head_type == "anticausal":
             return self.logits(self.head_forward(0, h))
-        outs = self.head_outputs(h)
+        embedded = self.depth_embeddings(shifted_tokens(tokens, self.layout.n_depths)) \
+            if self.layout.sequential else None
+        outs = self.head_outputs(h, embedded=embedded)
         if not return_all_heads:
             return self.logits(outs[0])
-        return self.logits(torch.stack(outs, dim=-2))  # (B, T, n, V)
+        return torch.stack([self.logits(o, i) for i, o in enumerate(outs)], dim=-2)  # (B, T, n, V)
+
+
+def shifted_tokens(tokens: torch.Tensor, n_depths: int) -> torch.Tensor:
+    """(D, B, T): depth k's input token at position t, tokens[t + k] (0 past the end)."""
+    out = torch.zeros((n_depths, *tokens.shape), dtype=tokens.dtype, device=tokens.device)
+    for k in range(1, n_depths + 1):
+        out[k - 1, :, :tokens.shape[1] - k] = tokens[:, k:]
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

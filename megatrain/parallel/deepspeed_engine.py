@@ -145,7 +145,7 @@ class DeepSpeedModel:
         stage.eval()
         try:
             with torch.no_grad():
-                stage(tokens, targets.transpose(0, 1))
+                stage(tokens, targets=targets.transpose(0, 1))
         finally:
             stage.train()
         return stage.stats[0]
@@ -166,7 +166,7 @@ class DeepSpeedModel:
             self.engine.set_gradient_accumulation_boundary(k == len(starts) - 1)
             with phase_context(stage=0, microbatch=k):
                 loss = self.engine(tokens[start:start + micro],
-                                   targets[:, start:start + micro].transpose(0, 1))
+                                   targets=targets[:, start:start + micro].transpose(0, 1))
                 with phase("trunk.backward"):
                     self.engine.backward(loss * self.grad_scale, scale_wrt_gas=False)
             local_loss += loss.detach().double().cpu()

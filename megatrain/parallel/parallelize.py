@@ -58,7 +58,8 @@ def apply_compile(stage: MTPStage) -> None:
     parameter names stay unchanged, and the sequential-heads node - a custom autograd.Function
     calling autograd.grad inside its forward - stays eager around the compiled heads.
     """
-    for block in list(stage.layers.values()) + list(getattr(stage, "extra_heads", [])):
+    modules = [m.block for m in getattr(stage, "mtp", [])]  # the sequential kind's blocks
+    for block in list(stage.layers.values()) + list(getattr(stage, "extra_heads", [])) + modules:
         block.compile()
 
 

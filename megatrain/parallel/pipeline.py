@@ -7,6 +7,12 @@ and the schedule.
   never cross a pipeline boundary and only one head's logits exist at a time.
 - A stage keeps the original parameter names (``layers.7.attention.wq.weight``): unowned entries
   are simply absent from its ``layers`` ModuleDict, so DCP checkpoints reshard between layouts.
+- Sequential MTP modules (model.mtp_kind=sequential) read Emb(x_{t+k}) beside the hidden state,
+  and only the first stage holds the embedding: it looks the D depths' tokens up and every stage
+  hands them on with the hidden state, to the last stage's loss node (``embedded``), whose gradient
+  comes back the same way to the embedding: exactly one process's gradient, and no second copy of
+  the embedding table on the last stage (what it costs instead: D * B * T * dim activations per
+  microbatch in flight, and that much more to send between stages; ``megatrain plan`` counts it).
 
 The loss of microbatch m is already normalised by the global batch (mtp_loss.head_scales), so
 the schedules run with ``scale_grads=False``: gradients are summed over microbatches, not averaged.
@@ -32,7 +38,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from megatrain.head_grads import HeadGradSink
 from megatrain.model.heads import MTPHeads
 from megatrain.model.layout import SHARED_BY_HEADS
-from megatrain.mtp_loss import mtp_loss
+from megatrain.mtp_loss import depth_token_ids, mtp_loss
 from megatrain.profiling.phases import phase, phase_context
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
@@ -43,10 +49,12 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
 class MTPStage(MTPHeads, nn.Module):
     """One pipeline stage of an MTPTransformer, with the model's parameter names.
 
-    ``forward(x, targets)``: x is tokens (B, T) on the first stage, the hidden state (B, T, D)
-    elsewhere; ``targets`` (B, n_future, T) reaches every stage (it sizes RoPE) and is used on
-    the last, which returns the summed, scaled MTP loss of the microbatch and appends its
-    HeadStats to ``self.stats``. ``head_scales`` is set by the runtime before each step.
+    ``forward(x, embedded=None, targets=...)``: x is tokens (B, T) on the first stage, the hidden
+    state (B, T, D) elsewhere; ``embedded`` the sequential depths' token embeddings (D, B, T, dim)
+    a previous stage looked up (None on the first stage and for parallel heads); ``targets``
+    (B, n_future, T) reaches every stage (it sizes RoPE) and is used on the last, which returns the
+    summed, scaled MTP loss of the microbatch and appends its HeadStats to ``self.stats``.
+    ``head_scales`` is set by the runtime before each step.
     With one stage (pp=1) the same module runs the whole model: FSDP's hooks need ``forward``.
     """
 
@@ -77,22 +85,43 @@ class MTPStage(MTPHeads, nn.Module):
         # the last stage's loss; `megatrain profile memory --compare-naive` swaps in the all-logits one
         self.loss_fn = mtp_loss
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, embedded: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None):
         # The sequence length comes from the targets: under sequence parallelism the hidden state
         # between stages is a sequence shard (B, T/tp, D).
         with phase("trunk.forward"):
             cos, sin = self.rope(targets.shape[-1])
-            h = self.tok_embeddings(x) if self.is_first else x
+            if self.is_first:
+                h = self.tok_embeddings(x)
+                embedded = self._depth_embeddings(targets) if self.layout.n_depths else None
+            else:
+                h = x
             for key in self.trunk_keys:
                 h = self.layers[key](h, cos, sin)
-            if not self.is_last:
-                return h
+            if not self.is_last:  # the input tensor itself: a view would break the zero-bubble
+                return h if embedded is None else (h, embedded)  # schedules' in-place detach
             if self.sequence_parallel_mesh is not None:
                 h = gather_sequence(h, self.sequence_parallel_mesh)  # (B, T/tp, D) -> (B, T, D)
+            if embedded is not None:
+                embedded = self._full_sequence(embedded)
         loss, stats = self.loss_fn(self, h, targets.transpose(0, 1), self.head_scales,
-                                   self.ignore_index, self.impl, sink=self.head_grad_sink)
+                                   self.ignore_index, self.impl, sink=self.head_grad_sink,
+                                   embedded=embedded)
         self.stats.append(stats)
         return loss
+
+    def _depth_embeddings(self, targets: torch.Tensor) -> torch.Tensor:
+        """Emb(x_{t+k}) for the D depths, (D, B, T', dim): T' = T/tp under sequence parallelism
+        (the vocab-parallel embedding's output is then a sequence shard, like the hidden's)."""
+        ids = depth_token_ids(targets[:, 0], self.layout.n_depths)  # (D, B, T) from x_{t+1}
+        looked_up = self.tok_embeddings(ids.flatten(0, 1))  # (D*B, T', dim)
+        return looked_up.unflatten(0, ids.shape[:2])
+
+    def _full_sequence(self, embedded: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel_mesh is None:
+            return embedded
+        full = gather_sequence(embedded.flatten(0, 1), self.sequence_parallel_mesh)
+        return full.unflatten(0, embedded.shape[:2])
 
 
 def gather_sequence(h: torch.Tensor, tp_mesh: DeviceMesh) -> torch.Tensor:

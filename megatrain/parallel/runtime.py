@@ -95,7 +95,8 @@ class ParallelModel:
             micro = micro_batch_size or tokens.shape[0]
             for micro_step, start in enumerate(range(0, tokens.shape[0], micro)):
                 with phase_context(stage=stage.stage_index, microbatch=micro_step):
-                    loss = stage(tokens[start:start + micro], targets[:, start:start + micro].transpose(0, 1))
+                    loss = stage(tokens[start:start + micro],
+                                 targets=targets[:, start:start + micro].transpose(0, 1))
                     with phase("trunk.backward"):
                         loss.backward()
                 local_loss += loss.detach().double()
@@ -149,7 +150,7 @@ class ParallelModel:
         try:
             with torch.no_grad():
                 if self.schedule is None:
-                    self.stages[0](tokens, targets.transpose(0, 1))
+                    self.stages[0](tokens, targets=targets.transpose(0, 1))
                 else:
                     args = (tokens,) if any(s.is_first for s in self.stages) else ()
                     self.schedule.eval(*args, target=torch.zeros(tokens.shape[0]), losses=[],

@@ -11,6 +11,9 @@ Plan (per rank of the tp axis):
   ``model(tokens)`` (generation) gathers full logits.
 - ``linear_heads`` (head_type=linear) are dim x dim maps run on the replicated residual: they stay
   replicated (plain tensors), their gradients are identical on every tp rank.
+- sequential MTP modules (``mtp.k``): the block as any block; ``eh_proj`` (2*dim -> dim) row-parallel
+  from its replicated input (each rank multiplies its slice of the concatenated features, the
+  partial sums are all-reduced), so its weight is split like ``wo``; the three norms replicated.
 
 Sequence parallelism (``sequence_parallel=True``) shards the trunk's residual stream and norms
 along the sequence. The heads always run on the full, replicated sequence: the last stage
@@ -63,11 +66,23 @@ def block_plan(sequence_parallel: bool) -> dict:
 
 def block_weight_split_dims() -> dict[str, int]:
     """The dim along which ``block_plan`` splits each block weight, by parameter-name suffix:
-    0 for column-parallel (the output features), 1 for row-parallel. The planner's account of
-    the shards reads this, not a copy of the plan."""
+    0 for column-parallel (the output features), 1 for row-parallel."""
     return {f"{name}.weight": 0 if isinstance(style, ColwiseParallel) else 1
             for name, style in block_plan(sequence_parallel=False).items()
             if isinstance(style, (ColwiseParallel, RowwiseParallel))}
+
+
+_BLOCK_SPLIT_DIMS = block_weight_split_dims()
+
+
+def tp_split_dim(name: str) -> int | None:
+    """The dim ``apply_tp`` splits parameter ``name`` along (None: replicated). The planner's
+    account of the shards reads this, not a copy of the plan."""
+    if name.startswith(("tok_embeddings.", "output.")):
+        return 0  # vocabulary-parallel
+    if name.startswith("mtp.") and name.endswith(".eh_proj.weight"):
+        return 1  # row-parallel, from its replicated input
+    return _BLOCK_SPLIT_DIMS.get(".".join(name.split(".")[-3:]))  # e.g. attention.wq.weight
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
@@ -90,5 +105,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Fa
     if model.layout.heads_are_blocks:
         for i in range(model.n_future):
             parallelize_module(model.head_module(i), tp_mesh, block_plan(sequence_parallel=False))
+    for module in getattr(model, "mtp", []):  # the sequential kind's modules
+        parallelize_module(module.block, tp_mesh, block_plan(sequence_parallel=False))
+        parallelize_module(module.eh_proj, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
     parallelize_module(model.output, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
     return model

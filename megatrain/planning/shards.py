@@ -31,10 +31,7 @@ from megatrain.parallel.pipeline_layout import (
     local_stage_ids,
     stages_per_rank,
 )
-from megatrain.parallel.tensor_parallel import block_weight_split_dims
-
-# the block weights' split dims, from the TP plan itself (suffix -> dim)
-BLOCK_SPLIT_DIMS = block_weight_split_dims()
+from megatrain.parallel.tensor_parallel import tp_split_dim
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,7 @@ def tp_local_shape(name: str, shape: tuple[int, ...], tp: int, tp_rank: int) -> 
     """The shape of ``name`` on one tensor-parallel rank."""
     if tp == 1 or len(shape) == 1 or name.startswith("linear_heads."):
         return shape
-    suffix = ".".join(name.split(".")[-3:])  # e.g. attention.wq.weight
-    dim = 0 if name.startswith(("tok_embeddings.", "output.")) else BLOCK_SPLIT_DIMS.get(suffix)
+    dim = tp_split_dim(name)
     if dim == 0:
         return (chunk_size(shape[0], tp, tp_rank), *shape[1:])
     if dim == 1:

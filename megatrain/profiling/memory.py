@@ -204,10 +204,12 @@ def _log_tensorboard(writer, ranks: list[dict], prefix: str) -> None:
     writer.flush()
 
 
-def naive_mtp_loss(model, trunk_hidden, targets, head_scales, ignore_index=-100, impl="auto", sink=None):
+def naive_mtp_loss(model, trunk_hidden, targets, head_scales, ignore_index=-100, impl="auto", sink=None,
+                   embedded=None):
     """``mtp_loss``'s signature and results around ``mtp_loss_naive``: every head's logits stay
     alive until the trunk's backward. Per-head losses and hits are not computed (zeros)."""
     n = model.n_future
-    total = mtp_loss_naive(model, trunk_hidden, targets, head_scales.to(trunk_hidden.device), ignore_index)
+    total = mtp_loss_naive(model, trunk_hidden, targets, head_scales.to(trunk_hidden.device), ignore_index,
+                           embedded=embedded)
     n_valid = (targets != ignore_index).flatten(1).sum(1).cpu()
     return total, HeadStats(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.int64), n_valid)
