@@ -146,10 +146,15 @@ class RunDir:
         changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
                    if old.get(k) != new.get(k)} if old else {}
         if changes:
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n")
+            self.record_history(step, changes)
         self.write_config(cfg)
         return changes
+
+    def record_history(self, step: int, changes: dict) -> None:
+        """Append ``changes`` (key -> [old, new]) to config_history.jsonl as taking effect at ``step``
+        (a resume's changed keys, or a scheduled change such as loss.mtp_lambda's)."""
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n")
 
     def check_same_model(self, cfg: Config) -> None:
         """Refuse to resume checkpoints of another model (before anything is written or queued).

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, RNGState
-from megatrain.config import Config, to_yaml
+from megatrain.config import Config, head_loss_weights, mtp_lambda_at, to_yaml
 from megatrain.data.loader import WindowLoader
 from megatrain.data.mixture import make_loader, open_training_data
 from megatrain.errors import ConfigError, NonFiniteLossError
@@ -187,7 +187,7 @@ def train_step(run: Run) -> dict:
                                  cfg.loss.mask_cross_document)  # (n, B / dp, T)
     counts = all_reduce_host((targets != cfg.loss.ignore_index).flatten(1).sum(1).cpu(),
                              run.engine.group("dp"))  # valid targets per head in the global batch
-    scales = head_scales(counts, run.spec.head_weights)
+    scales = head_scales(counts, _head_weights(run))
     with autocast(run.device, run.autocast_dtype):
         total, stats = run.engine.forward_backward(batch[:, :-1], targets, scales, t.micro_batch_size)
     lr = run.schedulers[0].get_last_lr()[0]
@@ -202,6 +202,21 @@ def train_step(run: Run) -> dict:
             "head_accuracy": (stats.n_correct / valid).tolist(), "lr": lr, "grad_norm": grad_norm,
             "skipped": not applied, "tokens_per_s": tokens / (time.perf_counter() - started),
             "peak_mem_bytes": peak_memory_bytes(run.device), "tokens_seen": run.state.tokens_seen}
+
+
+def _head_weights(run: Run) -> list[float]:
+    """The loss weights of the step being computed; a scheduled change (loss.mtp_lambda_step) is
+    announced and recorded in config_history.jsonl the step it takes effect."""
+    weights = head_loss_weights(run.cfg, run.state.step)
+    before = head_loss_weights(run.cfg, run.state.step - 1) if run.state.step else weights
+    if weights != before and run.rank == 0:
+        change = {"loss.mtp_lambda (scheduled)": [mtp_lambda_at(run.cfg.loss, run.state.step - 1),
+                                                  mtp_lambda_at(run.cfg.loss, run.state.step)]}
+        run.spec.run_dir.record_history(run.state.step, change)
+        print(f"loss.mtp_lambda {change['loss.mtp_lambda (scheduled)'][0]:g} -> "
+              f"{change['loss.mtp_lambda (scheduled)'][1]:g} from step {run.state.step} on "
+              f"(loss.mtp_lambda_step)", flush=True)
+    return weights
 
 
 def train(cfg: Config, should_stop: Callable[[int], bool] | None = None) -> TrainResult:

@@ -113,3 +113,16 @@ def test_a_config_whose_vocabulary_a_start_resolved_records_no_change(tmp_path):
     changes = run_dir.record_config(load_config(None, ["model.vocab_size=4096", "train.lr=0.001"]), 10)
     assert changes == {"train.lr": [0.003, 0.001]}
     assert run_dir.history_path.read_text().count("\n") == 1
+
+
+def test_mtp_lambda_schedule_switches_the_depths_weight_at_its_step():
+    from megatrain.config import head_loss_weights
+
+    cfg = load_config(None, ["model.mtp_kind=sequential", "model.n_future=3", "loss.mtp_lambda=0.3",
+                             "loss.mtp_lambda_after=0.1", "loss.mtp_lambda_step=10"])
+    assert head_loss_weights(cfg, 9) == [1.0, 0.15, 0.15]  # lambda / D each
+    assert head_loss_weights(cfg, 10) == [1.0, 0.05, 0.05]
+    never = load_config(None, ["model.mtp_kind=sequential", "model.n_future=3"])
+    assert head_loss_weights(never, 10**6) == [1.0, 0.15, 0.15]
+    parallel = load_config(None, ["model.n_future=3", "loss.mtp_lambda_step=10"])  # not for parallel heads
+    assert head_loss_weights(parallel, 10) == [1.0, 0.03, 0.03]

@@ -237,3 +237,22 @@ def test_a_run_started_before_extra_heads_weight_resumes_with_the_unweighted_sum
         assert abs(r["loss"] - sum(r["head_losses"])) > 0.1
     for r in records[2:]:
         assert r["loss"] == pytest.approx(sum(r["head_losses"]), rel=1e-5)
+
+
+def test_a_scheduled_mtp_lambda_change_applies_from_its_step_and_is_recorded(dataset, tmp_path):
+    """loss.mtp_lambda_step: the depths' weight changes at that step (the total loss with it) and
+    config_history.jsonl says so; the control run without the switch keeps its weight."""
+    common = {"train.steps": 4, "model.mtp_kind": "sequential", "model.n_layers": 2, "model.n_future": 3,
+              "train.eval_every": 0, "checkpoint.every": 0, "loss.mtp_lambda": 0.3,
+              "loss.mtp_lambda_after": 0.0}
+    switched, control = tmp_path / "switched", tmp_path / "control"
+    _train(_overrides(dataset, switched, **common, **{"loss.mtp_lambda_step": 3}))
+    _train(_overrides(dataset, control, **common))
+    history = [json.loads(line) for line in (switched / "config_history.jsonl").read_text().splitlines()]
+    assert history == [{"step": 3, "time": history[0]["time"],
+                        "changes": {"loss.mtp_lambda (scheduled)": [0.3, 0.0]}}]
+    assert not (control / "config_history.jsonl").exists()
+    a, b = _metrics(switched), _metrics(control)
+    assert [r["loss"] for r in a[:3]] == [r["loss"] for r in b[:3]]  # the same steps before it
+    last = a[3]  # step 4 ran with weight 0 on the depths: the total is head 1's loss alone
+    assert abs(last["loss"] - last["head_losses"][0]) < 1e-5 < abs(b[3]["loss"] - b[3]["head_losses"][0])
