@@ -22,7 +22,7 @@ setup(
               "megatrain.planning", "megatrain.profiling", "megatrain.eval",
               "megatrain.data.synth", "megatrain.experiments", *SUBPACKAGE_DIRS],
     package_dir={"megatrain": "megatrain", **SUBPACKAGE_DIRS},
-    package_data={"megatrain.slurm": ["*.sh"]},
+    package_data={"megatrain.slurm": ["*.sh"], "megatrain.inference": ["hf_remote/*.py"]},
     # torch is deliberately a loose floor: the installer puts the wanted build (CPU wheel 2.13.0
     # here) in place first, and a tight pin here would make pip fetch a CUDA build instead.
     # Tested: 2.13 (CI) and 2.11 (the lent GPU machines' image, benchmarks/torch_compat.sh), where

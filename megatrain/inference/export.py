@@ -6,7 +6,13 @@
 - ``hf``: a ``transformers`` LlamaForCausalLM of the trunk + head 1 (``model.safetensors``,
   ``config.json``), so any Hugging Face tool runs the next-token model, and heads 2..n beside it in
   ``extra_heads.safetensors`` under Meta's names (``extra_heads.0.attention.wq.weight`` ...), their
-  ``n_future_tokens`` and ``head_type`` in the file's metadata.
+  ``n_future_tokens`` and ``head_type`` in the file's metadata. A sequential-MTP model
+  (model.mtp_kind=sequential) exports its full trunk as the Llama and its modules as MTP layers in
+  the same ``model.safetensors`` (inference/hf_mtp.py), with a small modeling file
+  (``modeling_mtp_llama.py``, named by ``auto_map``) so that transformers' own
+  ``generate(..., use_mtp=True)`` drafts with them (``trust_remote_code=True``).
+- ``deepseek-mtp`` (sequential models): the same, the MTP layers also holding copies of the embedding
+  and unembedding (``embed_tokens``, ``shared_head.head``), as DeepSeek-V3's released checkpoints.
 
 Both formats get the run dataset's ``tokenizer.json`` when the dataset is on this machine (hf also a
 ``tokenizer_config.json`` naming its EOS token, so ``AutoTokenizer`` loads it). Weights keep the
@@ -20,6 +26,7 @@ head (``rope_rows_to_hf``), as transformers' own Llama converter does; nothing e
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import shutil
@@ -31,13 +38,20 @@ import torch
 from megatrain.config import Config, ModelConfig
 from megatrain.data.shards import open_split
 from megatrain.errors import ConfigError, DataError, UserError
+from megatrain.inference.hf_mtp import (
+    MTP_MODULE_NAMES,
+    REMOTE_CODE,
+    deepseek_copies,
+    mtp_config_fields,
+    mtp_layer_prefix,
+)
 from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint
 from megatrain.inference.meta_format import check_meta_exportable, write_meta
 from megatrain.model.layout import LayerLayout
 from megatrain.model.transformer import ffn_hidden_dim
 from megatrain.spec import dataset_dir_of, trained_length
 
-FORMATS = ("meta", "hf")
+FORMATS = ("meta", "hf", "deepseek-mtp")
 TOKENIZER_FILE = "tokenizer.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_EXTRA_HEADS_FILE = "extra_heads.safetensors"
@@ -65,8 +79,12 @@ class Exported:
     tokenizer: Path | None  # the dataset tokenizer copied along, None when there was none here
 
 
-def check_hf_exportable(cfg: ModelConfig) -> None:
-    """HF Llama is trunk + head 1 as one stack of blocks: head 1 must read the trunk output."""
+def check_hf_exportable(cfg: ModelConfig, fmt: str = "hf") -> None:
+    """HF Llama is trunk + head 1 as one stack of blocks: head 1 must read the trunk output.
+    ``deepseek-mtp`` holds sequential MTP modules only."""
+    if fmt == "deepseek-mtp" and cfg.mtp_kind != "sequential":
+        raise ConfigError("--format deepseek-mtp holds sequential MTP modules (model.mtp_kind="
+                          "sequential); this model has parallel heads: use --format meta or hf")
     if cfg.head_type in ("linear", "anticausal"):
         reason = ("head 1 is a dim x dim map on a full-depth trunk, not a Llama block"
                   if cfg.head_type == "linear" else "head 1 reads head 2's output, not the trunk's")
@@ -83,17 +101,43 @@ def rope_rows_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(rows, dim).contiguous()  # members first, then pairs
 
 
-def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's state dict of the trunk + head 1 (``layers.*``, HF's layer i = ours i)."""
-    check_hf_exportable(cfg)
-    out = {hf: state[ours].contiguous() for ours, hf in HF_SHARED_NAMES.items()}
+def rope_rows_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``rope_rows_to_hf``."""
+    rows, dim = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(rows, dim).contiguous()
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """Our name -> (HF name, the attention heads whose RoPE rows are reordered, or None) of every
+    tensor ``model.safetensors`` holds: the trunk + head 1, or the trunk + the MTP layers."""
+    names = {ours: (hf, None) for ours, hf in HF_SHARED_NAMES.items()}
     rope_heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads or cfg.n_heads}
-    for i, key in enumerate(LayerLayout.of(cfg).layer_keys):
+
+    def block(ours_prefix: str, hf_prefix: str) -> None:
         for ours, hf in HF_BLOCK_NAMES.items():
-            weight = state[f"layers.{key}.{ours}"]
-            if ours in rope_heads:
-                weight = rope_rows_to_hf(weight, rope_heads[ours])
-            out[f"model.layers.{i}.{hf}"] = weight.contiguous()
+            names[ours_prefix + ours] = (hf_prefix + hf, rope_heads.get(ours))
+
+    for i, key in enumerate(LayerLayout.of(cfg).layer_keys):
+        block(f"layers.{key}.", f"model.layers.{i}.")
+    for j in range(LayerLayout.of(cfg).n_depths):
+        prefix = mtp_layer_prefix(cfg, j)
+        names.update({f"mtp.{j}.{ours}": (prefix + hf, None) for ours, hf in MTP_MODULE_NAMES.items()})
+        block(f"mtp.{j}.block.", prefix)
+    return names
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                  fmt: str = "hf") -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict of the trunk + head 1 (``layers.*``, HF's layer i = ours i);
+    for sequential MTP, the trunk and then the MTP layers (inference/hf_mtp.py)."""
+    check_hf_exportable(cfg, fmt)
+    out = {}
+    for ours, (hf, rope_heads) in hf_names(cfg).items():
+        weight = state[ours]
+        out[hf] = (rope_rows_to_hf(weight, rope_heads) if rope_heads else weight).contiguous()
+    if fmt == "deepseek-mtp":
+        out.update(deepseek_copies(state, cfg))
     return out
 
 
@@ -107,8 +151,13 @@ def _hf_extra(module: str):
 
 
 def hf_config(cfg: Config, eos_id: int | None):
-    """The transformers LlamaConfig of the trunk + head 1."""
+    """The transformers LlamaConfig of the trunk + head 1 (sequential MTP: the trunk, with the MTP
+    keys and the remote-code class of inference/hf_mtp.py). ``megatrain_model`` records megatrain's
+    own model config, so ``init.path`` reads the export back exactly."""
     m = cfg.model
+    fields = dict(architectures=["LlamaForCausalLM"])
+    if m.mtp_kind == "sequential":
+        fields = mtp_config_fields(m)
     return _hf_extra("transformers").LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=ffn_hidden_dim(m),
         num_hidden_layers=len(LayerLayout.of(m).layer_keys), num_attention_heads=m.n_heads,
@@ -116,16 +165,22 @@ def hf_config(cfg: Config, eos_id: int | None):
         max_position_embeddings=trained_length(cfg), rms_norm_eps=m.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
         tie_word_embeddings=False,  # our embedding and unembedding are separate (docs/design.md)
-        bos_token_id=None, eos_token_id=eos_id, architectures=["LlamaForCausalLM"], dtype="float32")
+        bos_token_id=None, eos_token_id=eos_id, dtype="float32",
+        megatrain_model=json.loads(json.dumps(dataclasses.asdict(m))), **fields)
 
 
-def write_hf(state: dict[str, torch.Tensor], cfg: Config, out: Path, eos_id: int | None = None) -> list[Path]:
-    """config.json, model.safetensors (trunk + head 1) and extra_heads.safetensors into ``out``."""
+def write_hf(state: dict[str, torch.Tensor], cfg: Config, out: Path, eos_id: int | None = None,
+             fmt: str = "hf") -> list[Path]:
+    """config.json, model.safetensors (trunk + head 1; sequential: + the MTP layers) and
+    extra_heads.safetensors (parallel heads) into ``out``."""
     save_file = _hf_extra("safetensors.torch").save_file
     config = hf_config(cfg, eos_id)
-    save_file(hf_state_dict(state, cfg.model), str(out / HF_WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(hf_state_dict(state, cfg.model, fmt), str(out / HF_WEIGHTS_FILE), metadata={"format": "pt"})
     config.save_pretrained(str(out))
     files = [out / "config.json", out / HF_WEIGHTS_FILE]
+    if cfg.model.mtp_kind == "sequential":  # the class generate(use_mtp=True) needs, as remote code
+        shutil.copyfile(Path(__file__).parent / "hf_remote" / REMOTE_CODE, out / REMOTE_CODE)
+        files.append(out / REMOTE_CODE)
     extra = {name: t.contiguous() for name, t in state.items() if name.startswith("extra_heads.")}
     if extra:
         save_file(extra, str(out / HF_EXTRA_HEADS_FILE),
@@ -172,7 +227,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, step: int | None 
         raise UserError(f"--out {out} already exists and is not an empty folder; give a new folder")
     folder = checkpoint_folder(run_dir, step)
     cfg = config_of(folder)
-    (check_meta_exportable if fmt == "meta" else check_hf_exportable)(cfg.model)  # before loading
+    if fmt == "meta":  # before loading
+        check_meta_exportable(cfg.model)
+    else:
+        check_hf_exportable(cfg.model, fmt)
     model, cfg = load_checkpoint(folder)
     state = model.state_dict()
     tokenizer = dataset_tokenizer(cfg)
@@ -183,7 +241,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, step: int | None 
     if fmt == "meta":
         files = write_meta(state, cfg.model, staging)
     else:
-        files = write_hf(state, cfg, staging, tokenizer[1] if tokenizer else None)
+        files = write_hf(state, cfg, staging, tokenizer[1] if tokenizer else None, fmt)
     if tokenizer is not None:
         files += _write_tokenizer(tokenizer, staging, fmt)
     if out.exists():

@@ -1,8 +1,10 @@
 """``init.path`` (the issue's ``init.from``): the weights a fresh run starts from.
 
-The source is a Meta-format export (``params.json`` + ``consolidated.pth``), a run directory (its
-newest intact checkpoint) or one of its checkpoint folders (``RUN_DIR/checkpoints/step_N``). The
-new model may have another number of heads than the source, as long as the trunk is the same:
+The source is a Meta-format export (``params.json`` + ``consolidated.pth``), a megatrain Hugging
+Face export (``--format hf`` / ``deepseek-mtp``: ``config.json`` records megatrain's model config),
+a run directory (its newest intact checkpoint) or one of its checkpoint folders
+(``RUN_DIR/checkpoints/step_N``). The new model may have another number of heads (or sequential
+depths) than the source, as long as the trunk and the MTP kind are the same:
 
 - same n_future: every weight is copied;
 - fewer heads (the paper's n'=1 finetuning of an n=4 model): the trunk and heads 1..n' are
@@ -79,7 +81,7 @@ def source_names(ours: LayerLayout, theirs: LayerLayout, names) -> dict[str, str
 
     Our head i reads the source's head i; every other part (embedding, trunk layers, norm,
     unembedding) keeps its name, since the trunks have the same depth."""
-    prefixes = [(path + ".", i) for i, path in enumerate(ours.head_paths)]
+    prefixes = [(ours.head_path(i) + ".", i) for i in range(ours.n_future) if ours.head_path(i)]
     mapping = {}
     for name in names:
         head = next(((prefix, i) for prefix, i in prefixes if name.startswith(prefix)), None)
@@ -95,6 +97,10 @@ def source_names(ours: LayerLayout, theirs: LayerLayout, names) -> dict[str, str
 def check_compatible(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
     """Refuse a model whose trunk or widths differ from the source's; the message names the first
     differing model.* key and the value that fits."""
+    if ours.mtp_kind != theirs.mtp_kind:
+        raise ConfigError(f"model.mtp_kind={ours.mtp_kind} cannot start from {source}, whose "
+                          f"multi-token heads are {theirs.mtp_kind} (other modules, other names); set "
+                          f"model.mtp_kind={theirs.mtp_kind}")
     if (ours.head_type == "linear") != (theirs.head_type == "linear"):
         raise ConfigError(f"model.head_type={ours.head_type} cannot start from {source}, which has "
                           f"{theirs.head_type} heads (linear heads sit on a full-depth trunk, the others "
@@ -115,7 +121,8 @@ def check_compatible(ours: ModelConfig, theirs: ModelConfig, source: str) -> Non
                           f"{'null' if theirs.ffn_dim_multiplier is None else theirs.ffn_dim_multiplier}")
     trunk, their_trunk = LayerLayout.of(ours).n_trunk_layers, LayerLayout.of(theirs).n_trunk_layers
     if trunk != their_trunk:
-        fits = their_trunk + (0 if ours.head_type == "linear" else ours.n_future)
+        full = ours.head_type == "linear" or ours.mtp_kind == "sequential"  # no head takes a trunk layer
+        fits = their_trunk + (0 if full else ours.n_future)
         raise ConfigError(f"model.n_layers={ours.n_layers} with model.n_future={ours.n_future} gives a "
                           f"trunk of {trunk} layers, but {source} has {their_trunk} (n_layers="
                           f"{theirs.n_layers}, n_future={theirs.n_future}); set model.n_layers={fits} "
@@ -158,12 +165,53 @@ def _read_checkpoint(folder: Path) -> tuple[Callable[[str], torch.Tensor], dict[
     return read, shapes, theirs, f"init.path={folder} (its {CONFIG_FILE})"
 
 
+def _read_hf_export(folder: Path):
+    """A megatrain ``--format hf`` / ``deepseek-mtp`` export: its config.json's ``megatrain_model``,
+    the trunk (+ MTP layers) from model.safetensors by HF name, parallel heads 2..n from
+    extra_heads.safetensors by ours; memory-mapped, read a tensor at a time."""
+    import json
+
+    from safetensors import safe_open
+
+    from megatrain.inference.export import (
+        HF_EXTRA_HEADS_FILE,
+        HF_WEIGHTS_FILE,
+        hf_names,
+        rope_rows_from_hf,
+    )
+
+    label = f"init.path={folder} (config.json)"
+    try:
+        theirs = ModelConfig(**json.loads((folder / "config.json").read_text())["megatrain_model"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{label} is not a megatrain export (no readable megatrain_model in "
+                              f"config.json: {err}); give a folder written by `megatrain export`") from None
+    names = hf_names(theirs)
+    files = {HF_WEIGHTS_FILE: safe_open(str(folder / HF_WEIGHTS_FILE), "pt")}
+    if (folder / HF_EXTRA_HEADS_FILE).is_file():
+        files[HF_EXTRA_HEADS_FILE] = safe_open(str(folder / HF_EXTRA_HEADS_FILE), "pt")
+    where = {name: (files[HF_WEIGHTS_FILE], hf, heads) for name, (hf, heads) in names.items()}
+    extra = files.get(HF_EXTRA_HEADS_FILE)
+    if extra is not None:  # parallel heads 2..n, under our own names
+        where.update({name: (extra, name, None) for name in extra.keys()})
+
+    def read(name: str) -> torch.Tensor:
+        handle, key, rope_heads = where[name]
+        tensor = handle.get_tensor(key)
+        return rope_rows_from_hf(tensor, rope_heads) if rope_heads else tensor
+
+    shapes = {name: torch.Size(handle.get_slice(key).get_shape()) for name, (handle, key, _) in where.items()}
+    return read, shapes, theirs, label
+
+
 def _open_source(path: str):
     """The reader, parameter shapes, model config and error label of ``path``: an export, a
     checkpoint folder or a run directory."""
     folder = Path(path).expanduser()
     if (folder / PARAMS_FILE).is_file():
         return _read_export(folder)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return _read_hf_export(folder)
     if (folder / ".metadata").is_file():  # one checkpoint: RUN_DIR/checkpoints/step_N
         problem = problem_of(folder)
         if problem is not None:
@@ -173,7 +221,8 @@ def _open_source(path: str):
     if RunDir(folder).checkpoints_dir.is_dir():
         return _read_checkpoint(checkpoint_folder(folder))
     raise CheckpointError(f"init.path={path} is not a Meta-format folder ({PARAMS_FILE} + "
-                          f"{WEIGHTS_FILE}, from `megatrain export --format meta`), nor a run directory "
+                          f"{WEIGHTS_FILE}, from `megatrain export --format meta`), nor a megatrain Hugging "
+                          f"Face export (config.json + model.safetensors), nor a run directory "
                           f"(with checkpoints/), nor a checkpoint folder (RUN_DIR/checkpoints/step_N)")
 
 

@@ -44,6 +44,10 @@ def check_meta_exportable(cfg: ModelConfig) -> None:
     """Meta's layout holds independent transformer heads only: params.json cannot say that heads
     are chained (causal/anticausal; Meta's code would run them as independent heads, silently
     wrong), and linear heads (``linear_heads.*`` on a full-depth trunk) have no names there."""
+    if cfg.mtp_kind == "sequential":
+        raise ConfigError("model.mtp_kind=sequential cannot be written in Meta's format, which holds "
+                          "the paper's parallel heads only (params.json has no MTP modules); use "
+                          "--format hf (transformers' generate(use_mtp=True)) or --format deepseek-mtp")
     if cfg.head_type != "transformer":
         raise ConfigError(f"model.head_type={cfg.head_type} cannot be written in Meta's format, which "
                           f"holds independent transformer heads only (params.json has no head type); "
