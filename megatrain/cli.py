@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=FORMATS,
                         help="meta: consolidated.pth + params.json, every head (loads with "
                              "generate --from and init.path); hf: a transformers Llama of the trunk "
-                             "+ head 1, the other heads in extra_heads.safetensors")
+                             "+ head 1, the other heads in extra_heads.safetensors (sequential MTP: "
+                             "the trunk + MTP layers that transformers' generate(use_mtp=True) "
+                             "drafts with); deepseek-mtp: sequential MTP in DeepSeek-V3's layout")
     export.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
     export.set_defaults(func=_export)
 

@@ -264,3 +264,27 @@ def test_every_choice_is_refused_by_name_when_loaded_and_when_built_in_code():
     assert cfg.parallel.pp_schedule == "1f1b" and f"{cfg.model.head_type}" == "linear"  # strings
     with pytest.raises(ConfigError, match="parallel.pp_schedule='zigzag' is not one of gpipe, 1f1b"):
         validate(Config(parallel=ParallelConfig(pp_schedule="zigzag")))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.mtp_kind=sequential", "model.head_type=causal"],
+     "model.mtp_kind=sequential with model.head_type=causal.*leave model.head_type=transformer"),
+    (["model.mtp_kind=sequential", "loss.mtp_lambda=-0.1"], "loss.mtp_lambda=-0.1 is out of range"),
+    (["model.mtp_kind=sequential", "model.n_future=9", "data.seq_len=8"],
+     "data.seq_len=8 must be larger than model.n_future=9"),
+    (["model.mtp_kind=stacked"], "'model.mtp_kind': Invalid value 'stacked'"),
+])
+def test_sequential_mtp_bad_input_names_the_key_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_sequential_modules_keep_the_full_trunk_and_add_parameters():
+    """Unlike parallel heads (which replace n_future - 1 trunk layers), the depths come on top."""
+    from megatrain.model.layout import LayerLayout
+
+    parallel = LayerLayout.of(load_config(None, ["model.n_layers=6", "model.n_future=4"]).model)
+    sequential = LayerLayout.of(load_config(None, ["model.n_layers=6", "model.n_future=4",
+                                                   "model.mtp_kind=sequential"]).model)
+    assert (parallel.n_trunk_layers, sequential.n_trunk_layers, sequential.n_depths) == (2, 6, 3)
+    assert sequential.head_paths == ["mtp.0", "mtp.1", "mtp.2"] and sequential.head_path(0) is None

@@ -127,3 +127,16 @@ def test_zero_offload_takes_the_optimizer_state_off_the_device():
                           world_size=2).ranks[0].breakdown
     assert on_device["optimizer: AdamW moments"] > 0 and "deepspeed: fp32 master partition" in on_device
     assert "optimizer: AdamW moments" not in offloaded and "deepspeed: fp32 master partition" not in offloaded
+
+
+def test_sequential_modules_under_pipelining_plan_the_embeddings_they_are_handed(capsys):
+    """The depths' token embeddings travel with the hidden state between stages: each microbatch a
+    stage holds keeps D x micro x T x dim float32 of them (here 2 x 4 x 64 x 64 x 4 bytes)."""
+    part = "activations: the depths' token embeddings, handed between stages"
+    layout = ["--world-size", "2", *TINY, "model.n_layers=4", "model.n_future=3", "parallel.pp=2",
+              "parallel.pp_schedule=gpipe"]
+    _, sequential = _plan_json(capsys, *layout, "model.mtp_kind=sequential")
+    first = sequential["ranks"][0]["breakdown"]
+    assert first[part] == 2 * (2 * 4 * 64 * 64 * 4), first  # GPipe: both microbatches held at the peak
+    _, parallel = _plan_json(capsys, *layout)
+    assert not parallel["ranks"][0]["breakdown"].get(part)

@@ -32,6 +32,7 @@ SINGLE = {
     "checkpoint_full": ["model.n_layers=6", "model.n_future=2", "parallel.activation_checkpointing=full"],
     "checkpoint_selective": ["model.n_layers=6", "model.n_future=2",
                              "parallel.activation_checkpointing=selective"],
+    "sequential_d3": ["model.n_layers=3", "model.n_future=4", "model.mtp_kind=sequential"],
 }
 TWO_RANKS = {
     "fsdp_dp2": ["model.n_layers=6", "parallel.dp=2"],
@@ -45,6 +46,8 @@ TWO_RANKS = {
     "pp2_1f1b": ["model.n_layers=7", "model.n_future=2", "parallel.pp=2", "parallel.pp_schedule=1f1b",
                  "parallel.microbatches=4"],
     "pp2_zbv": ["model.n_layers=8", "model.n_future=2", "parallel.pp=2", "parallel.pp_schedule=zbv"],
+    "pp2_1f1b_sequential_d3": ["model.n_layers=4", "model.n_future=4", "model.mtp_kind=sequential",
+                               "parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.microbatches=4"],
 }
 FOUR_RANKS = {
     "tp2_pp2": ["model.n_layers=7", "model.n_future=2", "parallel.tp=2", "parallel.pp=2",

@@ -277,3 +277,25 @@ def test_two_pipeline_ranks_each_report_their_stage_and_microbatches(dataset, tm
     assert first["heads"] is None and len(last["heads"]["heads"]) == 4
     assert last["peak_bytes"] > first["peak_bytes"], "the heads' stage should be the heavier"
     assert "rank 1 (stage 1)" in result.stdout, result.stdout
+
+
+def test_sequential_depths_have_their_own_phases_and_a_flat_peak(dataset, tmp_path):
+    """The sequential kind: each depth's phases (head{k}.forward/loss/backward) as for parallel
+    heads, every depth at about the same height, and D = 3 depths at the step peak of D = 1 (the
+    issue's bound: 1.05). Negative control: the naive all-logits loss of D = 3 grows past it."""
+    profiles = {}
+    for depths in (1, 3):
+        cfg = load_config(None, _overrides(dataset, **{"model.mtp_kind": "sequential", "model.n_layers": 2,
+                                                        "model.n_future": depths + 1}))
+        with contextlib.redirect_stdout(io.StringIO()):
+            profiles[depths] = profile_memory(cfg, steps=1, out_dir=tmp_path / f"d{depths}",
+                                              compare_naive=depths == 3)
+    (rank,) = profiles[3]["ranks"]
+    names = [p["name"] for p in rank["phases"]]
+    # a chain replays last to first (the later depths' gradient flows into the earlier ones)
+    assert names == ["trunk.forward", *[n.format(i) for i in (4, 3, 2, 1) for n in HEAD_PHASES],
+                     "trunk.backward", "optimizer.step"], names
+    _assert_flat(_head_peaks(profiles[3])[1:])  # the depths (head 1 has no layer of its own)
+    peak = {d: p["ranks"][0]["peak_bytes"] for d, p in profiles.items()}
+    assert peak[3] <= 1.05 * peak[1], peak
+    assert profiles[3]["naive"]["ranks"][0]["peak_bytes"] > 1.05 * peak[1]

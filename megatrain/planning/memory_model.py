@@ -191,6 +191,12 @@ def plan_rank(spec: RunSpec, rank: int, shapes: dict | None = None) -> RankPlan:
     heads = (_heads(key, micro, seq, tp, target.autocast, target.fsdp_param_dtype, sink_mode)
              if last_stage in my_stages else None)
     gathered_output = micro * seq * model.dim * FP32 if p.sequence_parallel and tp > 1 else 0
+    # Sequential MTP under pipelining: the depths' token embeddings (D, micro, T, dim, float32; a
+    # sequence shard under SP) travel with the hidden state and are held with it on every stage
+    # (parallel/pipeline.py), instead of a copy of the embedding table on the last stage.
+    layout = LayerLayout.of(model)
+    handed = (layout.n_depths * micro * (seq // (tp if p.sequence_parallel else 1)) * model.dim * FP32
+              if layout.sequential and p.pp > 1 else 0)
 
     # ---- the step: replay this rank's forwards and backwards ----------------------------------
     actions = rank_actions(p.pp_schedule, p.pp, coords.pp_rank, n_micro,
@@ -203,6 +209,8 @@ def plan_rank(spec: RunSpec, rank: int, shapes: dict | None = None) -> RankPlan:
         action = moment.action
         ledger.set("gradients (fp32)", grads if moment.gradients else 0)
         ledger.set("activations: trunk layers", sum(kept[s] * n for s, n in moment.holding.items()))
+        ledger.set("activations: the depths' token embeddings, handed between stages",
+                   handed * sum(moment.holding.values()))
         waiting = moment.holding.get(last_stage, 0)
         on_heads = heads is not None and action.stage == last_stage
         if heads is not None:  # every microbatch between its node's forward and backward
