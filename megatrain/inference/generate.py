@@ -139,9 +139,10 @@ class Generator:
         return [self.model.head_forward(0, hidden, cache)]
 
     def _logits_at(self, head_out: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) of one head at block position ``at`` (B,) of each row, as float32 on the CPU."""
+        """Logits (B, V) of head 1 at block position ``at`` (B,) of each row, on the model's device
+        (``_pick`` takes a greedy token there and copies only the ids)."""
         rows = torch.arange(head_out.shape[0], device=head_out.device)
-        return self.model.logits(head_out[rows, at.to(head_out.device)]).float().cpu()
+        return self.model.logits(head_out[rows, at.to(head_out.device)])
 
     def _prefill(self, prompts, cache, all_heads: bool) -> list[torch.Tensor]:
         """Run the prompts (right-padded) in one forward; logits at each row's last prompt token."""
@@ -199,7 +200,7 @@ class _SpeculativeDecoding:
         else:
             outs = self.gen._prefill(prompts, self.cache, all_heads=True)
             t0 = _pick(outs[0], self.sampling, self.generator)
-            drafts, draft_probs = self._draft(outs[1:])
+            drafts, draft_probs = self._draft(torch.stack(outs[1:], dim=1))
         while state.active():
             if state.last_token_of_every_row():  # t0 is head 1's own: no verify forward needed
                 state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * state.batch)
@@ -249,7 +250,7 @@ class _SpeculativeDecoding:
         self.cache.at(positions)
         outs = self.model.extra_head_outputs(inputs, self.cache)
         last = torch.full((self.state.batch,), inputs.shape[1] - 1, dtype=torch.long)
-        drafts = self._draft([self.gen._logits_at(o, last) for o in outs])
+        drafts = self._draft(self._extra_logits(outs, last))
         self.policy.charge_catch_up(time.perf_counter() - started, len(self.waiting))
         self.policy.decisions.catch_ups += 1
         self.state.forwards += 1
@@ -265,15 +266,16 @@ class _SpeculativeDecoding:
         started = time.perf_counter()
         all_heads = not self.sequential  # the sequential depths draft after it, in their chain
         outs = self.gen._forward(block.to(self.device), positions.to(self.device), self.cache, all_heads)
-        p = self.model.logits(outs[0]).float().cpu()  # (B, W, V): head 1 after each block token
+        logits = self.model.logits(outs[0])  # (B, W, V): head 1 after each block token
         if self.sampling.greedy:
-            predicted = p.argmax(-1)  # (B, W)
+            predicted = logits.argmax(-1).cpu()  # (B, W): only the ids leave the device
             kept = (block[:, 1:] == predicted[:, :-1]).long().cumprod(dim=1).sum(1)
             n_kept = torch.minimum(kept, limit)
             t0_next = predicted[torch.arange(batch), n_kept]
         else:
-            n_kept, t0_next = _speculative_sampling(p, block[:, 1:], draft_probs[:, :width - 1],
-                                                    self.sampling, self.generator, limit)
+            n_kept, t0_next = _speculative_sampling(logits.float().cpu(), block[:, 1:],
+                                                    draft_probs[:, :width - 1], self.sampling,
+                                                    self.generator, limit)
         state.forwards += 1
         emitted = [[int(t0[r])] + block[r, 1:1 + int(n_kept[r])].tolist() for r in range(batch)]
         for r in limits:
@@ -283,7 +285,7 @@ class _SpeculativeDecoding:
             self.drafter.record(positions, block, outs[0])  # rejected positions: overwritten later
             drafts, draft_probs = self._chain_drafts(t0_next)
         else:  # heads 2..n draft after the last kept token: only there are they unembedded
-            drafts, draft_probs = self._draft([self.gen._logits_at(out, n_kept) for out in outs[1:]])
+            drafts, draft_probs = self._draft(self._extra_logits(outs[1:], n_kept))
         self.policy.measured(width, True, time.perf_counter() - started)
         self.policy.decisions.count(width)
         return t0_next, drafts, draft_probs
@@ -307,26 +309,35 @@ class _SpeculativeDecoding:
         return self.drafter.draft(self.state.lengths - 1, t0, self._pick_draft)
 
     def _pick_draft(self, logits: torch.Tensor):
+        """One depth's draft per row (on the CPU, like every token here) and its distribution."""
         if self.sampling.greedy:
-            return logits.argmax(-1), None
-        probs = self.sampling.probs(logits)
+            return logits.argmax(-1).cpu(), None
+        probs = self.sampling.probs(logits.float().cpu())
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0], probs
 
-    def _draft(self, picked: list[torch.Tensor]):
-        """Heads 2..n's tokens from their logits (B, V) each: (B, n-1), and the distributions
+    def _extra_logits(self, outs: list[torch.Tensor], at: torch.Tensor) -> torch.Tensor:
+        """Heads 2..n's logits (B, n-1, V) at block position ``at`` (B,) of each row, in one
+        unembedding (the parallel heads share the norm and ``output``)."""
+        rows, at = torch.arange(outs[0].shape[0], device=outs[0].device), at.to(outs[0].device)
+        return self.model.logits(torch.stack([out[rows, at] for out in outs], dim=1))
+
+    def _draft(self, logits: torch.Tensor):
+        """Heads 2..n's tokens from their logits (B, n-1, V): (B, n-1), and the distributions
         they were drawn from (sampling only)."""
         if self.sampling.greedy:
-            return torch.stack([lg.argmax(-1) for lg in picked], dim=1), None
-        probs = [self.sampling.probs(lg) for lg in picked]
-        tokens = torch.stack([torch.multinomial(q, 1, generator=self.generator)[:, 0] for q in probs], dim=1)
-        return tokens, torch.stack(probs, dim=1)  # (B, n-1), (B, n-1, V)
+            return logits.argmax(-1).cpu(), None
+        probs = self.sampling.probs(logits.float().cpu())  # (B, n-1, V)
+        tokens = torch.stack([torch.multinomial(probs[:, k], 1, generator=self.generator)[:, 0]
+                              for k in range(probs.shape[1])], dim=1)
+        return tokens, probs
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator) -> torch.Tensor:
-    logits = logits.float().cpu()
+    """A token per row from logits (B, V): greedy on the logits' device, sampled on the CPU (its
+    generator, so a seed gives the same tokens on any device)."""
     if sampling.greedy:
-        return logits.argmax(-1)
-    return torch.multinomial(sampling.probs(logits), 1, generator=generator)[:, 0]
+        return logits.argmax(-1).cpu()
+    return torch.multinomial(sampling.probs(logits.float().cpu()), 1, generator=generator)[:, 0]
 
 
 def _speculative_sampling(p_logits, drafts, draft_probs, sampling, generator, limit=None):

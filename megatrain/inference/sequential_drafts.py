@@ -60,7 +60,7 @@ class SequentialDrafter:
             hbar = self.model.chain_value(k, out)  # hbar^k: what depth k+1 reads
             if k < self.depths:
                 self.hidden[k][self.rows[:, None], positions] = hbar.to(self.hidden.dtype)
-            token, prob = pick(self.model.output(hbar[:, -1]).float().cpu())  # at P: x_{P+k+1}
+            token, prob = pick(self.model.output(hbar[:, -1]))  # at P: x_{P+k+1}
             self.tokens[self.rows, last + k + 1] = token.to(device)
             drafts.append(token)
             probs.append(prob)

@@ -24,16 +24,15 @@ class LayerCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions: torch.Tensor | None = None  # (B, T) of the current forward
         self.span = 0  # keys at positions < span may be attended in the current forward
+        self.mask: torch.Tensor | None = None  # (B, 1, T, span), True = attend; shared by the layers
+        self.rows: torch.Tensor | None = None  # (B, 1) row indices
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store this forward's keys/values (B, T, H_kv, hd) at their positions; return all keys and
         values up to the furthest position and the attention mask (B, 1, T, span), True = attend."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, self.positions] = k.to(self.k.dtype)
-        self.v[rows, self.positions] = v.to(self.v.dtype)
-        key_pos = torch.arange(self.span, device=k.device)
-        mask = key_pos[None, None, None, :] <= self.positions[:, None, :, None]
-        return self.k[:, :self.span], self.v[:, :self.span], mask
+        self.k[self.rows, self.positions] = k.to(self.k.dtype)
+        self.v[self.rows, self.positions] = v.to(self.v.dtype)
+        return self.k[:, :self.span], self.v[:, :self.span], self.mask
 
 
 @dataclass
@@ -54,13 +53,18 @@ class ModelCache:
         return cls(layers, capacity)
 
     def at(self, positions: torch.Tensor) -> ModelCache:
-        """Bind this forward's token positions (B, T) to every layer's cache."""
-        if int(positions.max()) >= self.capacity:
-            raise ValueError(f"position {int(positions.max())} is beyond the cache's capacity "
+        """Bind this forward's token positions (B, T) to every layer's cache, with the attention
+        mask they share (built once per forward, not once per layer)."""
+        furthest = int(positions.max())
+        if furthest >= self.capacity:
+            raise ValueError(f"position {furthest} is beyond the cache's capacity "
                              f"{self.capacity} (the model's max_seq_len); generate fewer tokens")
-        span = int(positions.max()) + 1
+        span = furthest + 1
+        key_pos = torch.arange(span, device=positions.device)
+        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         for cache in self.layers.values():
-            cache.positions, cache.span = positions, span
+            cache.positions, cache.span, cache.mask, cache.rows = positions, span, mask, rows
         return self
 
     def __getitem__(self, name: str) -> LayerCache:
