@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from megatrain.checkpoint import DiskFullError
 from megatrain.errors import CheckpointError, ConfigError, NonFiniteLossError
+from megatrain.process_identity import ProcessIdentity
 from megatrain.run_lock import LOCK_NAME, RunDirInUse, RunLock
 from tests.test_trainer import REPO, _metrics, _overrides, _train
 
@@ -95,12 +95,17 @@ def test_a_second_training_is_refused_and_sigint_stops_the_first_cleanly(dataset
     assert not (run / LOCK_NAME).exists()  # released at the end
 
 
+def _dead_process_here() -> dict:
+    """The lock record of a process of this host, boot and PID namespace that has ended."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    return {**ProcessIdentity.of_this_process().as_record(), "pid": int(dead), "pid_start": None}
+
+
 def test_a_lock_whose_owner_is_gone_is_taken_over(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    (run / LOCK_NAME).write_text(json.dumps({"owner": "x", "host": socket.gethostname(), "pid": int(dead),
+    (run / LOCK_NAME).write_text(json.dumps({"owner": "x", **_dead_process_here(),
                                              "heartbeat": time.time(), "started": time.time()}))
     _train(_overrides(dataset, run, **{"train.steps": 2}))
     assert "its owner is gone" in capsys.readouterr().out
