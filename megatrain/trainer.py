@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from megatrain.checkpoint import CheckpointManager, RNGState
 from megatrain.config import Config, to_yaml
 from megatrain.data.loader import WindowLoader
-from megatrain.data.mixture import make_loader, open_training_data
+from megatrain.data.mixture import check_tokenizers, make_loader, open_training_data
 from megatrain.errors import ConfigError, NonFiniteLossError
 from megatrain.inference.init_from import read_init_weights
 from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
@@ -90,6 +90,7 @@ def setup(cfg: Config | RunSpec) -> Run:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     train_shards = open_training_data(cfg.data, spec.dataset_dir, "train")  # one dataset or a mixture
+    check_tokenizers(train_shards)  # a damaged tokenizer.json fails here, not at the end-of-run sample
     lock, checkpoints, resuming = _open_run_dir(spec, env.rank)
     try:
         mesh = spec.dims.build_mesh(device.type) if env.world_size > 1 else None

@@ -403,3 +403,28 @@ def test_a_run_dir_that_is_a_file_is_a_config_error(dataset, tmp_path):
     target.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         _train(_overrides(dataset, target))
+
+
+# ---- second round (issue 23): the cases a hostile pass still broke ------------------------------------
+
+
+def test_a_damaged_tokenizer_fails_the_start_not_the_end_of_the_run(dataset, tmp_path):
+    """Point 9: a garbage tokenizer.json used to train every step, then crash in the end-of-run
+    sample; it is now checked with the shards, at the start."""
+    from megatrain.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "tokenizer.json").write_bytes(bytes(range(256)) * 4)
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=f"tokenizer {data / 'tokenizer.json'} of the dataset .* cannot be "
+                                        f"loaded \\(stream did not contain valid UTF-8\\)"):
+        _train(_overrides(data, run, **{"train.steps": 2}))
+    assert not (run / "metrics.jsonl").exists() and not (run / LOCK_NAME).exists()
+    # another tokenizer in its place (valid, but not the one the shards were made with)
+    from megatrain.data.synth.dataset import write_tokenizer
+
+    write_tokenizer(["<|endoftext|>", "a", "b"], data / "tokenizer.json")
+    with pytest.raises(DataError, match="does not match .*manifest.json: it has ids 0..2, the manifest "
+                                        "records vocab_size 257"):
+        _train(_overrides(data, run, **{"train.steps": 2}))
