@@ -111,6 +111,11 @@ class RunDir:
         metrics = self.metrics_path
         return self.has_checkpoints() or (metrics.is_file() and metrics.stat().st_size > 0)
 
+    def started_without_checkpoint(self) -> bool:
+        """A training started here (config.yaml) and stopped before its first checkpoint: the same
+        command restarts it from step 0."""
+        return self.config_path.is_file() and not self.has_checkpoints()
+
     def latest_name(self) -> str | None:
         """What ``checkpoints/latest`` names (None without a readable pointer)."""
         try:
@@ -152,12 +157,13 @@ class RunDir:
         return changes
 
     def check_same_model(self, cfg: Config) -> None:
-        """Refuse to resume checkpoints of another model (before anything is written or queued).
+        """Refuse to continue a run of another model (before anything is written or queued): its
+        checkpoints, or the metrics of a start that saved none yet.
 
         ``model.vocab_size: 0`` means "the dataset's", which the trainer fills in before it writes
         config.yaml, so 0 on either side matches any vocabulary size."""
         saved = self.saved_config_tree()
-        if saved is None or not self.has_checkpoints():
+        if saved is None or not self.has_history():
             return
         old = dict(saved.get("model") or {})
         new = dict(yaml.safe_load(to_yaml(cfg))["model"])
@@ -166,7 +172,7 @@ class RunDir:
             new.pop("vocab_size", None)
         if old != new:
             differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            raise ConfigError(f"run.dir={self.path} holds checkpoints of a different model "
+            raise ConfigError(f"run.dir={self.path} holds a run of a different model "
                               f"(model.{', model.'.join(differing)} differ from {self.config_path}); "
                               f"use a new run.dir or the same model settings to resume")
 

@@ -157,7 +157,8 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
 
 def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointManager, bool]:
     """Take the run dir (one writer), clear partial saves, and settle what this start does with an
-    earlier run there: resume it (same model only) or, for a fresh start, refuse or archive it."""
+    earlier run there: resume it (same model only; from step 0 when it stopped before its first
+    checkpoint) or, for a fresh start, refuse or archive it."""
     cfg, run_dir = spec.config, spec.run_dir
     lock = run_dir.claim(rank)
     try:
@@ -168,10 +169,16 @@ def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointM
             raise ConfigError(f"checkpoint.load_step={cfg.checkpoint.load_step} asks to resume, but "
                               f"checkpoint.resume=false; drop one of them")
         resuming = cfg.checkpoint.resume and bool(checkpoints.steps())
-        if resuming:
+        restarting = cfg.checkpoint.resume and not resuming and run_dir.started_without_checkpoint()
+        if resuming or restarting:
             run_dir.check_same_model(cfg)
         else:
             run_dir.start_fresh(cfg.run.overwrite, rank)
+        if restarting:
+            checkpoints.candidates(cfg.checkpoint.load_step, asked_as="checkpoint.load_step")
+            if rank == 0 and run_dir.has_history():
+                print(f"restarting {run_dir} from step 0: it holds a run that stopped before its first "
+                      f"checkpoint", flush=True)
     except BaseException:
         if lock is not None:
             lock.release()

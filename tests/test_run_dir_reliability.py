@@ -408,6 +408,34 @@ def test_a_run_dir_that_is_a_file_is_a_config_error(dataset, tmp_path):
 # ---- second round (issue 23): the cases a hostile pass still broke ------------------------------------
 
 
+def _crash_at(step: int):
+    """A ``should_stop`` that dies like a kill -9 / double Ctrl-C right after ``step`` (no checkpoint)."""
+    def should_stop(current):
+        if current == step:
+            raise KeyboardInterrupt
+        return False
+    return should_stop
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_restarts_from_step_0(dataset, tmp_path, capsys):
+    """Point 5: config.yaml, metrics, no checkpoint: the same command restarts it (it used to say
+    "holds an earlier run ... resume it (checkpoint.resume=true)" although resume was true)."""
+    from megatrain.config import load_config
+    from megatrain.trainer import train
+
+    run = tmp_path / "run"
+    args = _overrides(dataset, run, **{"train.steps": 5, "checkpoint.every": 100, "train.eval_every": 0})
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, args), should_stop=_crash_at(3))
+    crashed = _losses(run)
+    assert sorted(crashed) == [1, 2, 3] and not _steps(run)
+    capsys.readouterr()
+    _train(args)  # the same command
+    assert "restarting" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]  # each step once
+    assert {s: _losses(run)[s] for s in crashed} == crashed  # step 0 again: the same steps
+
+
 def test_a_damaged_tokenizer_fails_the_start_not_the_end_of_the_run(dataset, tmp_path):
     """Point 9: a garbage tokenizer.json used to train every step, then crash in the end-of-run
     sample; it is now checked with the shards, at the start."""
