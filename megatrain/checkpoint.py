@@ -19,7 +19,6 @@ the parallel trainer can load a checkpoint into any other layout.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import warnings
@@ -32,8 +31,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of
-from megatrain.errors import CheckpointError
-from megatrain.files import atomic_write_text, fsync_dir
+from megatrain.errors import CheckpointError, DiskFullError
+from megatrain.files import atomic_write_text, disk_full, disk_full_is_reported, fsync_dir, is_out_of_space
 from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.run_dir import CONFIG_FILE, RunDir
 
@@ -73,8 +72,7 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(mine["cuda"])
 
 
-class DiskFullError(CheckpointError):
-    """A checkpoint could not be written for lack of space; the previous one is intact."""
+__all__ = ["CheckpointManager", "DiskFullError", "RNGState", "quiet_single_process"]
 
 
 class CheckpointManager:
@@ -105,7 +103,10 @@ class CheckpointManager:
         a full disk may be what interrupted them)."""
         if _rank() == 0:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                with disk_full_is_reported(self.root, after="nothing was written"):
+                    self.root.mkdir(parents=True, exist_ok=True)
+            except DiskFullError:
+                raise
             except OSError as err:
                 raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable "
                                       f"run.dir") from None
@@ -266,18 +267,19 @@ class CheckpointManager:
         """
         try:
             yield
+        except DiskFullError:
+            raise
         except (Exception, CheckpointException) as err:
             usage = shutil.disk_usage(self.root)
             need = _folder_bytes(self.path_of(max(self.steps(), default=0)))
-            if not (_is_enospc(err) or usage.free < max(need, 64 << 20)):
+            if not (is_out_of_space(err) or usage.free < max(need, 64 << 20)):
                 raise
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._pending = None
-            raise DiskFullError(
-                f"disk full at {self.root}: {usage.free / 2**30:.2f} GB free, and a checkpoint needs "
-                f"about {max(need, 1) / 2**30:.2f} GB; the previous checkpoint is intact. Free space "
-                f"(or lower checkpoint.keep) and run the same command again to resume") from None
+            raise disk_full(self.root, need or None,
+                            after="the previous checkpoint is intact (lowering checkpoint.keep frees "
+                                  "space too)") from None
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self, state: dict, path: Path) -> None:
@@ -335,18 +337,6 @@ def _folder_bytes(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def _is_enospc(err: BaseException) -> bool:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _say(message: str) -> None:

@@ -15,7 +15,6 @@ command (train, resume, profile, generate, eval, export, submit, status) goes th
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import yaml
 
 from megatrain.config import Config, load_saved_config, to_yaml
 from megatrain.errors import ConfigError, UserError
-from megatrain.files import atomic_write_text
+from megatrain.files import append_line, atomic_write_text, disk_full_is_reported
 from megatrain.parallel.comm import agree_flags
 from megatrain.run_lock import RunLock
 
@@ -139,7 +138,8 @@ class RunDir:
 
     def record_config(self, cfg: Config, step: int) -> dict:
         """Write config.yaml (after a successful load) and append what changed since the last
-        start to config_history.jsonl with the step it applies from; returns the changes.
+        start to config_history.jsonl with the step it applies from; returns the changes. Each
+        file is written whole or not at all (a full disk raises DiskFullError).
 
         ``model.vocab_size`` 0 means "the dataset's": a start that resolves it (a SLURM job after
         ``submit`` wrote the config) changes nothing."""
@@ -151,8 +151,8 @@ class RunDir:
         changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
                    if old.get(k) != new.get(k)} if old else {}
         if changes:
-            with open(self.history_path, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), "changes": changes}) + "\n")
+            record = {"step": step, "time": time.time(), "changes": changes}
+            append_line(self.history_path, json.dumps(record))
         self.write_config(cfg)
         return changes
 
@@ -199,16 +199,15 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"run.dir={self.path} is a file, not a folder; give a folder path")
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(self.path)
-            lock.acquire()
+            with disk_full_is_reported(self.path, after="nothing was written"):  # not even the lock fits
+                self.path.mkdir(parents=True, exist_ok=True)
+                lock = RunLock(self.path)
+                lock.acquire()
         except PermissionError as err:
             raise ConfigError(f"run.dir={self.path} is not writable ({err.strerror}); give a "
                               f"folder you can write to") from None
-        except OSError as err:  # e.g. ENOSPC: not even the lock file fits
-            raise UserError(f"cannot take run.dir={self.path}: {err.strerror}"
-                            + ("; the disk is full: free space and run the same command again"
-                               if err.errno == errno.ENOSPC else "")) from None
+        except OSError as err:
+            raise UserError(f"cannot take run.dir={self.path}: {err.strerror or err}") from None
         return lock
 
     def start_fresh(self, overwrite: str, rank: int) -> None:

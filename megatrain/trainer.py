@@ -247,8 +247,11 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None) -> Trai
             if stop:
                 break
         run.checkpoints.finish()
+        run.logger.close()  # a failure to flush the last records is this run's error
+    except BaseException:
+        run.logger.close(quietly=True)  # the error in flight is the one to report
+        raise
     finally:
-        run.logger.close()
         if run.lock is not None:
             run.lock.release()
     return TrainResult(run.spec.run_dir.path, state.step,

@@ -8,6 +8,7 @@ data loader, the config keys of point 7 with the config.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -301,7 +302,10 @@ def test_a_full_disk_is_reported_and_the_previous_checkpoint_stays_intact(datase
     run = small_disk(int(one * 1.5) + (256 << 10)) / "run"  # room for one checkpoint, not two
     with pytest.raises(DiskFullError, match=f"disk full at {run / 'checkpoints'}") as caught:
         _train(_overrides(dataset, run, **settings))
-    assert "GB" in str(caught.value) and "previous checkpoint is intact" in str(caught.value)
+    message = str(caught.value)
+    # sizes in a unit that reads: a checkpoint of a few hundred KB is not "0.00 GB"
+    assert re.search(r"[\d.]+ [KM]B free, and this write needs about [\d.]+ [KM]B", message), message
+    assert "previous checkpoint is intact" in message
     assert _latest(run) == "step_0000002" and _steps(run) == ["step_0000002"]
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert not (run / LOCK_NAME).exists()
@@ -456,3 +460,99 @@ def test_a_damaged_tokenizer_fails_the_start_not_the_end_of_the_run(dataset, tmp
     with pytest.raises(DataError, match="does not match .*manifest.json: it has ids 0..2, the manifest "
                                         "records vocab_size 257"):
         _train(_overrides(data, run, **{"train.steps": 2}))
+
+
+def _fill(disk: Path, leave_bytes: int) -> Path:
+    """Fill the file system of ``disk`` until ``leave_bytes`` are free (in pages)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while os.write(fd, b"\0" * (64 << 10)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave_bytes))
+    return filler
+
+
+def _assert_nothing_torn(run: Path) -> None:
+    """Every metrics line a record, config.yaml whole, no lock and no half-written file left."""
+    import yaml
+
+    if (run / "metrics.jsonl").exists():
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps), steps
+    if (run / "config.yaml").exists():
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert not (run / LOCK_NAME).exists()
+    assert not [p for p in run.rglob("*.tmp")], list(run.rglob("*"))
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("when", ["between checkpoints", "at the start"])
+def test_a_full_disk_anywhere_is_one_clear_error_and_leaves_nothing_torn(dataset, tmp_path, small_disk,
+                                                                         capfd, when):
+    """Point 6: a full disk outside a checkpoint save (here the metrics line of a step, or
+    config.yaml at a start with 4 KB free) used to print a raw traceback, exit 1 and leave a stale
+    lock and a torn line; it is the one "disk full at PATH" error, and the same command goes on
+    once there is space."""
+    from megatrain.config import load_config
+    from megatrain.errors import DiskFullError
+    from megatrain.trainer import train
+
+    disk = small_disk(8 << 20)
+    run = disk / "run"
+    # no checkpoint before the end: what fills up first is the metrics file
+    args = _overrides(dataset, run, **{"train.steps": 30, "checkpoint.every": 0, "train.eval_every": 0,
+                                       "logging.tensorboard": True})
+
+    def fill_after_step_3(step):
+        if step == 3:
+            _fill(disk, 0)
+        return False
+
+    if when == "at the start":
+        _fill(disk, 4096)
+    with pytest.raises(DiskFullError) as caught:
+        train(load_config(None, args), should_stop=fill_after_step_3 if when != "at the start" else None)
+    err, message = capfd.readouterr().err, str(caught.value)
+    # between checkpoints: a metrics line or TensorBoard's events, whichever needs a new page first
+    written = "(metrics.jsonl|tensorboard)" if when != "at the start" else "config.yaml"
+    assert re.match(f"disk full at {re.escape(str(run))}/{written}: 0 KB free", message), message
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    _assert_nothing_torn(run)
+    (disk / "filler").unlink()  # free space: the same command goes on
+    _train(args)
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 31))
+
+
+# a thread's exception that reaches the hook (a traceback outside pytest) fails the test
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_under_tensorboard_is_the_same_error_without_a_thread_traceback(tmp_path, small_disk,
+                                                                                     capfd):
+    """Point 6: TensorBoard writes from its own thread, which printed a traceback of its own and
+    then failed every later call; its full disk is reported like any other."""
+    from megatrain.errors import DiskFullError
+    from megatrain.metrics import MetricsLogger
+    from megatrain.run_dir import RunDir
+
+    disk = small_disk(4 << 20)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.tensorboard_dir.symlink_to(disk, target_is_directory=True)  # only TensorBoard's disk is full
+    logger = MetricsLogger(run, tensorboard=True, progress=False, total_steps=500, start_step=0)
+    _fill(disk, 0)
+    record = {"loss": 1.0, "head_losses": [1.0, 2.0], "head_accuracy": [0.5, 0.5], "lr": 1e-3,
+              "grad_norm": 1.0, "tokens_per_s": 1.0, "peak_mem_bytes": 1}
+    with pytest.raises(DiskFullError, match=f"disk full at {run.tensorboard_dir}: 0 KB free"):
+        for step in range(1, 501):  # TensorBoard's thread writes 8 KB at a time
+            logger.log_train({"step": step, **record})
+        logger.close()
+    logger.close(quietly=True)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    steps = [r["step"] for r in _metrics(run.path)]
+    assert steps == list(range(1, len(steps) + 1)) and steps, steps  # metrics.jsonl whole
