@@ -184,12 +184,27 @@ class CheckpointManager:
         return None
 
     def _make_latest(self, step: int, archive_label: str) -> None:
-        """Archive the checkpoints newer than ``step`` and point ``latest`` at it."""
+        """Archive the checkpoints newer than ``step``, with the metrics of the steps after it
+        (a rewind's evidence, or a damaged checkpoint's), and point ``latest`` at it."""
         def archive_newer_and_point():
+            with disk_full_is_reported(self.run_dir.path, after="no checkpoint or metrics record was lost"):
+                move_newer_and_point()
+
+        def move_newer_and_point():
             newer = [self.path_of(s) for s in self.steps() if s > step]
-            if newer:
-                target = self.run_dir.archive(newer, archive_label)
-                _say(f"moved {', '.join(p.name for p in newer)} to {target}")
+            target = self.run_dir.archive(newer, archive_label) if newer else None
+            if target is None and archive_label == "rewind":  # a rewind keeps later metrics even so
+                target = self.run_dir.new_archive_folder(archive_label)
+            moved = [p.name for p in newer]
+            if target is not None:
+                cut = self.run_dir.cut_metrics(step, archive_to=target)
+                if cut.archived:
+                    moved.append(f"the metrics of steps {min(cut.later_steps)}-{max(cut.later_steps)} "
+                                 f"({cut.archived} records)")
+                if cut.damaged:
+                    _say(cut.damage_note(self.run_dir.metrics_path))
+            if moved:
+                _say(f"moved {', '.join(moved)} to {target}")
             if (self.latest() or Path()).name != self.path_of(step).name:
                 atomic_write_text(self.run_dir.latest_path, self.path_of(step).name + "\n")
         _on_rank_0(archive_newer_and_point, f"make {self.path_of(step).name} the latest checkpoint")

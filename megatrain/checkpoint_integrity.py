@@ -72,7 +72,10 @@ def problem_of(folder: Path) -> str | None:
     rank, world = _world()
     manifest_path = folder / CHECKSUMS
     problem = None
-    if not (folder / ".metadata").is_file():
+    if not folder.is_dir():
+        problem = ("it is a file, not a checkpoint folder" if folder.exists() else
+                   "it no longer exists (a training writing this run dir may have pruned it)")
+    elif not (folder / ".metadata").is_file():
         problem = "its .metadata file is missing"
     elif manifest_path.is_file():
         try:

@@ -13,11 +13,10 @@ import json
 import os
 import resource
 import threading
-from pathlib import Path
 
 import torch
 
-from megatrain.files import append_whole, atomic_write_text, disk_full, disk_full_is_reported, is_out_of_space
+from megatrain.files import append_whole, disk_full, disk_full_is_reported, is_out_of_space
 from megatrain.run_dir import RunDir
 
 
@@ -26,25 +25,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past ``last_step`` (written by a run that died after its last checkpoint),
-    and lines that are not JSON: a crash or a full disk can tear the line being written."""
-    if not path.is_file():
-        return
-    kept, torn = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            torn += bool(line.strip())
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= last_step:
-            kept.append(line)
-    if torn:
-        print(f"{path}: dropped {torn} damaged line(s) (torn by a crash or a full disk)", flush=True)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

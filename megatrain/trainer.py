@@ -20,12 +20,13 @@ from megatrain.data.loader import WindowLoader
 from megatrain.data.mixture import check_tokenizers, make_loader, open_training_data
 from megatrain.errors import ConfigError, NonFiniteLossError
 from megatrain.inference.init_from import read_init_weights
-from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
+from megatrain.metrics import MetricsLogger, peak_memory_bytes
 from megatrain.mtp_loss import build_head_targets, head_scales
 from megatrain.optim import apply_schedule, build_scheduler
 from megatrain.parallel import init_distributed
 from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.parallel.engine import TrainingEngine, build_engine
+from megatrain.run_dir import missing_steps
 from megatrain.run_lock import RunDirInUse, RunLock
 from megatrain.spec import RunSpec, resolve
 from megatrain.validation import autocast, evaluate, validation_windows
@@ -144,7 +145,7 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
     for key, (old, new) in spec.run_dir.record_config(cfg, step).items():
         print(f"config changed since the last start: {key} {old} -> {new} (from step {step} on)",
               flush=True)
-    truncate_metrics(spec.run_dir.metrics_path, step)
+    _cut_metrics(spec, step)
     print(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
           f"({cfg.model.head_type} heads), vocab {spec.vocab_size}, device {device}, "
           f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {spec.run_dir}", flush=True)
@@ -153,6 +154,25 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
         source = "loss.head_weights" if cfg.loss.head_weights else "loss.extra_heads_weight"
         print(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (from {source}; the "
               f"paper sums the heads' losses unweighted)", flush=True)
+
+
+def _cut_metrics(spec: RunSpec, step: int) -> None:
+    """metrics.jsonl cut back to ``step`` (a crash's later steps are logged again), and whatever
+    the cut shows: damaged lines dropped, or steps before ``step`` that have no record (another
+    training wrote here meanwhile, or the file was edited): the checkpoint is sound, but the
+    metrics of those steps are gone, and nothing else would say so."""
+    run_dir = spec.run_dir
+    cut = run_dir.cut_metrics(step)
+    if cut.damaged:
+        print(cut.damage_note(run_dir.metrics_path), flush=True)
+    every = max([spec.config.logging.every, *[v for v in run_dir.values_used("logging.every")
+                                              if isinstance(v, int)]])
+    gaps = missing_steps(cut.train_steps, step, every) if step else []
+    if gaps:
+        spans = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in gaps)
+        print(f"warning: {run_dir.metrics_path} has no training records for steps {spans} of the "
+              f"{step} this run resumes (another training may have written this run dir, or the file "
+              f"was cut); the checkpoint is intact, only those metrics are missing", flush=True)
 
 
 def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointManager, bool]:

@@ -440,6 +440,79 @@ def test_a_run_that_stopped_before_its_first_checkpoint_restarts_from_step_0(dat
     assert {s: _losses(run)[s] for s in crashed} == crashed  # step 0 again: the same steps
 
 
+def test_a_rewind_archives_the_metrics_after_its_step_beside_the_checkpoints(dataset, tmp_path):
+    """Point 4: load_step=2 after 6 steps keeps the old steps 3-6's records (the evidence of a
+    blow-up) in the archive with the checkpoints it moved, instead of overwriting them."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 5, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    old = {json.loads(line)["step"]: line for line in (run / "metrics.jsonl").read_text().splitlines()}
+    _train(_overrides(dataset, run, **{**settings, "checkpoint.load_step": 2, "train.lr": 1e-3}))
+    (archived,) = (run / "archive").glob("rewind-*")
+    assert sorted(p.name for p in (archived / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    kept = (archived / "metrics.jsonl").read_text().splitlines()
+    assert kept == [old[s] for s in (3, 4, 5, 6)], kept  # moved whole, byte for byte
+    new = {r["step"]: r for r in _metrics(run)}
+    assert sorted(new) == list(range(1, 7)) and new[3]["lr"] != json.loads(old[3])["lr"]
+
+
+def test_a_resume_that_finds_metrics_missing_says_so(dataset, tmp_path, capsys):
+    """Point 1: another writer (or a cut file) left steps without records before the checkpoint a
+    run resumes: the resume says which; an intact file (control) gives no such warning."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 6, "checkpoint.every": 6, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 7}))  # control: nothing missing
+    assert "no training records" not in capsys.readouterr().out
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:3]))  # steps 4-6 lost
+    (run / "checkpoints" / "step_0000007").rename(tmp_path / "later")  # resume step 6 again
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 7}))
+    assert "has no training records for steps 4-6 of the 6 this run resumes" in capsys.readouterr().out
+
+
+def test_a_step_folder_replaced_by_a_file_is_reported_not_skipped(dataset, tmp_path, capsys):
+    """Point 7: it used to be skipped silently, and the save of that step crashed later with
+    NotADirectoryError."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 3, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    newest = run / "checkpoints" / "step_0000004"
+    shutil.rmtree(newest)
+    newest.write_text("not a checkpoint")
+    capsys.readouterr()
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 6}))
+    out = capsys.readouterr().out
+    assert "step_0000004 is not usable (it is a file, not a checkpoint folder)" in out, out
+    assert "resumed from" in out and "step_0000002" in out
+    assert _steps(run) == ["step_0000002", "step_0000004", "step_0000006"] and newest.is_dir()
+    assert [p.is_file() for p in (run / "archive").glob("damaged-*/checkpoints/step_0000004")] == [True]
+
+
+@pytest.mark.parametrize("damage", ["wrong types", "metrics.jsonl a folder"])
+def test_a_metrics_file_of_the_wrong_shape_is_an_error_or_dropped_lines(dataset, tmp_path, capsys, damage):
+    """Point 8: no traceback: lines that are not records are dropped and counted; a folder where
+    metrics.jsonl belongs is an error naming it, before anything is written."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 2, "checkpoint.every": 2, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    if damage == "wrong types":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": "abc"}\n[1, 2]\n{"step": null, "loss": 1}\n{"step": -3}\n')
+        capsys.readouterr()
+        _train(_overrides(dataset, run, **{**settings, "train.steps": 3}))
+        assert "dropped 4 damaged line(s)" in capsys.readouterr().out
+        assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    else:
+        (run / "metrics.jsonl").unlink()
+        (run / "metrics.jsonl").mkdir()
+        with pytest.raises(ConfigError, match=r"metrics.jsonl is not a file, and megatrain keeps its "
+                                              r"metrics file there; move it out"):
+            _train(_overrides(dataset, run, **{**settings, "train.steps": 3}))
+        assert not (run / LOCK_NAME).exists() and _steps(run) == ["step_0000002"]
+
+
 def test_a_damaged_tokenizer_fails_the_start_not_the_end_of_the_run(dataset, tmp_path):
     """Point 9: a garbage tokenizer.json used to train every step, then crash in the end-of-run
     sample; it is now checked with the shards, at the start."""
