@@ -10,10 +10,13 @@ Layout under ``run.dir/checkpoints`` (the names are ``RunDir``'s)::
 
 A save writes into ``step_N.tmp``, adds the run's config and the checksums of every file, renames
 it to ``step_N`` and only then replaces ``latest`` (``os.replace`` is atomic), so a crash at any
-point leaves ``latest`` on a complete checkpoint. Leftover ``*.tmp`` folders are removed at the next
-start. A resume verifies the checksums and falls back to the newest intact checkpoint; nothing is
-deleted but checkpoints older than the ``keep`` newest. DCP is used even on one process so that
-the parallel trainer can load a checkpoint into any other layout.
+point leaves ``latest`` on a complete checkpoint. A folder leaves the name ``step_N`` the same way,
+whole: pruning (or replacing) renames it to ``step_N.deleting`` before deleting it, so a reader
+(generate, eval, export) that lists ``step_N`` finds a complete checkpoint or none, never half of
+one. Leftover ``*.tmp`` and ``*.deleting`` folders are removed at the next start. A resume verifies
+the checksums and falls back to the newest intact checkpoint; nothing is deleted but checkpoints
+older than the ``keep`` newest. DCP is used even on one process so that the parallel trainer can
+load a checkpoint into any other layout.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(mine["cuda"])
 
 
+DELETING = ".deleting"  # suffix of a folder on its way out (pruned or replaced)
 __all__ = ["CheckpointManager", "DiskFullError", "RNGState", "quiet_single_process"]
 
 
@@ -110,11 +114,8 @@ class CheckpointManager:
             except OSError as err:
                 raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable "
                                       f"run.dir") from None
-            for leftover in self.root.glob("*.tmp"):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
+            for leftover in [*self.root.glob("*.tmp"), *self.root.glob(f"*{DELETING}")]:
+                _remove(leftover)
         if self.async_save and dist.is_initialized() and self._group is None:
             self._group = dist.new_group(backend="gloo")  # collective: every rank calls prepare
         _barrier()
@@ -266,8 +267,8 @@ class CheckpointManager:
 
     def _rename_and_point(self, tmp: Path, final: Path, manifest: str) -> None:
         atomic_write_text(tmp / CHECKSUMS, manifest)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+        if final.exists() or final.is_symlink():  # re-saving a step (e.g. after a resume): replace it whole
+            _remove(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
         atomic_write_text(self.run_dir.latest_path, final.name + "\n")
@@ -328,7 +329,10 @@ class CheckpointManager:
         steps = [self.path_of(s) for s in self.steps()]
         for old in steps[:-self.keep]:
             if old.name not in protected:
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    _remove(old)
+                except OSError as err:  # the new checkpoint is published: a leftover is no failure
+                    _say(f"warning: could not remove the old checkpoint {old} ({err}); delete it by hand")
 
 
 def _on_rank_0(action, what: str) -> None:
@@ -352,6 +356,24 @@ def _folder_bytes(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder (or whatever holds its name): first renamed out of the step_N
+    names, so a reader never finds it half deleted; a file in its place goes the same way."""
+    doomed = path if path.name.endswith(DELETING) else path.with_name(path.name + DELETING)
+    if doomed != path:
+        try:
+            os.replace(path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError:  # e.g. a folder of that name left by an earlier crash: clear it, then retry
+            _remove(doomed)
+            os.replace(path, doomed)
+    if doomed.is_dir() and not doomed.is_symlink():
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        doomed.unlink(missing_ok=True)
 
 
 def _say(message: str) -> None:

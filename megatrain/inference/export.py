@@ -31,7 +31,7 @@ import torch
 from megatrain.config import Config, ModelConfig
 from megatrain.data.shards import open_split
 from megatrain.errors import ConfigError, DataError, UserError
-from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint
+from megatrain.inference.load import config_of, load_checkpoint, read_checkpoint
 from megatrain.inference.meta_format import check_meta_exportable, write_meta
 from megatrain.model.layout import LayerLayout
 from megatrain.model.transformer import ffn_hidden_dim
@@ -170,10 +170,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, step: int | None 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder; give a new folder")
-    folder = checkpoint_folder(run_dir, step)
-    cfg = config_of(folder)
-    (check_meta_exportable if fmt == "meta" else check_hf_exportable)(cfg.model)  # before loading
-    model, cfg = load_checkpoint(folder)
+    def read(folder: Path):
+        cfg = config_of(folder)
+        (check_meta_exportable if fmt == "meta" else check_hf_exportable)(cfg.model)  # before loading
+        return load_checkpoint(folder)
+
+    folder, (model, cfg) = read_checkpoint(run_dir, step, read)
     state = model.state_dict()
     tokenizer = dataset_tokenizer(cfg)
     staging = out.with_name(out.name + ".partial")
