@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of
+from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of, unverified_warning
 from megatrain.errors import CheckpointError, DiskFullError
 from megatrain.files import atomic_write_text, disk_full, disk_full_is_reported, fsync_dir, is_out_of_space
 from megatrain.parallel.comm import agree_flags, all_reduce_host
@@ -172,14 +173,19 @@ class CheckpointManager:
                 except CheckpointError as err:
                     problem = str(err)
             if problem is None:
+                # each unusable one said once, now that it is known what was loaded instead
+                for name, why in failures:
+                    _say(f"warning: checkpoint {self.root / name} is not usable ({why}); resuming from "
+                         f"the older {path.name}")
+                if (warning := unverified_warning(path)) is not None:
+                    _say(warning, file=sys.stderr)
                 self._make_latest(step, archive_label="rewind" if load_step else "damaged")
                 return path
-            failures.append(f"{path.name}: {problem}")
-            _say(f"warning: checkpoint {path} is not usable ({problem})"
-                 + ("" if load_step else "; trying the next older one"))
-        if failures:
+            failures.append((path.name, problem))
+        if failures:  # said once, in the error
             raise CheckpointError(
-                "no intact checkpoint to resume from in " + str(self.root) + ": " + "; ".join(failures)
+                "no intact checkpoint to resume from in " + str(self.root) + ": "
+                + "; ".join(f"{name}: {why}" for name, why in failures)
                 + ". Restore one from a backup, or start fresh (checkpoint.resume=false with "
                   "run.overwrite=archive moves this run aside)")
         return None
@@ -376,6 +382,6 @@ def _remove(path: Path) -> None:
         doomed.unlink(missing_ok=True)
 
 
-def _say(message: str) -> None:
+def _say(message: str, file=None) -> None:
     if _rank() == 0:
-        print(message, flush=True)
+        print(message, file=file or sys.stdout, flush=True)

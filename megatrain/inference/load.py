@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatrain.checkpoint import CheckpointManager, quiet_single_process
-from megatrain.checkpoint_integrity import problem_of
+from megatrain.checkpoint_integrity import problem_of, unverified_warning
 from megatrain.config import Config, load_saved_config, validate
 from megatrain.errors import CheckpointError, ConfigError, UserError
 from megatrain.inference.meta_format import PARAMS_FILE, WEIGHTS_FILE, read_meta
@@ -42,8 +42,8 @@ T = TypeVar("T")
 
 def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
     """The checkpoint of ``step``, or the newest intact one, of a run directory. Damaged newer
-    ones skipped are said on stderr; one pruned while it was checked is not damaged: the listing
-    is then read again (once)."""
+    ones skipped and a checkpoint without checksums are said on stderr; one pruned while it was
+    checked is not damaged: the listing is then read again (once)."""
     manager = CheckpointManager(Path(run_dir), keep=1)
     for attempt in (1, 2):
         if not manager.steps():
@@ -56,6 +56,8 @@ def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
             if problem is None:
                 for skipped in problems:
                     print(f"warning: checkpoint {skipped}; reading the older {folder.name}", file=sys.stderr)
+                if (warning := unverified_warning(folder)) is not None:
+                    print(warning, file=sys.stderr)
                 return folder
             pruned = not folder.exists() and attempt == 1
             if pruned:  # by a training writing this run dir: what is the newest now?
