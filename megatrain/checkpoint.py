@@ -22,6 +22,7 @@ load a checkpoint into any other layout.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -47,10 +48,23 @@ def _rank() -> int:
 
 @contextlib.contextmanager
 def quiet_single_process():
-    """DCP warns on every call without a process group; one process is a normal run here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-        yield
+    """DCP warns on every call without a process group; one process is a normal run here. It
+    also logs a traceback to the root logger when a checkpoint's metadata cannot be read (damaged,
+    or the folder pruned while a reader loads it), before failing: the caller reports that failure
+    itself, in one line, so those records are dropped."""
+    root = logging.getLogger()
+    root.addFilter(_drop_metadata_tracebacks)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+            yield
+    finally:
+        root.removeFilter(_drop_metadata_tracebacks)
+
+
+def _drop_metadata_tracebacks(record: logging.LogRecord) -> bool:
+    return not (record.name == "root" and "torch/distributed/checkpoint" in record.pathname.replace("\\", "/")
+                and "metadata is not found" in record.getMessage())
 
 
 def _barrier() -> None:
