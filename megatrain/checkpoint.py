@@ -10,18 +10,22 @@ Layout under ``run.dir/checkpoints`` (the names are ``RunDir``'s)::
 
 A save writes into ``step_N.tmp``, adds the run's config and the checksums of every file, renames
 it to ``step_N`` and only then replaces ``latest`` (``os.replace`` is atomic), so a crash at any
-point leaves ``latest`` on a complete checkpoint. Leftover ``*.tmp`` folders are removed at the next
-start. A resume verifies the checksums and falls back to the newest intact checkpoint; nothing is
-deleted but checkpoints older than the ``keep`` newest. DCP is used even on one process so that
-the parallel trainer can load a checkpoint into any other layout.
+point leaves ``latest`` on a complete checkpoint. A folder leaves the name ``step_N`` the same way,
+whole: pruning (or replacing) renames it to ``step_N.deleting`` before deleting it, so a reader
+(generate, eval, export) that lists ``step_N`` finds a complete checkpoint or none, never half of
+one. Leftover ``*.tmp`` and ``*.deleting`` folders are removed at the next start. A resume verifies
+the checksums and falls back to the newest intact checkpoint; nothing is deleted but checkpoints
+older than the ``keep`` newest. DCP is used even on one process so that the parallel trainer can
+load a checkpoint into any other layout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,9 +35,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
-from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of
-from megatrain.errors import CheckpointError
-from megatrain.files import atomic_write_text, fsync_dir
+from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of, unverified_warning
+from megatrain.errors import CheckpointError, DiskFullError
+from megatrain.files import atomic_write_text, disk_full, disk_full_is_reported, fsync_dir, is_out_of_space
 from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.run_dir import CONFIG_FILE, RunDir
 
@@ -44,10 +48,23 @@ def _rank() -> int:
 
 @contextlib.contextmanager
 def quiet_single_process():
-    """DCP warns on every call without a process group; one process is a normal run here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-        yield
+    """DCP warns on every call without a process group; one process is a normal run here. It
+    also logs a traceback to the root logger when a checkpoint's metadata cannot be read (damaged,
+    or the folder pruned while a reader loads it), before failing: the caller reports that failure
+    itself, in one line, so those records are dropped."""
+    root = logging.getLogger()
+    root.addFilter(_drop_metadata_tracebacks)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+            yield
+    finally:
+        root.removeFilter(_drop_metadata_tracebacks)
+
+
+def _drop_metadata_tracebacks(record: logging.LogRecord) -> bool:
+    return not (record.name == "root" and "torch/distributed/checkpoint" in record.pathname.replace("\\", "/")
+                and "metadata is not found" in record.getMessage())
 
 
 def _barrier() -> None:
@@ -73,8 +90,8 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(mine["cuda"])
 
 
-class DiskFullError(CheckpointError):
-    """A checkpoint could not be written for lack of space; the previous one is intact."""
+DELETING = ".deleting"  # suffix of a folder on its way out (pruned or replaced)
+__all__ = ["CheckpointManager", "DiskFullError", "RNGState", "quiet_single_process"]
 
 
 class CheckpointManager:
@@ -105,15 +122,15 @@ class CheckpointManager:
         a full disk may be what interrupted them)."""
         if _rank() == 0:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
+                with disk_full_is_reported(self.root, after="nothing was written"):
+                    self.root.mkdir(parents=True, exist_ok=True)
+            except DiskFullError:
+                raise
             except OSError as err:
                 raise CheckpointError(f"cannot create {self.root}: {err}; choose a writable "
                                       f"run.dir") from None
-            for leftover in self.root.glob("*.tmp"):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
+            for leftover in [*self.root.glob("*.tmp"), *self.root.glob(f"*{DELETING}")]:
+                _remove(leftover)
         if self.async_save and dist.is_initialized() and self._group is None:
             self._group = dist.new_group(backend="gloo")  # collective: every rank calls prepare
         _barrier()
@@ -170,25 +187,45 @@ class CheckpointManager:
                 except CheckpointError as err:
                     problem = str(err)
             if problem is None:
+                # each unusable one said once, now that it is known what was loaded instead
+                for name, why in failures:
+                    _say(f"warning: checkpoint {self.root / name} is not usable ({why}); resuming from "
+                         f"the older {path.name}")
+                if (warning := unverified_warning(path)) is not None:
+                    _say(warning, file=sys.stderr)
                 self._make_latest(step, archive_label="rewind" if load_step else "damaged")
                 return path
-            failures.append(f"{path.name}: {problem}")
-            _say(f"warning: checkpoint {path} is not usable ({problem})"
-                 + ("" if load_step else "; trying the next older one"))
-        if failures:
+            failures.append((path.name, problem))
+        if failures:  # said once, in the error
             raise CheckpointError(
-                "no intact checkpoint to resume from in " + str(self.root) + ": " + "; ".join(failures)
+                "no intact checkpoint to resume from in " + str(self.root) + ": "
+                + "; ".join(f"{name}: {why}" for name, why in failures)
                 + ". Restore one from a backup, or start fresh (checkpoint.resume=false with "
                   "run.overwrite=archive moves this run aside)")
         return None
 
     def _make_latest(self, step: int, archive_label: str) -> None:
-        """Archive the checkpoints newer than ``step`` and point ``latest`` at it."""
+        """Archive the checkpoints newer than ``step``, with the metrics of the steps after it
+        (a rewind's evidence, or a damaged checkpoint's), and point ``latest`` at it."""
         def archive_newer_and_point():
+            with disk_full_is_reported(self.run_dir.path, after="no checkpoint or metrics record was lost"):
+                move_newer_and_point()
+
+        def move_newer_and_point():
             newer = [self.path_of(s) for s in self.steps() if s > step]
-            if newer:
-                target = self.run_dir.archive(newer, archive_label)
-                _say(f"moved {', '.join(p.name for p in newer)} to {target}")
+            target = self.run_dir.archive(newer, archive_label) if newer else None
+            if target is None and archive_label == "rewind":  # a rewind keeps later metrics even so
+                target = self.run_dir.new_archive_folder(archive_label)
+            moved = [p.name for p in newer]
+            if target is not None:
+                cut = self.run_dir.cut_metrics(step, archive_to=target)
+                if cut.archived:
+                    moved.append(f"the metrics of steps {min(cut.later_steps)}-{max(cut.later_steps)} "
+                                 f"({cut.archived} records)")
+                if cut.damaged:
+                    _say(cut.damage_note(self.run_dir.metrics_path))
+            if moved:
+                _say(f"moved {', '.join(moved)} to {target}")
             if (self.latest() or Path()).name != self.path_of(step).name:
                 atomic_write_text(self.run_dir.latest_path, self.path_of(step).name + "\n")
         _on_rank_0(archive_newer_and_point, f"make {self.path_of(step).name} the latest checkpoint")
@@ -250,8 +287,8 @@ class CheckpointManager:
 
     def _rename_and_point(self, tmp: Path, final: Path, manifest: str) -> None:
         atomic_write_text(tmp / CHECKSUMS, manifest)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+        if final.exists() or final.is_symlink():  # re-saving a step (e.g. after a resume): replace it whole
+            _remove(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
         atomic_write_text(self.run_dir.latest_path, final.name + "\n")
@@ -266,18 +303,19 @@ class CheckpointManager:
         """
         try:
             yield
+        except DiskFullError:
+            raise
         except (Exception, CheckpointException) as err:
             usage = shutil.disk_usage(self.root)
             need = _folder_bytes(self.path_of(max(self.steps(), default=0)))
-            if not (_is_enospc(err) or usage.free < max(need, 64 << 20)):
+            if not (is_out_of_space(err) or usage.free < max(need, 64 << 20)):
                 raise
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             self._pending = None
-            raise DiskFullError(
-                f"disk full at {self.root}: {usage.free / 2**30:.2f} GB free, and a checkpoint needs "
-                f"about {max(need, 1) / 2**30:.2f} GB; the previous checkpoint is intact. Free space "
-                f"(or lower checkpoint.keep) and run the same command again to resume") from None
+            raise disk_full(self.root, need or None,
+                            after="the previous checkpoint is intact (lowering checkpoint.keep frees "
+                                  "space too)") from None
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self, state: dict, path: Path) -> None:
@@ -311,7 +349,10 @@ class CheckpointManager:
         steps = [self.path_of(s) for s in self.steps()]
         for old in steps[:-self.keep]:
             if old.name not in protected:
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    _remove(old)
+                except OSError as err:  # the new checkpoint is published: a leftover is no failure
+                    _say(f"warning: could not remove the old checkpoint {old} ({err}); delete it by hand")
 
 
 def _on_rank_0(action, what: str) -> None:
@@ -337,18 +378,24 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def _is_enospc(err: BaseException) -> bool:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder (or whatever holds its name): first renamed out of the step_N
+    names, so a reader never finds it half deleted; a file in its place goes the same way."""
+    doomed = path if path.name.endswith(DELETING) else path.with_name(path.name + DELETING)
+    if doomed != path:
+        try:
+            os.replace(path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError:  # e.g. a folder of that name left by an earlier crash: clear it, then retry
+            _remove(doomed)
+            os.replace(path, doomed)
+    if doomed.is_dir() and not doomed.is_symlink():
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        doomed.unlink(missing_ok=True)
 
 
-def _say(message: str) -> None:
+def _say(message: str, file=None) -> None:
     if _rank() == 0:
-        print(message, flush=True)
+        print(message, file=file or sys.stdout, flush=True)

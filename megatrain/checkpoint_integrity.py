@@ -7,8 +7,12 @@ A checkpoint folder holds ``checksums.json``::
 
 DCP itself notices a truncated file only sometimes, and bytes overwritten inside tensor data not at
 all (they load silently, and training continues from slightly different weights), so every file
-is hashed. The work is spread over the ranks (rank r hashes files r, r + world, ...), and
-``verify`` gives every rank the same verdict.
+is hashed. A checkpoint is intact only if every entry of its folder is listed in the manifest and
+matches it: a file added later, or one whose entry was removed, makes it damaged like a changed
+one. A folder without a manifest (saved by a megatrain older than checksums, or the manifest was
+deleted) cannot be verified at all: it is usable, but whoever loads it says so by name
+(``unverified_warning``). The work is spread over the ranks (rank r hashes files r, r + world,
+...), and ``problem_of`` gives every rank the same verdict.
 """
 
 from __future__ import annotations
@@ -64,25 +68,29 @@ def checksums_text(folder: Path) -> str:
 
 
 def problem_of(folder: Path) -> str | None:
-    """What is wrong with the checkpoint ``folder`` (None: intact), the same on every rank.
+    """What is wrong with the checkpoint ``folder`` (None: usable), the same on every rank.
 
-    A checkpoint written before checksums existed (no manifest) is accepted if DCP's metadata is
-    there; its tensors are then only as trustworthy as the file system.
+    Without a manifest (``unverified_warning``) a checkpoint is usable if DCP's metadata is there;
+    its tensors are then only as trustworthy as the file system.
     """
     rank, world = _world()
     manifest_path = folder / CHECKSUMS
     problem = None
-    if not (folder / ".metadata").is_file():
+    if not folder.is_dir():
+        problem = ("it is a file, not a checkpoint folder" if folder.exists() else
+                   "it no longer exists (a training writing this run dir may have pruned it)")
+    elif not (folder / ".metadata").is_file():
         problem = "its .metadata file is missing"
     elif manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())
             files = manifest["files"]
-            if manifest.get("format") != FORMAT:
+            if manifest.get("format") != FORMAT or not isinstance(files, dict):
                 raise ValueError(manifest.get("format"))
             # any failure here is this checkpoint's problem, never an exception that would leave
             # this rank out of the verdict's all-reduce below while the others wait in it
-            problem = _check_files(folder, sorted(files)[rank::world], files)
+            problem = (_unlisted(folder, files)
+                       or _check_files(folder, sorted(files)[rank::world], files))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             problem = f"its {CHECKSUMS} is unreadable"
         except OSError as err:
@@ -93,6 +101,25 @@ def problem_of(folder: Path) -> str | None:
     if flags.item() and problem is None:
         problem = "another rank found a damaged file (see its output)"
     return problem
+
+
+def unverified_warning(folder: Path) -> str | None:
+    """The warning to print when the usable checkpoint ``folder`` is loaded without a manifest;
+    None when it has one (it was verified)."""
+    if (folder / CHECKSUMS).is_file():
+        return None
+    return (f"warning: checkpoint {folder} has no {CHECKSUMS} (saved by a megatrain older than "
+            f"checksums, or the file was removed): its files cannot be verified and are loaded as they "
+            f"are; checkpoints saved from now on have checksums")
+
+
+def _unlisted(folder: Path, listed: dict) -> str | None:
+    """An entry of the folder the manifest does not list (added later, or its entry removed)."""
+    extra = sorted(p.name for p in folder.iterdir() if p.name != CHECKSUMS and p.name not in listed)
+    if extra:
+        return (f"{extra[0]} is not listed in its {CHECKSUMS} (added after the checkpoint was written, "
+                f"or its entry was removed), so it cannot be verified")
+    return None
 
 
 def _check_files(folder: Path, names: list[str], expected: dict) -> str | None:

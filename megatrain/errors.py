@@ -24,5 +24,9 @@ class CheckpointError(UserError):
     """A checkpoint cannot be written or read."""
 
 
+class DiskFullError(UserError):
+    """A write ran out of space; what it was writing was rolled back, nothing is left half-written."""
+
+
 class NonFiniteLossError(UserError):
     """Too many consecutive steps produced a NaN or inf loss; the run stopped."""

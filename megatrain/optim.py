@@ -12,6 +12,9 @@ from megatrain.errors import ConfigError
 from megatrain.model.transformer import APEX_BUILD_HINT
 
 DECAY_GROUP = 0  # index of the param group with weight decay; the other has none
+# The train.* keys a resume takes from the config instead of the checkpoint (apply_schedule): the
+# optimizer's param groups and the schedule would otherwise keep the values saved with it.
+SCHEDULE_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "beta1", "beta2")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
@@ -61,11 +64,12 @@ def apply_schedule(optimizers, schedulers, scheduler_state: dict, cfg: TrainConf
     optimizer keys applied from this step on.
 
     The checkpoint holds one scheduler's state (every pipeline stage's optimizer follows one
-    schedule). Its base learning rate and the param groups' lr / weight decay are the values the
-    checkpoint was saved with, so a resume with another ``train.lr``, ``warmup_steps``,
-    ``min_lr_ratio``, ``steps`` or ``weight_decay`` would silently keep the old ones: they are
-    set from ``cfg`` here. With an unchanged config every value is recomputed bit for bit.
-    ``train.grad_clip`` is read from the config at each step anyway.
+    schedule). Its base learning rate and the param groups' hyperparameters are the values the
+    checkpoint was saved with, so a resume with another value of any of ``SCHEDULE_KEYS`` would
+    silently keep the old one: each is set from ``cfg`` here (``steps``, ``warmup_steps`` and
+    ``min_lr_ratio`` through the schedule's ``lr_factor``, which reads ``cfg``). With an unchanged
+    config every value is recomputed bit for bit. ``train.grad_clip`` is read by the engine, which
+    is built from the config.
     """
     for optimizer, scheduler in zip(optimizers, schedulers):
         scheduler.load_state_dict(scheduler_state)
@@ -75,4 +79,5 @@ def apply_schedule(optimizers, schedulers, scheduler_state: dict, cfg: TrainConf
             group["initial_lr"] = cfg.lr
             group["lr"] = cfg.lr * factor
             group["weight_decay"] = cfg.weight_decay if k == DECAY_GROUP else 0.0
+            group["betas"] = (cfg.beta1, cfg.beta2)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

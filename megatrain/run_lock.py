@@ -6,21 +6,34 @@ feet. ``flock`` cannot prevent that on the shared file systems SLURM clusters us
 host there), so the lock is a file created with ``O_CREAT | O_EXCL`` (atomic on POSIX and on NFSv3+)
 that records its owner::
 
-    {"owner": "<uuid>", "host": "node12", "pid": 4242, "job_id": "77", "restart": 0,
+    {"owner": "<uuid>", "host": "node12", "boot_id": "18f7...", "pid_ns": "pid:[4026531836]",
+     "pid": 4242, "pid_start": 81234567, "job_id": "77", "restart": 0,
      "started": 1764622200.0, "heartbeat": 1764622230.0}
 
 All ranks of one job are one writer: rank 0 takes the lock and the others follow its verdict.
 A thread refreshes the heartbeat every ``HEARTBEAT_S`` by touching the file's mtime, never by
 rewriting it: a read-then-rewrite could land just after another start took the lock over and put
 our record back over theirs (it did, under load). The heartbeat a reader sees is the later of the
-record's ``heartbeat`` (its creation) and the file's mtime. A lock left behind is taken over only when
-its owner is provably gone:
-- same host, and its pid no longer exists;
+record's ``heartbeat`` (its creation) and the file's mtime.
+
+A pid means something only in its PID namespace: containers sharing a host name (docker
+``--network=host``, Kubernetes ``hostNetwork``, ``unshare --pid``) each number their processes
+from 1 and cannot see each other's. So the owner is (host, boot id, PID namespace, pid, the pid's
+start time), and its process is looked up only from the same kernel boot and PID namespace; the
+start time tells a pid reused by another process from the owner. An owner that cannot be looked
+up from here counts as alive until its heartbeat is stale. A lock left behind is taken over only
+when its owner is provably gone:
+- its process, looked up from the same host, boot and PID namespace, no longer exists (or the
+  pid now belongs to a process started at another time);
+- its host (same name, another boot id) has restarted since the owner's last heartbeat;
 - the same SLURM job id with a lower restart count (SLURM ends every process of a job's previous
   run before it starts the requeued one);
 - another SLURM job that ``squeue`` no longer knows or shows as finished;
-- or a heartbeat older than ``STALE_S`` (the owner's host died or lost the file system: a live
-  owner rewrites it 30 times in that time).
+- a heartbeat older than ``STALE_S`` (the owner's host died or lost the file system: a live
+  owner touches it 30 times in that time);
+- or the file is empty or not JSON (its creator died between creating and writing it: a live
+  owner writes its record in the same call that creates the file) and has not changed for
+  ``TORN_GRACE_S``; younger, it may be a start writing it right now.
 """
 
 from __future__ import annotations
@@ -28,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -36,10 +48,12 @@ import uuid
 from pathlib import Path
 
 from megatrain.errors import UserError
+from megatrain.process_identity import Liveness, ProcessIdentity, boot_time
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_S = 30 * HEARTBEAT_S
+TORN_GRACE_S = HEARTBEAT_S  # an unreadable lock this long unchanged was left by a start that died
 TAKEOVER_SETTLE_S = 1.0
 
 
@@ -50,16 +64,6 @@ class RunDirInUse(UserError):
 def _job() -> tuple[str | None, int]:
     job_id = os.environ.get("SLURM_JOB_ID")
     return job_id, int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _slurm_job_finished(job_id: str) -> bool:
@@ -83,21 +87,53 @@ def _slurm_job_finished(job_id: str) -> bool:
 def owner_is_gone(holder: dict, now: float | None = None) -> str | None:
     """Why the lock's owner is provably gone, or None if it may still be running."""
     now = time.time() if now is None else now
+    age = now - float(holder.get("heartbeat", 0))
+    if holder.get("torn"):
+        return (f"the lock file is {holder['torn']} (a start died while creating it) and unchanged "
+                f"for {age:.0f} s" if age > TORN_GRACE_S else None)
+    owner = ProcessIdentity.from_record(holder)
+    liveness, why = owner.liveness()
+    if liveness is Liveness.GONE:
+        return why
+    if liveness is Liveness.UNKNOWN and _host_restarted_since(owner, float(holder.get("heartbeat", 0)), now):
+        return f"{owner.host} has restarted since the owner's last heartbeat"
     job_id, restart = _job()
-    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-        return f"its process {holder.get('pid')} on {holder.get('host')} no longer exists"
     if job_id is not None and holder.get("job_id") == job_id and int(holder.get("restart", 0)) < restart:
         return f"it was run {holder.get('restart')} of SLURM job {job_id}, which is now on run {restart}"
     other_job = holder.get("job_id")
     if other_job and other_job != job_id and _slurm_job_finished(str(other_job)):
         return f"its SLURM job {other_job} is no longer running"
-    age = now - float(holder.get("heartbeat", 0))
     if age > STALE_S:
         return f"its heartbeat is {age:.0f} s old (a live owner refreshes it every {HEARTBEAT_S:.0f} s)"
     return None
 
 
+def _host_restarted_since(owner: ProcessIdentity, heartbeat: float, now: float) -> bool:
+    """This host (same name, another boot id) booted after the owner's last heartbeat. Proof only
+    once this boot is older than two heartbeats: a live owner on another machine that shares the
+    name (a misconfiguration) touches the lock at least once in that time."""
+    here = ProcessIdentity.of_this_process()
+    booted = boot_time()
+    return (owner.host == here.host and None not in (owner.boot_id, here.boot_id, booted)
+            and owner.boot_id != here.boot_id and heartbeat < booted and now - booted > 2 * HEARTBEAT_S)
+
+
+def why_alive(holder: dict) -> str:
+    """Why a lock that is not provably abandoned counts as held: what this start saw."""
+    if holder.get("torn"):
+        return (f"the lock file is {holder['torn']}: a start is writing it right now, or died while "
+                f"creating it; it counts as held until unchanged for {TORN_GRACE_S:.0f} s")
+    liveness, why = ProcessIdentity.from_record(holder).liveness()
+    if liveness is Liveness.UNKNOWN:
+        return (f"{why}, so it counts as running until its heartbeat is {STALE_S:.0f} s old "
+                f"(every {HEARTBEAT_S:.0f} s a live owner refreshes it)")
+    return why
+
+
 def describe(holder: dict) -> str:
+    if holder.get("torn"):
+        touched = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["heartbeat"])))
+        return f"an {holder['torn']} lock file, last changed {touched}"
     job = f", SLURM job {holder['job_id']}" if holder.get("job_id") else ""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
     return f"process {holder.get('pid')} on {holder.get('host')}{job}, started {started}"
@@ -109,7 +145,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
         job_id, restart = _job()
-        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+        self.record = {"owner": uuid.uuid4().hex, **ProcessIdentity.of_this_process().as_record(),
                        "job_id": job_id, "restart": restart, "started": time.time()}
         self._stop = threading.Event()
         self._lost = threading.Event()
@@ -126,8 +162,8 @@ class RunLock:
             if reason is None:
                 raise RunDirInUse(
                     f"run.dir {self.path.parent} is in use by another training ({describe(holder)}; "
-                    f"lock {self.path}). Wait for it to finish, stop it, or use another run.dir; if "
-                    f"that training is certainly gone, delete {self.path}")
+                    f"{why_alive(holder)}; lock {self.path}). Wait for it to finish, stop it, or use "
+                    f"another run.dir; if that training is certainly gone, delete {self.path}")
             if self._read() != holder:  # replaced since we judged it: judge the new one
                 continue
             print(f"taking over the lock of {self.path.parent}: its owner is gone ({reason})",
@@ -185,17 +221,21 @@ class RunLock:
 
     def _read(self) -> dict | None:
         try:
-            text = self.path.read_text()
+            raw = self.path.read_bytes()
             touched = self.path.stat().st_mtime
         except FileNotFoundError:
             return None
+        text = raw.decode(errors="replace")
         try:
             holder = json.loads(text)
-        except (ValueError, UnicodeDecodeError):
-            # torn by a crash (kill -9) while it was created: an owner that died before writing
-            # it fully; its age alone can prove it gone
-            return {"host": "?", "pid": -1, "heartbeat": touched}
-        return {**holder, "heartbeat": max(float(holder.get("heartbeat", 0)), touched)}
+            if not isinstance(holder, dict) or "pid" not in holder:
+                raise ValueError(text[:40])
+            heartbeat = max(float(holder.get("heartbeat", 0)), touched)
+        except (ValueError, TypeError):
+            # torn by a crash (kill -9) between creating and writing it: no owner to ask, only the
+            # file's age (TORN_GRACE_S) tells a start writing it now from one that died doing so
+            return {"torn": "unreadable" if text.strip() else "empty", "heartbeat": touched}
+        return {**holder, "heartbeat": heartbeat}
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -152,6 +152,28 @@ def _loss_weights_of_an_older_run(cfg: Config, run_dir: RunDir) -> str | None:
             "unweighted: it continues so (loss.extra_heads_weight=1); pass another value to change that")
 
 
+# Keys that only a start without a checkpoint uses (init.path: the initial weights). A resume keeps
+# the run's own value, so that config.yaml and its history never record a change nobody applies.
+FRESH_START_KEYS = ("init.path",)
+
+
+def _fresh_start_keys_of_a_resumed_run(cfg: Config, run_dir: RunDir) -> list[str]:
+    """On a resume from a checkpoint, set each of ``FRESH_START_KEYS`` that the command changed
+    back to the run's value in ``cfg`` (the resolving copy); returns the notes to print."""
+    if not (cfg.checkpoint.resume and run_dir.has_checkpoints()):
+        return []
+    saved, notes = run_dir.saved_config_tree() or {}, []
+    for key in FRESH_START_KEYS:
+        section, name = key.split(".")
+        given = getattr(getattr(cfg, section), name)
+        kept = (saved.get(section) or {}).get(name, getattr(getattr(Config(), section), name))
+        if given != kept:
+            setattr(getattr(cfg, section), name, kept)
+            notes.append(f"{key}={given!r} is not used: this run resumes from its checkpoint and keeps "
+                         f"{key}={kept!r} (it is read by a start without a checkpoint only)")
+    return notes
+
+
 DATA_MODES = ("build", "existing", "none")
 
 
@@ -178,7 +200,8 @@ def resolve(cfg: Config, *, world_size: int | None = None, data: str = "build") 
         tokenizer_vocab, where = _tokenizer_vocab(cfg, dataset_dir, data)
         if tokenizer_vocab is not None:  # else: planning for a cluster whose data this host lacks
             cfg.model.vocab_size = _vocab_size(cfg, tokenizer_vocab, where)
-    note = _loss_weights_of_an_older_run(cfg, run_dir)
+    notes = [note for note in [_loss_weights_of_an_older_run(cfg, run_dir)] if note]
+    notes += _fresh_start_keys_of_a_resumed_run(cfg, run_dir)
     validate(cfg)  # again: the vocabulary is now known (tp must divide it)
     p, t = cfg.parallel, cfg.train
     dims = ParallelDims(p.dp, p.tp, p.pp, world_size or p.dp * p.tp * p.pp)
@@ -191,4 +214,4 @@ def resolve(cfg: Config, *, world_size: int | None = None, data: str = "build") 
                    vocab_size=cfg.model.vocab_size, max_seq_len=trained_length(cfg),
                    world_size=dims.world_size, local_batch=local_batch, micro_batch=micro_batch,
                    head_weights=tuple(head_loss_weights(cfg)), stage_layers=stage_layers,
-                   pipeline_microbatches=microbatches, notes=(note,) if note else ())
+                   pipeline_microbatches=microbatches, notes=tuple(notes))

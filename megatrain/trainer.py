@@ -17,15 +17,16 @@ from torch.distributed.checkpoint.stateful import Stateful
 from megatrain.checkpoint import CheckpointManager, RNGState
 from megatrain.config import Config, head_loss_weights, mtp_lambda_at, to_yaml
 from megatrain.data.loader import WindowLoader
-from megatrain.data.mixture import make_loader, open_training_data
+from megatrain.data.mixture import check_tokenizers, make_loader, open_training_data
 from megatrain.errors import ConfigError, NonFiniteLossError
 from megatrain.inference.init_from import read_init_weights
-from megatrain.metrics import MetricsLogger, peak_memory_bytes, truncate_metrics
+from megatrain.metrics import MetricsLogger, peak_memory_bytes
 from megatrain.mtp_loss import build_head_targets, head_scales
 from megatrain.optim import apply_schedule, build_scheduler
 from megatrain.parallel import init_distributed
 from megatrain.parallel.comm import agree_flags, all_reduce_host
 from megatrain.parallel.engine import TrainingEngine, build_engine
+from megatrain.run_dir import missing_steps
 from megatrain.run_lock import RunDirInUse, RunLock
 from megatrain.spec import RunSpec, resolve
 from megatrain.validation import autocast, evaluate, validation_windows
@@ -90,6 +91,7 @@ def setup(cfg: Config | RunSpec) -> Run:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     train_shards = open_training_data(cfg.data, spec.dataset_dir, "train")  # one dataset or a mixture
+    check_tokenizers(train_shards)  # a damaged tokenizer.json fails here, not at the end-of-run sample
     lock, checkpoints, resuming = _open_run_dir(spec, env.rank)
     try:
         mesh = spec.dims.build_mesh(device.type) if env.world_size > 1 else None
@@ -143,7 +145,7 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
     for key, (old, new) in spec.run_dir.record_config(cfg, step).items():
         print(f"config changed since the last start: {key} {old} -> {new} (from step {step} on)",
               flush=True)
-    truncate_metrics(spec.run_dir.metrics_path, step)
+    _cut_metrics(spec, step)
     print(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
           f"({cfg.model.head_type} heads), vocab {spec.vocab_size}, device {device}, "
           f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {spec.run_dir}", flush=True)
@@ -154,9 +156,29 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
               f"paper sums the heads' losses unweighted)", flush=True)
 
 
+def _cut_metrics(spec: RunSpec, step: int) -> None:
+    """metrics.jsonl cut back to ``step`` (a crash's later steps are logged again), and whatever
+    the cut shows: damaged lines dropped, or steps before ``step`` that have no record (another
+    training wrote here meanwhile, or the file was edited): the checkpoint is sound, but the
+    metrics of those steps are gone, and nothing else would say so."""
+    run_dir = spec.run_dir
+    cut = run_dir.cut_metrics(step)
+    if cut.damaged:
+        print(cut.damage_note(run_dir.metrics_path), flush=True)
+    every = max([spec.config.logging.every, *[v for v in run_dir.values_used("logging.every")
+                                              if isinstance(v, int)]])
+    gaps = missing_steps(cut.train_steps, step, every) if step else []
+    if gaps:
+        spans = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in gaps)
+        print(f"warning: {run_dir.metrics_path} has no training records for steps {spans} of the "
+              f"{step} this run resumes (another training may have written this run dir, or the file "
+              f"was cut); the checkpoint is intact, only those metrics are missing", flush=True)
+
+
 def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointManager, bool]:
     """Take the run dir (one writer), clear partial saves, and settle what this start does with an
-    earlier run there: resume it (same model only) or, for a fresh start, refuse or archive it."""
+    earlier run there: resume it (same model only; from step 0 when it stopped before its first
+    checkpoint) or, for a fresh start, refuse or archive it."""
     cfg, run_dir = spec.config, spec.run_dir
     lock = run_dir.claim(rank)
     try:
@@ -167,10 +189,16 @@ def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointM
             raise ConfigError(f"checkpoint.load_step={cfg.checkpoint.load_step} asks to resume, but "
                               f"checkpoint.resume=false; drop one of them")
         resuming = cfg.checkpoint.resume and bool(checkpoints.steps())
-        if resuming:
+        restarting = cfg.checkpoint.resume and not resuming and run_dir.started_without_checkpoint()
+        if resuming or restarting:
             run_dir.check_same_model(cfg)
         else:
             run_dir.start_fresh(cfg.run.overwrite, rank)
+        if restarting:
+            checkpoints.candidates(cfg.checkpoint.load_step, asked_as="checkpoint.load_step")
+            if rank == 0 and run_dir.has_history():
+                print(f"restarting {run_dir} from step 0: it holds a run that stopped before its first "
+                      f"checkpoint", flush=True)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -254,8 +282,11 @@ def train(cfg: Config, should_stop: Callable[[int], bool] | None = None) -> Trai
             if stop:
                 break
         run.checkpoints.finish()
+        run.logger.close()  # a failure to flush the last records is this run's error
+    except BaseException:
+        run.logger.close(quietly=True)  # the error in flight is the one to report
+        raise
     finally:
-        run.logger.close()
         if run.lock is not None:
             run.lock.release()
     return TrainResult(run.spec.run_dir.path, state.step,

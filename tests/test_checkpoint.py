@@ -128,3 +128,80 @@ def test_a_checkpoint_saved_without_cuda_resumes_on_a_machine_with_it(tmp_path, 
     monkeypatch.setattr(torch.cuda, "set_rng_state", set_cuda.append)
     manager.load({"rng": RNGState()}, manager.latest())
     assert torch.equal(torch.rand(2), expected) and set_cuda == []
+
+
+# ---- issue 23: what makes a checkpoint intact, and saying each problem once --------------------------
+def _two_checkpoints(tmp_path):
+    model, optim = _model_and_optim(0)
+    manager = CheckpointManager(tmp_path, keep=3)
+    manager.prepare()
+    for step in (1, 2):
+        manager.save({"mo": ModelAndOptimizer(model, optim)}, step=step)
+    return manager, model
+
+
+def _flip_a_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _resume_into_a_fresh_model(manager):
+    other, other_optim = _model_and_optim(1)
+    return manager.resume({"mo": ModelAndOptimizer(other, other_optim)}), other
+
+
+def test_a_file_missing_from_the_checksums_makes_a_checkpoint_damaged(tmp_path, capsys):
+    """Removing a file's entry from checksums.json must not make its changed bytes trusted: the
+    checkpoint is damaged and the older intact one is resumed."""
+    import json
+
+    from megatrain.checkpoint_integrity import CHECKSUMS
+
+    manager, _ = _two_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / "step_0000002"
+    manifest = json.loads((newest / CHECKSUMS).read_text())
+    data_file = next(name for name in manifest["files"] if name.endswith(".distcp"))
+    del manifest["files"][data_file]
+    (newest / CHECKSUMS).write_text(json.dumps(manifest))
+    _flip_a_byte(newest / data_file)
+    resumed, _ = _resume_into_a_fresh_model(manager)
+    out = capsys.readouterr().out
+    assert resumed.name == "step_0000001", out
+    assert f"{data_file} is not listed in its {CHECKSUMS}" in out, out
+
+
+def test_a_checkpoint_without_checksums_loads_only_with_a_warning_naming_it(tmp_path, capfd):
+    """An older megatrain's checkpoint (no checksums.json) is usable, but never silently: the
+    resume and the readers (generate, eval, export) say which checkpoint was not verified."""
+    from megatrain.checkpoint_integrity import CHECKSUMS
+    from megatrain.inference.load import checkpoint_folder
+
+    manager, model = _two_checkpoints(tmp_path)
+    newest = tmp_path / "checkpoints" / "step_0000002"
+    (newest / CHECKSUMS).unlink()
+    resumed, other = _resume_into_a_fresh_model(manager)
+    assert resumed == newest and torch.equal(other[0].weight, model[0].weight)
+    warning = f"warning: checkpoint {newest} has no {CHECKSUMS}"
+    assert warning in capfd.readouterr().err
+    assert checkpoint_folder(tmp_path) == newest and warning in capfd.readouterr().err
+    assert checkpoint_folder(tmp_path, 1).name == "step_0000001"  # control: verified, no warning
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_every_checkpoint_damaged_says_each_problem_once(tmp_path, capsys):
+    manager, _ = _two_checkpoints(tmp_path)
+    for step in (1, 2):
+        _flip_a_byte(tmp_path / "checkpoints" / f"step_{step:07d}" / "__0_0.distcp")
+    with pytest.raises(CheckpointError) as caught:
+        _resume_into_a_fresh_model(manager)
+    said = capsys.readouterr().out + str(caught.value)
+    counts = {step: said.count(f"step_{step:07d}: file __0_0.distcp does not match") for step in (1, 2)}
+    assert counts == {1: 1, 2: 1}, said
+    assert "not usable" not in said  # no separate warnings repeating the error
+    # control: with the older one intact, the damaged newer one is warned about, once
+    (tmp_path / "checkpoints" / "step_0000001").rename(tmp_path / "damaged_1")
+    manager.save({"mo": ModelAndOptimizer(*_model_and_optim(0))}, step=1)
+    resumed, _ = _resume_into_a_fresh_model(manager)
+    out = capsys.readouterr().out
+    assert resumed.name == "step_0000001" and out.count("step_0000002 is not usable") == 1, out

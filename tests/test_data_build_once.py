@@ -11,6 +11,7 @@ import pytest
 
 from megatrain.data_pipelines.build_once import build_once, claim_dir
 from megatrain.errors import DataError
+from megatrain.process_identity import ProcessIdentity
 
 
 def fake_build(output_dir, log, seconds=0.5):
@@ -72,7 +73,8 @@ def test_without_the_claim_every_process_builds(tmp_path):
 def write_claim(output_dir, **holder):
     claim = claim_dir(output_dir)
     claim.mkdir(parents=True)
-    record = {"owner": "other", "host": socket.gethostname(), "pid": os.getpid(), "job_id": None,
+    # this process's identity (host, boot, PID namespace, start time) unless ``holder`` says otherwise
+    record = {"owner": "other", **ProcessIdentity.of_this_process().as_record(), "job_id": None,
               "restart": 0, "started": time.time(), "heartbeat": time.time(), **holder}
     (claim / ".lock").write_text(json.dumps(record))
     return claim / ".lock"

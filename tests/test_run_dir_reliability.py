@@ -8,9 +8,9 @@ data loader, the config keys of point 7 with the config.
 
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +21,7 @@ import torch
 
 from megatrain.checkpoint import DiskFullError
 from megatrain.errors import CheckpointError, ConfigError, NonFiniteLossError
+from megatrain.process_identity import ProcessIdentity
 from megatrain.run_lock import LOCK_NAME, RunDirInUse, RunLock
 from tests.test_trainer import REPO, _metrics, _overrides, _train
 
@@ -95,12 +96,17 @@ def test_a_second_training_is_refused_and_sigint_stops_the_first_cleanly(dataset
     assert not (run / LOCK_NAME).exists()  # released at the end
 
 
+def _dead_process_here() -> dict:
+    """The lock record of a process of this host, boot and PID namespace that has ended."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    return {**ProcessIdentity.of_this_process().as_record(), "pid": int(dead), "pid_start": None}
+
+
 def test_a_lock_whose_owner_is_gone_is_taken_over(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
-    (run / LOCK_NAME).write_text(json.dumps({"owner": "x", "host": socket.gethostname(), "pid": int(dead),
+    (run / LOCK_NAME).write_text(json.dumps({"owner": "x", **_dead_process_here(),
                                              "heartbeat": time.time(), "started": time.time()}))
     _train(_overrides(dataset, run, **{"train.steps": 2}))
     assert "its owner is gone" in capsys.readouterr().out
@@ -296,7 +302,10 @@ def test_a_full_disk_is_reported_and_the_previous_checkpoint_stays_intact(datase
     run = small_disk(int(one * 1.5) + (256 << 10)) / "run"  # room for one checkpoint, not two
     with pytest.raises(DiskFullError, match=f"disk full at {run / 'checkpoints'}") as caught:
         _train(_overrides(dataset, run, **settings))
-    assert "GB" in str(caught.value) and "previous checkpoint is intact" in str(caught.value)
+    message = str(caught.value)
+    # sizes in a unit that reads: a checkpoint of a few hundred KB is not "0.00 GB"
+    assert re.search(r"[\d.]+ [KM]B free, and this write needs about [\d.]+ [KM]B", message), message
+    assert "previous checkpoint is intact" in message
     assert _latest(run) == "step_0000002" and _steps(run) == ["step_0000002"]
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert not (run / LOCK_NAME).exists()
@@ -398,3 +407,225 @@ def test_a_run_dir_that_is_a_file_is_a_config_error(dataset, tmp_path):
     target.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         _train(_overrides(dataset, target))
+
+
+# ---- second round (issue 23): the cases a hostile pass still broke ------------------------------------
+
+
+def _crash_at(step: int):
+    """A ``should_stop`` that dies like a kill -9 / double Ctrl-C right after ``step`` (no checkpoint)."""
+    def should_stop(current):
+        if current == step:
+            raise KeyboardInterrupt
+        return False
+    return should_stop
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_restarts_from_step_0(dataset, tmp_path, capsys):
+    """Point 5: config.yaml, metrics, no checkpoint: the same command restarts it (it used to say
+    "holds an earlier run ... resume it (checkpoint.resume=true)" although resume was true)."""
+    from megatrain.config import load_config
+    from megatrain.trainer import train
+
+    run = tmp_path / "run"
+    args = _overrides(dataset, run, **{"train.steps": 5, "checkpoint.every": 100, "train.eval_every": 0})
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, args), should_stop=_crash_at(3))
+    crashed = _losses(run)
+    assert sorted(crashed) == [1, 2, 3] and not _steps(run)
+    capsys.readouterr()
+    _train(args)  # the same command
+    assert "restarting" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]  # each step once
+    assert {s: _losses(run)[s] for s in crashed} == crashed  # step 0 again: the same steps
+
+
+def test_a_rewind_archives_the_metrics_after_its_step_beside_the_checkpoints(dataset, tmp_path):
+    """Point 4: load_step=2 after 6 steps keeps the old steps 3-6's records (the evidence of a
+    blow-up) in the archive with the checkpoints it moved, instead of overwriting them."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 6, "checkpoint.every": 2, "checkpoint.keep": 5, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    old = {json.loads(line)["step"]: line for line in (run / "metrics.jsonl").read_text().splitlines()}
+    _train(_overrides(dataset, run, **{**settings, "checkpoint.load_step": 2, "train.lr": 1e-3}))
+    (archived,) = (run / "archive").glob("rewind-*")
+    assert sorted(p.name for p in (archived / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    kept = (archived / "metrics.jsonl").read_text().splitlines()
+    assert kept == [old[s] for s in (3, 4, 5, 6)], kept  # moved whole, byte for byte
+    new = {r["step"]: r for r in _metrics(run)}
+    assert sorted(new) == list(range(1, 7)) and new[3]["lr"] != json.loads(old[3])["lr"]
+
+
+def test_a_resume_that_finds_metrics_missing_says_so(dataset, tmp_path, capsys):
+    """Point 1: another writer (or a cut file) left steps without records before the checkpoint a
+    run resumes: the resume says which; an intact file (control) gives no such warning."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 6, "checkpoint.every": 6, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 7}))  # control: nothing missing
+    assert "no training records" not in capsys.readouterr().out
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:3]))  # steps 4-6 lost
+    (run / "checkpoints" / "step_0000007").rename(tmp_path / "later")  # resume step 6 again
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 7}))
+    assert "has no training records for steps 4-6 of the 6 this run resumes" in capsys.readouterr().out
+
+
+def test_a_step_folder_replaced_by_a_file_is_reported_not_skipped(dataset, tmp_path, capsys):
+    """Point 7: it used to be skipped silently, and the save of that step crashed later with
+    NotADirectoryError."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 3, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    newest = run / "checkpoints" / "step_0000004"
+    shutil.rmtree(newest)
+    newest.write_text("not a checkpoint")
+    capsys.readouterr()
+    _train(_overrides(dataset, run, **{**settings, "train.steps": 6}))
+    out = capsys.readouterr().out
+    assert "step_0000004 is not usable (it is a file, not a checkpoint folder)" in out, out
+    assert "resumed from" in out and "step_0000002" in out
+    assert _steps(run) == ["step_0000002", "step_0000004", "step_0000006"] and newest.is_dir()
+    assert [p.is_file() for p in (run / "archive").glob("damaged-*/checkpoints/step_0000004")] == [True]
+
+
+@pytest.mark.parametrize("damage", ["wrong types", "metrics.jsonl a folder"])
+def test_a_metrics_file_of_the_wrong_shape_is_an_error_or_dropped_lines(dataset, tmp_path, capsys, damage):
+    """Point 8: no traceback: lines that are not records are dropped and counted; a folder where
+    metrics.jsonl belongs is an error naming it, before anything is written."""
+    run = tmp_path / "run"
+    settings = {"train.steps": 2, "checkpoint.every": 2, "train.eval_every": 0}
+    _train(_overrides(dataset, run, **settings))
+    if damage == "wrong types":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": "abc"}\n[1, 2]\n{"step": null, "loss": 1}\n{"step": -3}\n')
+        capsys.readouterr()
+        _train(_overrides(dataset, run, **{**settings, "train.steps": 3}))
+        assert "dropped 4 damaged line(s)" in capsys.readouterr().out
+        assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    else:
+        (run / "metrics.jsonl").unlink()
+        (run / "metrics.jsonl").mkdir()
+        with pytest.raises(ConfigError, match=r"metrics.jsonl is not a file, and megatrain keeps its "
+                                              r"metrics file there; move it out"):
+            _train(_overrides(dataset, run, **{**settings, "train.steps": 3}))
+        assert not (run / LOCK_NAME).exists() and _steps(run) == ["step_0000002"]
+
+
+def test_a_damaged_tokenizer_fails_the_start_not_the_end_of_the_run(dataset, tmp_path):
+    """Point 9: a garbage tokenizer.json used to train every step, then crash in the end-of-run
+    sample; it is now checked with the shards, at the start."""
+    from megatrain.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "tokenizer.json").write_bytes(bytes(range(256)) * 4)
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=f"tokenizer {data / 'tokenizer.json'} of the dataset .* cannot be "
+                                        f"loaded \\(stream did not contain valid UTF-8\\)"):
+        _train(_overrides(data, run, **{"train.steps": 2}))
+    assert not (run / "metrics.jsonl").exists() and not (run / LOCK_NAME).exists()
+    # another tokenizer in its place (valid, but not the one the shards were made with)
+    from megatrain.data.synth.dataset import write_tokenizer
+
+    write_tokenizer(["<|endoftext|>", "a", "b"], data / "tokenizer.json")
+    with pytest.raises(DataError, match="does not match .*manifest.json: it has ids 0..2, the manifest "
+                                        "records vocab_size 257"):
+        _train(_overrides(data, run, **{"train.steps": 2}))
+
+
+def _fill(disk: Path, leave_bytes: int) -> Path:
+    """Fill the file system of ``disk`` until ``leave_bytes`` are free (in pages)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while os.write(fd, b"\0" * (64 << 10)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave_bytes))
+    return filler
+
+
+def _assert_nothing_torn(run: Path) -> None:
+    """Every metrics line a record, config.yaml whole, no lock and no half-written file left."""
+    import yaml
+
+    if (run / "metrics.jsonl").exists():
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps), steps
+    if (run / "config.yaml").exists():
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert not (run / LOCK_NAME).exists()
+    assert not [p for p in run.rglob("*.tmp")], list(run.rglob("*"))
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("when", ["between checkpoints", "at the start"])
+def test_a_full_disk_anywhere_is_one_clear_error_and_leaves_nothing_torn(dataset, tmp_path, small_disk,
+                                                                         capfd, when):
+    """Point 6: a full disk outside a checkpoint save (here the metrics line of a step, or
+    config.yaml at a start with 4 KB free) used to print a raw traceback, exit 1 and leave a stale
+    lock and a torn line; it is the one "disk full at PATH" error, and the same command goes on
+    once there is space."""
+    from megatrain.config import load_config
+    from megatrain.errors import DiskFullError
+    from megatrain.trainer import train
+
+    disk = small_disk(8 << 20)
+    run = disk / "run"
+    # no checkpoint before the end: what fills up first is the metrics file
+    args = _overrides(dataset, run, **{"train.steps": 30, "checkpoint.every": 0, "train.eval_every": 0,
+                                       "logging.tensorboard": True})
+
+    def fill_after_step_3(step):
+        if step == 3:
+            _fill(disk, 0)
+        return False
+
+    if when == "at the start":
+        _fill(disk, 4096)
+    with pytest.raises(DiskFullError) as caught:
+        train(load_config(None, args), should_stop=fill_after_step_3 if when != "at the start" else None)
+    err, message = capfd.readouterr().err, str(caught.value)
+    # between checkpoints: a metrics line or TensorBoard's events, whichever needs a new page first
+    written = "(metrics.jsonl|tensorboard)" if when != "at the start" else "config.yaml"
+    assert re.match(f"disk full at {re.escape(str(run))}/{written}: 0 KB free", message), message
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    _assert_nothing_torn(run)
+    (disk / "filler").unlink()  # free space: the same command goes on
+    _train(args)
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 31))
+
+
+# a thread's exception that reaches the hook (a traceback outside pytest) fails the test
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_under_tensorboard_is_the_same_error_without_a_thread_traceback(tmp_path, small_disk,
+                                                                                     capfd):
+    """Point 6: TensorBoard writes from its own thread, which printed a traceback of its own and
+    then failed every later call; its full disk is reported like any other."""
+    from megatrain.errors import DiskFullError
+    from megatrain.metrics import MetricsLogger
+    from megatrain.run_dir import RunDir
+
+    disk = small_disk(4 << 20)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.tensorboard_dir.symlink_to(disk, target_is_directory=True)  # only TensorBoard's disk is full
+    logger = MetricsLogger(run, tensorboard=True, progress=False, total_steps=500, start_step=0)
+    _fill(disk, 0)
+    record = {"loss": 1.0, "head_losses": [1.0, 2.0], "head_accuracy": [0.5, 0.5], "lr": 1e-3,
+              "grad_norm": 1.0, "tokens_per_s": 1.0, "peak_mem_bytes": 1}
+    with pytest.raises(DiskFullError, match=f"disk full at {run.tensorboard_dir}: 0 KB free"):
+        for step in range(1, 501):  # TensorBoard's thread writes 8 KB at a time
+            logger.log_train({"step": step, **record})
+        logger.close()
+    logger.close(quietly=True)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    steps = [r["step"] for r in _metrics(run.path)]
+    assert steps == list(range(1, len(steps) + 1)) and steps, steps  # metrics.jsonl whole

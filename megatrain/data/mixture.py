@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from megatrain.data.loader import EpochOrder, WindowLoader, Windows, checked_loader_args, val_batches
-from megatrain.data.shards import ShardSet, open_split
+from megatrain.data.shards import ShardSet, check_tokenizer, open_split
 from megatrain.errors import DataError
 
 STATE_FORMAT = "megatrain-mixture-loader-v1"
@@ -251,6 +251,13 @@ def open_training_data(data, dataset_dir: Path, split: str) -> ShardSet | Mixtur
     if data.mixture:
         return open_mixture([s.path for s in data.mixture], [s.weight for s in data.mixture], split)
     return open_split(dataset_dir, split)
+
+
+def check_tokenizers(train_data: ShardSet | Mixture) -> None:
+    """Every source's tokenizer loads and matches its manifest (``check_tokenizer``): at the start
+    of a run, beside the shard checks ``open_split`` made."""
+    for source in train_data.sources if isinstance(train_data, Mixture) else (train_data,):
+        check_tokenizer(source)
 
 
 def make_loader(train_data: ShardSet | Mixture, *args, **kwargs) -> WindowLoader | MixtureLoader:

@@ -143,6 +143,43 @@ def open_split(dataset_dir: str | os.PathLike, split: str) -> ShardSet:
     return shard_set
 
 
+def load_tokenizer(shard_set: ShardSet):
+    """The dataset's tokenizer (a ``tokenizers.Tokenizer``), checked against its manifest: it loads,
+    its ids run up to the manifest's ``vocab_size`` and the end-of-document id is one of its tokens.
+    A DataError names the file otherwise, so a damaged tokenizer stops a run at its start rather
+    than at the end-of-run sample, after all its steps."""
+    from tokenizers import Tokenizer
+
+    from megatrain.data_pipelines.vocab import tokenizer_vocab_size
+
+    path = shard_set.tokenizer_path
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a plain Exception for every parse error
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"tokenizer {path} of the dataset {shard_set.dataset_dir} cannot be loaded "
+                        f"({reason}); restore the file or {_RECREATE_HINT}") from None
+    size = tokenizer_vocab_size(tokenizer) if tokenizer.get_vocab(with_added_tokens=True) else 0
+    if size != shard_set.vocab_size or tokenizer.id_to_token(shard_set.eos_id) is None:
+        raise DataError(f"tokenizer {path} does not match {shard_set.dataset_dir / MANIFEST_NAME}: it has "
+                        f"ids 0..{size - 1}, the manifest records vocab_size {shard_set.vocab_size} and "
+                        f"end-of-document id {shard_set.eos_id} (the file was replaced after the dataset "
+                        f"was prepared); restore it or {_RECREATE_HINT}")
+    return tokenizer
+
+
+def check_tokenizer(shard_set: ShardSet) -> None:
+    """``load_tokenizer`` at the start of a run, where the dataset has a tokenizer file (training
+    itself reads only token ids) and the ``tokenizers`` library is installed."""
+    if not shard_set.tokenizer_path.exists():
+        return
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        return
+    load_tokenizer(shard_set)
+
+
 def token_dtype(token_size: int) -> np.dtype:
     return np.dtype("<u2" if token_size == 2 else "<u4")
 

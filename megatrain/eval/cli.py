@@ -113,7 +113,8 @@ def run_eval(args) -> int:
     source = None
     if needs_model or args.run_dir or args.export_dir:  # without a model: a place for the results
         source = ModelSource.open(args.run_dir, args.export_dir, args.checkpoint)
-    results = {"task": task, **(source.describe() if source else {}), **_RUNNERS[task](args, source)}
+    outcome = _RUNNERS[task](args, source)  # first: the checkpoint it read is the one described
+    results = {"task": task, **(source.describe() if source else {}), **outcome}
     records = results.pop("records", None)
     out = _results_path(args, source, task, needs_model)
     if out is not None:

@@ -45,7 +45,7 @@ from megatrain.inference.hf_mtp import (
     mtp_config_fields,
     mtp_layer_prefix,
 )
-from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint
+from megatrain.inference.load import config_of, load_checkpoint, read_checkpoint
 from megatrain.inference.meta_format import check_meta_exportable, write_meta
 from megatrain.model.layout import LayerLayout
 from megatrain.model.transformer import ffn_hidden_dim
@@ -225,13 +225,15 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, step: int | None 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not an empty folder; give a new folder")
-    folder = checkpoint_folder(run_dir, step)
-    cfg = config_of(folder)
-    if fmt == "meta":  # before loading
-        check_meta_exportable(cfg.model)
-    else:
-        check_hf_exportable(cfg.model, fmt)
-    model, cfg = load_checkpoint(folder)
+    def read(folder: Path):
+        cfg = config_of(folder)
+        if fmt == "meta":  # before loading
+            check_meta_exportable(cfg.model)
+        else:
+            check_hf_exportable(cfg.model, fmt)
+        return load_checkpoint(folder)
+
+    folder, (model, cfg) = read_checkpoint(run_dir, step, read)
     state = model.state_dict()
     tokenizer = dataset_tokenizer(cfg)
     staging = out.with_name(out.name + ".partial")

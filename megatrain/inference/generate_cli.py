@@ -138,7 +138,7 @@ def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:
 
     from megatrain.inference.export import dataset_tokenizer
     from megatrain.inference.generate import Generator
-    from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint
+    from megatrain.inference.load import checkpoint_folder, config_of, load_checkpoint, read_checkpoint
 
     folder = checkpoint_folder(run_dir)
     cfg = config_of(folder)
@@ -147,7 +147,9 @@ def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:
         return
     tokenizer = Tokenizer.from_file(str(found[0]))
     prompt = tokenizer.encode(SAMPLE_PROMPT, add_special_tokens=False).ids
-    model, _ = load_checkpoint(folder, max_seq_len=len(prompt) + max_new_tokens + cfg.model.n_future + 1)
+    length = len(prompt) + max_new_tokens + cfg.model.n_future + 1
+    _, (model, _) = read_checkpoint(run_dir, None, lambda f: load_checkpoint(f, max_seq_len=length),
+                                    folder=folder)
     result = Generator(model).generate([prompt], max_new_tokens, speculative=True, eos_id=found[1])
     completion = tokenizer.decode([t for t in result.tokens[0] if t != found[1]])
     print(f"sample (greedy, {result.tokens_per_forward:.2f} tokens per forward with "

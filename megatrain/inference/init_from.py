@@ -25,6 +25,7 @@ so no rank holds the whole model at once.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatrain.checkpoint import quiet_single_process
-from megatrain.checkpoint_integrity import problem_of
+from megatrain.checkpoint_integrity import problem_of, unverified_warning
 from megatrain.config import ModelConfig
 from megatrain.errors import CheckpointError, ConfigError
 from megatrain.inference.load import MODEL_KEY, checkpoint_folder, config_of
@@ -217,6 +218,8 @@ def _open_source(path: str):
         if problem is not None:
             raise CheckpointError(f"init.path={path}: the checkpoint is damaged ({problem}); give another "
                                   f"step's folder or the run directory (its newest intact checkpoint)")
+        if (warning := unverified_warning(folder)) is not None:
+            print(warning, file=sys.stderr)
         return _read_checkpoint(folder)
     if RunDir(folder).checkpoints_dir.is_dir():
         return _read_checkpoint(checkpoint_folder(folder))

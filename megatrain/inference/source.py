@@ -2,8 +2,10 @@
 Meta-format export, with its tokenizer.
 
 A checkpoint is verified once, here (its checksums cover every file, which for a large model is
-worth not repeating); its step names eval's results file. The tokenizer is the run dataset's, or
-the ``tokenizer.json`` an export carries.
+worth not repeating); its step names eval's results file. If a training writing the run dir prunes
+it before it is loaded, the newest checkpoint at that time is loaded instead (``read_checkpoint``)
+and names the results. The tokenizer is the run dataset's, or the ``tokenizer.json`` an export
+carries.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ class ModelSource:
     export_dir: Path | None
     folder: Path | None  # the verified checkpoint folder of a run directory
     label: str  # the checkpoint's step, or "export": names the results file
+    step: int | None = None  # the step asked for (None: the newest intact checkpoint)
+    run_config: Config | None = None  # the checkpoint's config, read with it
 
     @classmethod
     def open(cls, run_dir: str | None, export_dir: str | None, step: int | None) -> ModelSource:
-        from megatrain.inference.load import checkpoint_folder
+        from megatrain.inference.load import config_of, read_checkpoint
 
         if bool(run_dir) == bool(export_dir):
             raise ConfigError("give the model to evaluate with --run-dir DIR (a training run) or "
@@ -40,8 +44,8 @@ class ModelSource:
             if not Path(export_dir).is_dir():
                 raise ConfigError(f"--from {export_dir} is not a folder")
             return cls(None, Path(export_dir), None, "export")
-        folder = checkpoint_folder(run_dir, step)
-        return cls(Path(run_dir), None, folder, str(RunDir.step_of(folder)))
+        folder, cfg = read_checkpoint(run_dir, step, config_of)
+        return cls(Path(run_dir), None, folder, str(RunDir.step_of(folder)), step, cfg)
 
     @property
     def results_dir(self) -> Path:
@@ -55,9 +59,7 @@ class ModelSource:
 
     def config(self) -> Config | None:
         """The run's config (None for an export: its Config comes with its weights, ``load``)."""
-        from megatrain.inference.load import config_of
-
-        return config_of(self.folder) if self.folder is not None else None
+        return self.run_config
 
     def trained_length(self) -> int | None:
         from megatrain.spec import trained_length
@@ -69,11 +71,14 @@ class ModelSource:
              max_seq_len: int | None = None) -> tuple[MTPTransformer, Config]:
         """The model in eval mode, with RoPE tables for ``max_seq_len`` positions (default: the
         training length; an export's: its default context), and its Config."""
-        from megatrain.inference.load import load_checkpoint, load_exported
+        from megatrain.inference.load import load_checkpoint, load_exported, read_checkpoint
 
-        if self.folder is not None:
-            return load_checkpoint(self.folder, device=device, dtype=dtype, max_seq_len=max_seq_len)
-        return load_exported(self.export_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        if self.folder is None:
+            return load_exported(self.export_dir, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        self.folder, loaded = read_checkpoint(self.run_dir, self.step, lambda folder: load_checkpoint(
+            folder, device=device, dtype=dtype, max_seq_len=max_seq_len), folder=self.folder)
+        self.label, self.run_config = str(RunDir.step_of(self.folder)), loaded[1]
+        return loaded
 
     def tokenizer(self):
         """The tokenizer (``tokenizers.Tokenizer``) and EOS id the model was trained with."""
