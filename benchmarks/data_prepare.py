@@ -171,13 +171,14 @@ def train_tokenizer(corpus: Path, out: Path) -> None:
 
 def run_full(corpus: Path, out: Path, tokenizer: Path, tasks: int) -> dict:
     from megatrain.data_pipelines import prepare as prepare_module
+    from megatrain.data_pipelines import stages
 
     stage_seconds: dict[str, float] = {}
     stage_cpu: dict[str, float] = {}
 
     def timed_stage(name, pipeline, **kwargs):
         started, cpu = time.perf_counter(), CPU.total()
-        result = prepare_module._run_stage(name, pipeline, **kwargs)
+        result = stages.run_local_stage(name, pipeline, **kwargs)
         group = STAGE_GROUPS.get(name, name)
         stage_seconds[group] = stage_seconds.get(group, 0.0) + time.perf_counter() - started
         stage_cpu[group] = stage_cpu.get(group, 0.0) + CPU.total() - cpu
@@ -234,13 +235,13 @@ def main() -> None:
     args = parser.parse_args()
     task_counts = [int(t) for t in args.tasks.split(",")]
 
-    from megatrain.data_pipelines import prepare as prepare_module
+    from megatrain.data_pipelines import stages
 
     global CPU
     CPU = TreeCPU()
     # as `megatrain data prepare` has it, whose first pool starts the forkserver: here the floor's
     # pool would start it first, and every full-pipeline worker would then import its modules anew
-    prepare_module.preload_forkserver()
+    stages.preload_forkserver()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="megatrain-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus, tokenizer = work / "corpus", work / "tokenizer.json"

@@ -32,6 +32,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from megatrain.cli_fields import add_field_arguments, field_values, help_of, option
 from megatrain.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, MAX_TOKEN_IDS_KEY, shard_max_token_id
 from megatrain.data_pipelines.inputs import DEFAULT_TEXT_KEY
 from megatrain.data_pipelines.languages import DEFAULT_LANGUAGES, extensions_for, parse_languages
@@ -54,31 +55,42 @@ DEFAULT_BUILD_WAIT_S = 3600.0
 
 # names this module may delete when it restarts an unfinished prepare in the same folder; the
 # ".tmp" ones are the temporary files of megatrain.files.atomic_write_text, left by a crash mid-write
-_OWN_OUTPUTS = (WORK_DIR, "train", "val", "logs", TOKENIZER_FILE, MANIFEST_NAME + ".tmp", IN_PROGRESS_MARKER,
-                IN_PROGRESS_MARKER + ".tmp")
+_OWN_OUTPUTS = (WORK_DIR, "train", "val", "logs", TOKENIZER_FILE, TOKENIZER_FILE + ".tmp",
+                MANIFEST_NAME + ".tmp", IN_PROGRESS_MARKER, IN_PROGRESS_MARKER + ".tmp")
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
-    """Everything that determines a prepared dataset (``tasks``/``progress`` only change speed)."""
+    """Everything that determines a prepared dataset (``tasks``/``progress`` only change speed).
+    The one owner of each setting's default and help text (the CLI's flags are made from them)."""
 
     source: str
-    tokenizer: str = "bpe"  # bpe | bytes | the absolute path of a tokenizer.json
-    vocab_size: int = 32000  # bpe's target; 257 for bytes; 0 for a tokenizer file (its own)
-    eos_token: str = ""  # a tokenizer file's end-of-document token (resolved by load_tokenizer_file)
+    tokenizer: str = option("bpe", "bpe (trained on the corpus), bytes, or an existing Hugging Face "
+                                   "tokenizer.json (or its folder)")
+    vocab_size: int = option(32000, "BPE vocabulary size (bytes: 257; a tokenizer file: its own)")
+    eos_token: str = option("", "the end-of-document token of a --tokenizer PATH (default: its "
+                                "tokenizer_config.json's, else a common one it has: <|endoftext|>, "
+                                "</s>, ...)")
     tokenizer_sha256: str = ""  # a tokenizer file's content: a changed file is another dataset
-    languages: tuple[str, ...] = DEFAULT_LANGUAGES
-    text_key: str = DEFAULT_TEXT_KEY
-    id_key: str = ""
-    language_key: str = ""
-    keep_metadata: tuple[str, ...] = ()
-    val_fraction: float = 0.02
-    seed: int = 0
-    min_chars: int = 32
-    max_chars: int = 1_000_000
-    max_line_length: int = 1000
-    min_alnum_fraction: float = 0.25
-    extensions: tuple[str, ...] = (".py",)
+    languages: tuple[str, ...] = option(
+        DEFAULT_LANGUAGES, "comma-separated languages to keep, e.g. python,c,cpp,java,javascript,go,rust, "
+                           "or all (folders: chosen by file suffix; shards: by a language column, else a "
+                           "path column's suffix)")
+    text_key: str = option(DEFAULT_TEXT_KEY, "shards: the column holding the text (falling back to text)")
+    id_key: str = option("", "shards: the column of document ids (default: none)")
+    language_key: str = option("", "shards: the language column (default: language, else lang)")
+    keep_metadata: tuple[str, ...] = option((), "shards: comma-separated columns kept on the documents, "
+                                                "e.g. path,repo_name,license")
+    val_fraction: float = option(0.02, "fraction of documents in the validation split (by a hash of "
+                                       "the seed and the document id)")
+    seed: int = option(0, "seed of the train/val split")
+    min_chars: int = option(32, "drop files shorter than this many characters")
+    max_chars: int = option(1_000_000, "drop files longer than this many characters")
+    max_line_length: int = option(1000, "drop files with a longer line (minified or generated code)")
+    min_alnum_fraction: float = option(0.25, "drop files whose fraction of letters and digits is lower "
+                                             "(data blobs, ASCII art)")
+    extensions: tuple[str, ...] = option((".py",), "folders: comma-separated file suffixes, e.g. .py,.pyi "
+                                                   "(default: those of --languages)")
     exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS
     minhash_ngrams: int = 5
     minhash_buckets: int = 14
@@ -116,71 +128,45 @@ class PrepareConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def prepare_dataset(
-    input_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    tokenizer: str = "bpe",
-    vocab_size: int = 32000,
-    eos_token: str = "",
-    languages: str | tuple[str, ...] = DEFAULT_LANGUAGES,
-    text_key: str = DEFAULT_TEXT_KEY,
-    id_key: str = "",
-    language_key: str = "",
-    keep_metadata: tuple[str, ...] = (),
-    tasks: int = 1,
-    val_fraction: float = 0.02,
-    seed: int = 0,
-    min_chars: int = 32,
-    max_chars: int = 1_000_000,
-    max_line_length: int = 1000,
-    min_alnum_fraction: float = 0.25,
-    extensions: tuple[str, ...] | None = None,
-    exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS,
-    progress: bool = True,
-    run_stage=None,
-) -> dict:
+def prepare_dataset(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, tasks: int = 1,
+                    progress: bool = True, run_stage=None, **settings) -> dict:
     """Prepare ``input_dir`` (a folder of source files, or JSONL/Parquet shards: see ``inputs``) into
-    a megatrain dataset in ``output_dir``; returns the manifest. ``tokenizer``: bpe, bytes, or the
-    path of a Hugging Face tokenizer.json; ``extensions`` (for folders) default to ``languages``'.
+    a megatrain dataset in ``output_dir``; returns the manifest. ``settings``: ``PrepareConfig``'s
+    fields, with its defaults (``languages`` may be a comma-separated string; ``extensions``
+    default to ``languages``'; ``tokenizer``: bpe, bytes, or the path of a tokenizer.json).
     If ``output_dir`` already holds a completed dataset with the same config, returns its
-    manifest without doing any work; a folder holding anything else is never overwritten.
-    ``run_stage`` runs one pipeline stage (default: datatrove's LocalPipelineExecutor here; the
+    manifest without doing any work; a folder holding anything else is never overwritten; an
+    unfinished prepare of the same settings there is resumed (its finished tasks kept).
+    ``run_stage`` runs one pipeline stage (default: ``stages.run_local_stage`` here; the
     CLI passes megatrain.slurm.data.SlurmStageRunner for ``--executor slurm``)."""
     from megatrain.data_pipelines import vocab
 
+    derived = {"source", "tokenizer_sha256", "pipeline_version"}
+    fields = {f.name for f in dataclasses.fields(PrepareConfig)}
+    unknown = (set(settings) - fields) | (set(settings) & derived)
+    if unknown:
+        raise TypeError(f"prepare_dataset() got unknown settings {sorted(unknown)}")
+    config = dataclasses.replace(PrepareConfig(source=""), **settings)
     input_spec = str(input_dir)
     if "://" not in input_spec:
         input_spec = str(Path(input_spec).expanduser().resolve())
     output_path = Path(output_dir).expanduser().resolve()
-    tokenizer_sha256 = ""
+    tokenizer, vocab_size, eos_token, tokenizer_sha256 = config.tokenizer, config.vocab_size, "", ""
     if tokenizer not in ("bpe", "bytes"):  # an existing tokenizer: refuse a bad one before any work
         tokenizer_file = vocab.resolve_tokenizer_file(tokenizer)
-        eos_token = vocab.load_tokenizer_file(tokenizer_file, eos_token)[1]
+        eos_token = vocab.load_tokenizer_file(tokenizer_file, config.eos_token)[1]
         tokenizer, tokenizer_sha256, vocab_size = str(tokenizer_file), vocab.file_sha256(tokenizer_file), 0
     elif tokenizer == "bytes":
         vocab_size = vocab.BYTES_VOCAB_SIZE  # fixed: the flag does not apply
-    languages = parse_languages(languages)
-    config = PrepareConfig(
-        source=input_spec,
-        tokenizer=tokenizer,
-        vocab_size=int(vocab_size),
-        eos_token=eos_token if tokenizer_sha256 else "",
-        tokenizer_sha256=tokenizer_sha256,
-        languages=languages,
-        text_key=text_key,
-        id_key=id_key,
-        language_key=language_key,
-        keep_metadata=tuple(keep_metadata),
-        val_fraction=float(val_fraction),
-        seed=int(seed),
-        min_chars=int(min_chars),
-        max_chars=int(max_chars),
-        max_line_length=int(max_line_length),
-        min_alnum_fraction=float(min_alnum_fraction),
-        extensions=tuple(extensions) if extensions else extensions_for(languages),
-        exclude_dirs=tuple(exclude_dirs),
-    )
+    languages = parse_languages(config.languages)
+    config = dataclasses.replace(
+        config, source=input_spec, tokenizer=tokenizer, vocab_size=int(vocab_size), eos_token=eos_token,
+        tokenizer_sha256=tokenizer_sha256, languages=languages, keep_metadata=tuple(config.keep_metadata),
+        val_fraction=float(config.val_fraction), seed=int(config.seed), min_chars=int(config.min_chars),
+        max_chars=int(config.max_chars), max_line_length=int(config.max_line_length),
+        min_alnum_fraction=float(config.min_alnum_fraction),
+        extensions=tuple(settings["extensions"]) if settings.get("extensions") else extensions_for(languages),
+        exclude_dirs=tuple(config.exclude_dirs))
     config.validate()
     if tasks < 1:
         raise DataError(f"--tasks must be >= 1, got {tasks}")
@@ -196,18 +182,15 @@ def _prepare_locked(config: PrepareConfig, output_path: Path, *, tasks: int, pro
                     run_stage=None) -> dict:
     cached = _check_output_dir(output_path, config)
     if cached is not None:
-        if progress:
-            print(f"[data prepare] {output_path} already holds this dataset: reusing it", file=sys.stderr)
+        _say_reusing(output_path, progress)
         return cached
 
-    from megatrain.data_pipelines.inputs import list_inputs, write_file_list
+    from megatrain.data_pipelines import stages
+    from megatrain.data_pipelines.inputs import list_inputs
 
     inputs = list_inputs(config.source, config.extensions, config.exclude_dirs)  # once, for every task
     created = not output_path.exists()
-    output_path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_path / IN_PROGRESS_MARKER, json.dumps({"config": config.to_json()}, indent=2))
-    (output_path / WORK_DIR).mkdir(exist_ok=True)
-    write_file_list(str(output_path / WORK_DIR / INPUT_LIST), inputs.files)
+    _start_or_resume(output_path, config, tasks, inputs, progress)
     started = time.perf_counter()
     from loguru import logger
 
@@ -215,10 +198,11 @@ def _prepare_locked(config: PrepareConfig, output_path: Path, *, tasks: int, pro
         logger.disable("datatrove")
     try:
         manifest = _run_pipeline(config, output_path, inputs, tasks=tasks, progress=progress,
-                                 run_stage=run_stage or _run_stage)
+                                 run_stage=run_stage or stages.run_local_stage)
     except DataError:
-        # bad input: nothing of this attempt is worth keeping (a crash keeps its work for a look),
-        # except the task logs of a stage run elsewhere (SLURM), which its error points to
+        # bad input: nothing of this attempt is worth keeping (a crash keeps its work, which the
+        # next prepare with the same settings resumes), except the task logs of a stage run
+        # elsewhere (SLURM), which its error points to
         _remove_own_outputs(output_path, remove_folder=created, keep_logs=run_stage is not None)
         raise
     finally:
@@ -232,6 +216,56 @@ def _prepare_locked(config: PrepareConfig, output_path: Path, *, tasks: int, pro
     if progress:
         print(format_summary(manifest), file=sys.stderr)
     return manifest
+
+
+_announced_reuse: set[Path] = set()  # one "reusing" line per dataset and process
+
+
+def _say_reusing(output_path: Path, progress: bool) -> None:
+    if progress and output_path not in _announced_reuse:
+        _announced_reuse.add(output_path)
+        print(f"[data prepare] {output_path} already holds this dataset: reusing it", file=sys.stderr)
+
+
+def _attempt_record(config: PrepareConfig, tasks: int, inputs) -> dict:
+    """What an unfinished prepare must share with this one for its finished tasks to count: the
+    settings, the task count (tasks write per-rank files) and the list of input files."""
+    import hashlib
+
+    listing = hashlib.sha256("\n".join(inputs.files).encode()).hexdigest()
+    return {"config": config.to_json(), "tasks": tasks, "input_root": inputs.root,
+            "input_list_sha256": listing}
+
+
+def _start_or_resume(output_path: Path, config: PrepareConfig, tasks: int, inputs, progress: bool) -> None:
+    """Resume an unfinished prepare of the same settings, tasks and input files in ``output_path``
+    (its stages' finished tasks are not run again); start any other one over."""
+    from megatrain.data_pipelines.inputs import write_file_list
+
+    marker = output_path / IN_PROGRESS_MARKER
+    attempt = _attempt_record(config, tasks, inputs)
+    if marker.is_file():
+        try:
+            earlier = json.loads(marker.read_text())
+        except ValueError:
+            earlier = None
+        if earlier == attempt and (output_path / WORK_DIR / INPUT_LIST).is_file():
+            if progress:
+                print(f"[data prepare] resuming the unfinished prepare in {output_path}: its finished "
+                      "tasks are kept", file=sys.stderr)
+            return
+        if progress:
+            what = ("other settings, tasks or input files" if earlier
+                    else "an unreadable record of its settings")
+            print(f"[data prepare] {output_path} holds an unfinished prepare with {what}: starting over",
+                  file=sys.stderr)
+        _remove_own_outputs(output_path, remove_folder=False)
+    output_path.mkdir(parents=True, exist_ok=True)
+    # the marker first (a folder holding it is ours to clean up), complete only once the list is
+    atomic_write_text(marker, json.dumps({**attempt, "input_list_sha256": "not written yet"}, indent=2))
+    (output_path / WORK_DIR).mkdir(exist_ok=True)
+    write_file_list(str(output_path / WORK_DIR / INPUT_LIST), inputs.files)
+    atomic_write_text(marker, json.dumps(attempt, indent=2))  # the attempt is now resumable
 
 
 def default_dataset_dir(cache_dir: str | os.PathLike) -> Path:
@@ -272,6 +306,11 @@ def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, prog
 # ------------------------------------------------------------------------------------------------
 
 
+# flags made from PrepareConfig's scalar fields (its defaults and help texts)
+_SCALAR_FLAGS = ["vocab_size", "eos_token", "text_key", "id_key", "language_key", "val_fraction", "seed",
+                 "min_chars", "max_chars", "max_line_length", "min_alnum_fraction"]
+
+
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = PrepareConfig(source="")
     parser.add_argument(
@@ -279,52 +318,26 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="a folder of source files (searched recursively), or JSONL / JSONL.gz / Parquet shards: one "
              "file, a folder of them, or a glob (any fsspec path)",
     )  # fmt: skip
-    parser.add_argument("--output", required=True, help="dataset folder to create (must be empty or absent)")
-    parser.add_argument(
-        "--tokenizer", default=defaults.tokenizer, metavar="bpe|bytes|PATH",
-        help="bpe (trained on the corpus), bytes, or an existing Hugging Face tokenizer.json (or its folder)",
-    )  # fmt: skip
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary size")
-    parser.add_argument(
-        "--eos-token", default="",
-        help="the end-of-document token of a --tokenizer PATH (default: its tokenizer_config.json's, else "
-             "a common one it has: <|endoftext|>, </s>, ...)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--languages", default=",".join(defaults.languages),
-        help="comma-separated languages to keep, e.g. python,c,cpp,java,javascript,go,rust, or all (folders: "
-             "chosen by file suffix; shards: by a language column, else a path column's suffix)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--text-key", default=defaults.text_key,
-        help=f"shards: the column holding the text (default {DEFAULT_TEXT_KEY}, falling back to text)",
-    )  # fmt: skip
-    parser.add_argument("--id-key", default="", help="shards: the column of document ids (default: none)")
-    parser.add_argument(
-        "--language-key", default="", help="shards: the language column (default: language, else lang)"
-    )
-    parser.add_argument(
-        "--keep-metadata", default="", metavar="COLUMNS",
-        help="shards: comma-separated columns kept on the documents, e.g. path,repo_name,license",
-    )  # fmt: skip
-    parser.add_argument("--tasks", type=int, default=1, help="parallel datatrove tasks")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the train/val split")
-    parser.add_argument("--min-chars", type=int, default=defaults.min_chars)
-    parser.add_argument("--max-chars", type=int, default=defaults.max_chars)
-    parser.add_argument("--max-line-length", type=int, default=defaults.max_line_length)
-    parser.add_argument("--min-alnum-fraction", type=float, default=defaults.min_alnum_fraction)
-    parser.add_argument(
-        "--extensions", default="",
-        help="folders: comma-separated file suffixes, e.g. .py,.pyi (default: those of --languages)",
-    )
+    parser.add_argument("--output", required=True,
+                        help="dataset folder to create (absent, empty, or an unfinished prepare to resume)")
+    parser.add_argument("--tokenizer", default=defaults.tokenizer, metavar="bpe|bytes|PATH",
+                        help=help_of(PrepareConfig, "tokenizer"))
+    parser.add_argument("--languages", default=",".join(defaults.languages),
+                        help=help_of(PrepareConfig, "languages"))
+    parser.add_argument("--keep-metadata", default="", metavar="COLUMNS",
+                        help=help_of(PrepareConfig, "keep_metadata"))
+    parser.add_argument("--extensions", default="", help=help_of(PrepareConfig, "extensions"))
+    add_field_arguments(parser, PrepareConfig, _SCALAR_FLAGS)
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="parallel datatrove tasks (speed only: the dataset is the same; a resumed "
+                             "prepare keeps its finished tasks only with the same --tasks)")
     parser.add_argument(
         "--exclude-dir", action="append", default=[], metavar="NAME",
         help=f"also skip folders with this name (always skipped: {', '.join(DEFAULT_EXCLUDE_DIRS)}, hidden)",
     )  # fmt: skip
-    parser.add_argument(
-        "--no-progress", action="store_true", help="quiet: no datatrove logs or progress bars"
-    )
+    parser.add_argument("--no-progress", action="store_true",
+                        help="quiet: no progress bars or summary (datatrove's logs are always in the "
+                             "dataset's logs/ folder only)")
     return parser
 
 
@@ -333,27 +346,11 @@ def run_prepare(args: argparse.Namespace, run_stage=None) -> dict:
         return tuple(e.strip() for e in text.split(",") if e.strip())
 
     return prepare_dataset(
-        args.input,
-        args.output,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        eos_token=args.eos_token,
-        languages=args.languages,
-        text_key=args.text_key,
-        id_key=args.id_key,
-        language_key=args.language_key,
-        keep_metadata=items(args.keep_metadata),
-        tasks=args.tasks,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        min_chars=args.min_chars,
-        max_chars=args.max_chars,
-        max_line_length=args.max_line_length,
-        min_alnum_fraction=args.min_alnum_fraction,
+        args.input, args.output, tasks=args.tasks, progress=not args.no_progress, run_stage=run_stage,
+        tokenizer=args.tokenizer, languages=args.languages, keep_metadata=items(args.keep_metadata),
         extensions=items(args.extensions) or None,
         exclude_dirs=DEFAULT_EXCLUDE_DIRS + tuple(args.exclude_dir),
-        progress=not args.no_progress,
-        run_stage=run_stage,
+        **field_values(args, _SCALAR_FLAGS),
     )
 
 
@@ -436,100 +433,12 @@ def _check_output_dir(output_path: Path, config: PrepareConfig) -> dict | None:
     if not entries:
         return None
     if IN_PROGRESS_MARKER in entries and set(entries) <= set(_OWN_OUTPUTS):
-        # an unfinished prepare (crashed or killed): nothing in it is usable, start over
-        for name in entries:
-            target = output_path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        return None
+        return None  # an unfinished prepare (crashed or killed): _start_or_resume decides
     raise DataError(
         f"--output {output_path} is not empty and holds no megatrain dataset (found "
         f"{', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}); refusing to overwrite it. Choose an "
         "empty or new --output folder."
     )
-
-
-def _step_totals(stats, step) -> dict[str, float]:
-    """Totals of a pipeline step's stats, from the PipelineStats an executor run returned."""
-    for s in stats.stats:
-        if s.name == repr(step):
-            return {k: v.total for k, v in s.stats.items()}
-    return {}
-
-
-# What the workers of every stage import: loaded once in the forkserver (``preload_forkserver``).
-_WORKER_MODULES = (
-    "megatrain.data_pipelines.steps", "megatrain.data_pipelines.readers", "datatrove.executor.local",
-    "datatrove.pipeline.dedup", "datatrove.pipeline.writers", "datatrove.pipeline.tokens.tokenizer",
-)  # fmt: skip
-
-
-def preload_forkserver() -> None:
-    """Has the forkserver that ``LocalPipelineExecutor`` starts its workers from import, once, what
-    each worker would otherwise import again in every stage: the pipeline's modules, and the modules
-    a script ``__main__`` imported. multiprocess re-runs such a script in every worker it starts
-    (its forkserver never preloads ``__main__``: it is sent the script's path under a key that
-    ``forkserver.main`` does not read), and the ``megatrain`` console script imports ``megatrain.cli``
-    (~5 s of CPU, torch included): before this, 5 stages x K workers of it per prepare. With them
-    preloaded a worker starts in milliseconds. The forkserver imports by name on its own default
-    ``sys.path`` (installed packages, the working directory) and skips what it cannot find there.
-    No effect once the forkserver runs (there is one per process: the first forkserver pool of any
-    kind starts it), so a process that runs other datatrove pools before ``prepare_dataset`` (e.g.
-    the benchmark's floor) calls this first."""
-    import types
-
-    import multiprocess
-
-    modules = list(_WORKER_MODULES)
-    main = sys.modules.get("__main__")
-    if getattr(main, "__spec__", True) is None and getattr(main, "__file__", None):  # a script, not -m
-        script_dir = os.path.dirname(os.path.abspath(main.__file__))
-        for key, value in list(vars(main).items()):
-            if key.startswith("__"):  # __builtins__, __loader__, ...
-                continue
-            try:
-                is_module = isinstance(value, types.ModuleType)
-                name = value.__name__ if is_module else getattr(value, "__module__", None)
-            except Exception:  # an object with an odd __getattr__: not a module's name
-                continue
-            if isinstance(name, str) and _forkserver_finds_the_same(name, script_dir):
-                modules.append(name)
-    multiprocess.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys(modules)))
-
-
-def _forkserver_finds_the_same(name: str, script_dir: str) -> bool:
-    """Whether the forkserver would import module ``name`` from the file this process has. Its
-    ``sys.path`` (``python -c``) starts with the working directory instead of the script's folder:
-    a module from the script's folder would not be found, and one in the working directory would
-    shadow an installed module of the same name (workers would then get that one)."""
-    module = sys.modules.get(name)
-    top = name.partition(".")[0]
-    origin = getattr(getattr(sys.modules.get(top), "__spec__", None), "origin", None)
-    if getattr(module, "__spec__", None) is None or not origin:
-        return False  # __main__ itself, or a module without a file
-
-    def in_folder(folder: str) -> bool:  # the top-level module or package sits right in folder
-        return origin in (os.path.join(folder, top + ".py"), os.path.join(folder, top, "__init__.py"))
-
-    cwd = os.getcwd()
-    if in_folder(script_dir):
-        return cwd == script_dir
-    shadowed = os.path.exists(os.path.join(cwd, top)) or os.path.exists(os.path.join(cwd, top + ".py"))
-    return not shadowed or in_folder(cwd)
-
-
-def _run_stage(name: str, pipeline: list, *, tasks: int, workers: int, logs: Path):
-    from datatrove.executor import LocalPipelineExecutor
-
-    if workers > 1 and tasks > 1:
-        preload_forkserver()
-    executor = LocalPipelineExecutor(
-        pipeline,
-        tasks=tasks,
-        workers=max(1, min(workers, tasks)),
-        logging_dir=str(logs / name),
-        skip_completed=False,
-    )
-    return executor.run()
 
 
 def _val_threshold(hashes, val_fraction: float) -> int:
@@ -565,6 +474,7 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
     from megatrain.data_pipelines import steps, vocab
     from megatrain.data_pipelines.inputs import SOURCE_FILES
     from megatrain.data_pipelines.readers import ShardReader
+    from megatrain.data_pipelines.stages import step_totals
 
     work = out / WORK_DIR
     logs = out / "logs"
@@ -653,10 +563,10 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
         [steps.read_uint64_file(str(work / "split"), f"{r:05d}.splithash") for r in range(K)]
     )
     if len(split_hashes) == 0:
-        read = _step_totals(st1, reader)
+        read = step_totals(st1, reader)
         raise DataError(
             f"no documents of {config.source} survived filtering and dedup ({int(read.get('documents', 0))} "
-            f"read from {len(inputs.files)} files, {int(_step_totals(st1, language).get('dropped', 0))} of "
+            f"read from {len(inputs.files)} files, {int(step_totals(st1, language).get('dropped', 0))} of "
             f"them not in --languages {','.join(config.languages)}): check --input and --languages "
             "(or --language-key), or loosen --min-chars, --max-line-length or --min-alnum-fraction"
         )
@@ -665,7 +575,12 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
     # tokenizer
     tokenizer_path = out / TOKENIZER_FILE
     eos_token = vocab.EOS_TOKEN
-    if config.tokenizer == "bytes":
+    trained = work / "tokenizer.trained"  # a resumed prepare reuses the BPE tokenizer it trained
+    if config.tokenizer == "bpe" and trained.is_file() and tokenizer_path.is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_path))
+    elif config.tokenizer == "bytes":
         tok = vocab.build_bytes_tokenizer()
     elif config.tokenizer_sha256:  # an existing tokenizer.json, copied as it is
         tokenizer_file = Path(config.tokenizer)
@@ -690,8 +605,11 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
         tok = vocab.train_bpe_tokenizer(train_texts(), config.vocab_size, progress=progress)
     if config.tokenizer_sha256:
         shutil.copyfile(config.tokenizer, tokenizer_path)
-    else:
-        tok.save(str(tokenizer_path))
+    elif not trained.is_file():
+        partial = tokenizer_path.with_name(tokenizer_path.name + ".tmp")
+        tok.save(str(partial))
+        os.replace(partial, tokenizer_path)
+        trained.touch()
     eos_id = tok.token_to_id(eos_token)
     vocab_size = vocab.tokenizer_vocab_size(tok)
     token_size = 4 if tok.get_vocab_size() > 2**16 else 2  # datatrove's rule (DocumentTokenizer)
@@ -713,19 +631,19 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
     splits = {split: _collect_split(out, split, token_size, work / "languages" / split)
               for split in ("train", "val")}
 
-    r1 = _step_totals(st1, reader)
-    ln = _step_totals(st1, length)
+    r1 = step_totals(st1, reader)
+    ln = step_totals(st1, length)
     stats = {
         "files_read": int(r1.get("input_files", 0)),
-        "dropped_other_language": int(_step_totals(st1, language).get("dropped", 0)),
+        "dropped_other_language": int(step_totals(st1, language).get("dropped", 0)),
         "dropped_non_utf8": int(r1.get("dropped_non_utf8", 0)),
         "dropped_empty": int(r1.get("dropped_empty", 0)),
         "dropped_too_short": int(ln.get("dropped_too_short", 0)),
         "dropped_too_long": int(ln.get("dropped_too_long", 0)),
-        "dropped_long_lines": int(_step_totals(st1, longest_line).get("dropped", 0)),
-        "dropped_low_alnum": int(_step_totals(st1, alnum).get("dropped", 0)),
-        "exact_duplicates": int(_step_totals(st3, exact_filter).get("dropped", 0)),
-        "near_duplicates": int(_step_totals(st6, near_filter).get("dropped", 0)),
+        "dropped_long_lines": int(step_totals(st1, longest_line).get("dropped", 0)),
+        "dropped_low_alnum": int(step_totals(st1, alnum).get("dropped", 0)),
+        "exact_duplicates": int(step_totals(st3, exact_filter).get("dropped", 0)),
+        "near_duplicates": int(step_totals(st6, near_filter).get("dropped", 0)),
     }
     n_docs = splits["train"]["documents"] + splits["val"]["documents"]
     if n_docs != len(split_hashes):

@@ -6,19 +6,19 @@ ways to run such stages on SLURM:
 
 - ``SlurmStageRunner``: a drop-in for a local "run this stage" function. Each call queues the stage
   as one array job and waits for it, so driver code between stages keeps running where it is (the
-  login node, or a small job). Returns the stage's merged ``PipelineStats``; a failed task raises a
+  login node, or a small job). Returns the stage's summed statistics; a failed task raises a
   ``DataError`` naming the stage, the SLURM state and the log folder.
 - ``launch_stage_chain``: queues every stage at once, each depending on the previous one
   (``afterok``), and returns their job ids without waiting: for pipelines with no driver code
   between stages.
 
-Neither imports ``megatrain.data_pipelines``: the data pipeline hands its stages in.
+Neither builds stages: the data pipeline (``megatrain.data_pipelines``) hands them in; a stage's
+statistics are read back by the pipeline's own ``stages.load_stats``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -28,19 +28,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatrain.cli_fields import add_field_arguments, field_values, option
 from megatrain.errors import DataError
 
 
 @dataclass
 class SlurmDataOptions:
-    """sbatch settings shared by every stage (``megatrain data prepare --executor slurm ...``)."""
+    """sbatch settings shared by every stage (``megatrain data prepare --executor slurm ...``); the
+    one owner of their defaults and help texts (the flags are made from them)."""
 
     partition: str
-    time_min: int = 240  # per task
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: int = 2
-    qos: str = ""  # "" = no --qos line (datatrove's default "normal" does not exist everywhere)
-    account: str | None = None
+    time_min: int = option(240, "time limit per task in minutes", flag="--time")
+    cpus_per_task: int = option(1, "CPUs of each task")
+    mem_per_cpu_gb: int = option(2, "memory per CPU in GB")
+    # "" = no --qos line (datatrove's default "normal" does not exist everywhere)
+    qos: str = option("", "SLURM quality of service (default: none, the cluster's)")
+    account: str | None = option(None, "SLURM account to charge (default: your default account)")
     workers: int = -1  # array tasks running at once; -1 = no limit
     job_name_prefix: str = "megatrain-data"
 
@@ -75,19 +78,6 @@ def make_executor(stage: Stage, options: SlurmDataOptions, depends=None):
         venv_path=_venv_activate(), sbatch_args=sbatch_args, depends=depends,
         logging_dir=stage.logging_dir, slurm_logs_folder=str(Path(stage.logging_dir) / "slurm_logs"),
         skip_completed=True, mail_type="NONE")
-
-
-def load_stats(logging_dir: str | Path, tasks: int):
-    """Sum of the per-task stats a stage wrote (what ``LocalPipelineExecutor.run`` returns)."""
-    from datatrove.utils.stats import PipelineStats
-
-    total = None
-    for rank in range(tasks):
-        path = Path(logging_dir) / "stats" / f"{rank:05d}.json"
-        if path.is_file():
-            stats = PipelineStats.from_json(json.loads(path.read_text()))
-            total = stats if total is None else total + stats
-    return total or PipelineStats()
 
 
 def _in_queue(job_id: str) -> bool:
@@ -152,7 +142,8 @@ def wait_for_stage(job_id: str, what: str, logging_dir: str, tasks: int, poll_s:
 
 class SlurmStageRunner:
     """Run one stage at a time on SLURM and wait for it; same shape as a local stage runner:
-    ``runner(name, pipeline, tasks=K, workers=W, logs=Path) -> PipelineStats``."""
+    ``runner(name, pipeline, tasks=K, workers=W, logs=Path)`` -> the stage's statistics
+    (``stages.load_stats``)."""
 
     def __init__(self, options: SlurmDataOptions, poll_s: float = 2.0, timeout_s: float | None = None):
         if shutil.which("sbatch") is None:
@@ -161,6 +152,8 @@ class SlurmStageRunner:
         self.job_ids: dict[str, str] = {}
 
     def __call__(self, name: str, pipeline: list, *, tasks: int, workers: int = -1, logs: Path):
+        from megatrain.data_pipelines.stages import load_stats
+
         stage = Stage(name, pipeline, tasks, str(Path(logs) / name))
         executor = make_executor(stage, self.options)
         executor.run()  # not inside an array task: this queues the stage
@@ -184,24 +177,20 @@ def launch_stage_chain(stages: Sequence[Stage], options: SlurmDataOptions) -> li
     return [str(e.job_id) for e in executors]
 
 
+_SBATCH_FLAGS = ["time_min", "cpus_per_task", "mem_per_cpu_gb", "qos", "account"]
+
+
 def add_slurm_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--executor local|slurm`` and the sbatch flags, for ``megatrain data prepare``."""
     group = parser.add_argument_group("SLURM (with --executor slurm)")
     group.add_argument("--executor", choices=("local", "slurm"), default="local",
                        help="run the stages here (local) or as SLURM array jobs")
     group.add_argument("--partition", help="SLURM partition for the stages")
-    group.add_argument("--time", type=int, default=240, dest="slurm_time_min",
-                       help="time limit per task in minutes (default 240)")
-    group.add_argument("--cpus-per-task", type=int, default=1, dest="slurm_cpus_per_task")
-    group.add_argument("--mem-per-cpu-gb", type=int, default=2, dest="slurm_mem_per_cpu_gb")
-    group.add_argument("--qos", default="", dest="slurm_qos")
-    group.add_argument("--account", default=None, dest="slurm_account")
+    add_field_arguments(group, SlurmDataOptions, _SBATCH_FLAGS, dest_prefix="slurm_")
 
 
 def options_from_args(args: argparse.Namespace) -> SlurmDataOptions:
     if not args.partition:
         raise DataError("--executor slurm needs --partition")
-    return SlurmDataOptions(partition=args.partition, time_min=args.slurm_time_min,
-                            cpus_per_task=args.slurm_cpus_per_task,
-                            mem_per_cpu_gb=args.slurm_mem_per_cpu_gb, qos=args.slurm_qos,
-                            account=args.slurm_account)
+    values = field_values(args, _SBATCH_FLAGS, dest_prefix="slurm_")
+    return SlurmDataOptions(partition=args.partition, **values)

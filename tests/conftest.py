@@ -51,6 +51,17 @@ class Widget{i}:
 
 
 @pytest.fixture(scope="session")
+def default_corpus_cache(tmp_path_factory):
+    """A data.cache_dir holding the embedded default corpus, built once per test session (~30 s):
+    the default run's test trains on it, the data tests check it."""
+    from megatrain.data_pipelines.prepare import ensure_default_dataset
+
+    cache = tmp_path_factory.mktemp("default_corpus_cache")
+    ensure_default_dataset(cache, progress=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A tiny byte-level dataset (60 generated modules), prepared once per test session."""
     from megatrain.data_pipelines.prepare import prepare_dataset

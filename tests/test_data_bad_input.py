@@ -80,13 +80,13 @@ def test_failed_prepare_into_an_existing_folder_leaves_no_dataset(tmp_path, caps
 def test_a_stage_run_elsewhere_keeps_its_logs_and_the_next_prepare_cleans_up(tmp_path):
     """With a stage runner such as SLURM's, the task logs its error points to stay; the folder is
     still no dataset, and a prepare of good input into it starts over."""
-    from megatrain.data_pipelines import prepare as prepare_module
+    from megatrain.data_pipelines import stages
 
     write_jsonl(tmp_path / "a.jsonl", [{"body": "def f(): pass\n" * 5}])
     out = tmp_path / "out"
     with pytest.raises(DataError, match="--text-key"):
         prepare_dataset(tmp_path / "a.jsonl", out, tokenizer="bytes", progress=False,
-                        run_stage=prepare_module._run_stage)
+                        run_stage=stages.run_local_stage)
     assert sorted(p.name for p in out.iterdir()) == [".prepare-in-progress.json", "logs"]
     with pytest.raises(DataError, match="not a prepared dataset"):
         open_split(out, "train")

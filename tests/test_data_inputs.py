@@ -12,7 +12,7 @@ import pytest
 
 from megatrain.data import open_split
 from megatrain.data_pipelines import prepare as prepare_module
-from megatrain.data_pipelines import prepare_dataset
+from megatrain.data_pipelines import prepare_dataset, stages
 from megatrain.data_pipelines.inputs import DATASET_SHARDS, SOURCE_FILES, list_inputs
 from megatrain.data_pipelines.languages import extensions_for, language_of_path, normalize_language
 from megatrain.errors import DataError
@@ -185,14 +185,14 @@ def test_the_driver_lists_the_input_once_for_every_task(shards, tmp_path, monkey
     for i in range(4):
         (src / f"f{i}.py").write_text(random_module(rng))
     late = random_module(rng)
-    real_run_stage = prepare_module._run_stage
+    real_run_stage = stages.run_local_stage
 
     def run_stage(name, pipeline, **kwargs):
         if name.startswith("1_"):
             (src / "late.py").write_text(late)  # the tree changes under the running pipeline
         return real_run_stage(name, pipeline, **kwargs)
 
-    monkeypatch.setattr(prepare_module, "_run_stage", run_stage)
+    monkeypatch.setattr(stages, "run_local_stage", run_stage)
     manifest = prepare_dataset(src, tmp_path / "out", tokenizer="bytes", tasks=2, progress=False)
     assert manifest["stats"]["files_read"] == 4
     assert late not in documents(tmp_path / "out", manifest)

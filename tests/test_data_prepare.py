@@ -3,10 +3,11 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer
 from megatrain.data import WindowLoader, open_split
 from megatrain.data_pipelines import ensure_default_dataset, prepare_dataset
 from megatrain.data_pipelines import prepare as prepare_module
+from megatrain.data_pipelines.prepare import DEFAULT_CORPUS_VOCAB_SIZE, default_dataset_dir
 from megatrain.data_pipelines.steps import (
     AlnumFractionFilter,
     LengthFilter,
@@ -24,6 +26,8 @@ from megatrain.data_pipelines.steps import (
 )
 from megatrain.data_pipelines.vocab import build_bytes_tokenizer, encode_text
 from megatrain.errors import DataError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def random_module(rng: random.Random, n_funcs: int = 6) -> str:
@@ -292,16 +296,17 @@ def test_bad_inputs_are_reported(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_dataset_builds_fast_and_is_cached(tmp_path):
-    started = time.perf_counter()
-    path = ensure_default_dataset(tmp_path, progress=False)
-    built = time.perf_counter() - started
-    assert built < 120, f"default dataset took {built:.0f} s"
+def test_default_dataset_is_built_once_and_then_reused(default_corpus_cache, monkeypatch):
+    path = default_dataset_dir(default_corpus_cache)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["splits"]["train"]["tokens"] > 1_000_000 and manifest["splits"]["val"]["documents"] > 0
-    started = time.perf_counter()
-    assert ensure_default_dataset(tmp_path, progress=False) == path
-    assert time.perf_counter() - started < 5
+    assert manifest["vocab_size"] == DEFAULT_CORPUS_VOCAB_SIZE
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the pipeline ran again")
+
+    monkeypatch.setattr(prepare_module, "_run_pipeline", no_work)
+    assert ensure_default_dataset(default_corpus_cache, progress=False) == path
 
 
 def test_pipeline_and_loader_agree_on_the_manifest_format():
@@ -322,3 +327,56 @@ def test_a_single_document_always_goes_to_train():
     assert _val_threshold(one, val_fraction=0.99) == 0  # nothing is below 0: all train
     two = np.array([1, 2**63], dtype=np.uint64)
     assert 1 < _val_threshold(two, val_fraction=0.99) <= 2**63  # one each
+
+
+def _prepare_cli(*args, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    command = ["-m", "tests.kill_in_prepare", kill_at] if kill_at else ["-m", "megatrain", "data", "prepare"]
+    return subprocess.run([sys.executable, *command, *args], cwd=REPO, capture_output=True, text=True)
+
+
+def _stage_logs(out) -> dict[str, float]:
+    """Each finished task's completion file and its modification time (one file per task run)."""
+    return {str(p.relative_to(out / "logs")): p.stat().st_mtime_ns
+            for p in (out / "logs").glob("*/completions/*")}
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_resumes_its_finished_tasks_and_ends_with_the_same_dataset(corpus, tmp_path):
+    out, reference = tmp_path / "ds", tmp_path / "reference"
+    args = ["--input", str(corpus[0]), "--tokenizer", "bpe", "--vocab-size", "300", "--tasks", "2"]
+    killed = _prepare_cli(*args, "--output", str(out), kill_at="5_minhash_cluster")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "manifest.json").exists()
+    first = _stage_logs(out)
+    finished = {"1_read_filter", "2_exact_find", "3_exact_filter_minhash_sigs", "4_minhash_buckets"}
+    assert {k.split("/")[0] for k in first} == finished
+    # resumed, killed again with the BPE tokenizer trained and saved, before tokenizing
+    killed = _prepare_cli(*args, "--output", str(out), kill_at="7_tokenize")
+    assert killed.returncode == -signal.SIGKILL and "resuming" in killed.stderr, killed.stderr
+    second = _stage_logs(out)
+    assert {k: second[k] for k in first} == first  # stages 1-4 were not run again
+    tokenizer = (out / "tokenizer.json").stat().st_mtime_ns
+    done = _prepare_cli(*args, "--output", str(out))
+    assert done.returncode == 0 and "resuming" in done.stderr, done.stderr
+    assert (out / "tokenizer.json").stat().st_mtime_ns == tokenizer  # not trained again
+    assert {k: v for k, v in _stage_logs(out).items() if k in second} == second
+    expected = prepare_dataset(corpus[0], reference, tokenizer="bpe", vocab_size=300, progress=False)  # whole
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stats"] | {"seconds": 0} == expected["stats"] | {"seconds": 0}
+    assert (out / "tokenizer.json").read_bytes() == (reference / "tokenizer.json").read_bytes()
+    for split in ("train", "val"):
+        assert (split_documents(out, split, manifest["eos_id"])
+                == split_documents(reference, split, expected["eos_id"]))
+
+
+def test_an_unfinished_prepare_with_other_settings_starts_over(corpus, tmp_path):
+    out = tmp_path / "ds"
+    args = ["--input", str(corpus[0]), "--tokenizer", "bytes", "--output", str(out)]
+    assert _prepare_cli(*args, kill_at="3_exact_filter_minhash_sigs").returncode == -signal.SIGKILL
+    before = _stage_logs(out)
+    assert before
+    done = _prepare_cli(*args, "--seed", "1")  # another split: nothing of the first attempt holds
+    assert done.returncode == 0 and "starting over" in done.stderr, done.stderr
+    after = _stage_logs(out)
+    assert all(after[k] != v for k, v in before.items())  # every task ran again
+    assert json.loads((out / "manifest.json").read_text())["config"]["seed"] == 1

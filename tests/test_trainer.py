@@ -140,10 +140,11 @@ def test_cli_reports_bad_key_and_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_default_trains_and_every_head_loss_falls(tmp_path):
-    """`megatrain train` with no config: the stdlib corpus is built, cached and trained on."""
+def test_embedded_default_trains_and_every_head_loss_falls(tmp_path, default_corpus_cache):
+    """`megatrain train` with no config trains on the embedded stdlib corpus (built once per test
+    session by the same ensure_default_dataset a first run calls)."""
     run = tmp_path / "run"
-    result = _run_cli(["train", f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}",
+    result = _run_cli(["train", f"run.dir={run}", f"data.cache_dir={default_corpus_cache}",
                        "train.steps=40", "train.eval_every=0", "checkpoint.every=0",
                        "logging.progress=false"])
     assert result.returncode == 0, result.stderr[-3000:]
