@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of, unverified_warning
+from megatrain.console import log
 from megatrain.errors import CheckpointError, DiskFullError
 from megatrain.files import atomic_write_text, disk_full, disk_full_is_reported, fsync_dir, is_out_of_space
 from megatrain.parallel.comm import agree_flags, all_reduce_host
@@ -397,5 +398,5 @@ def _remove(path: Path) -> None:
 
 
 def _say(message: str, file=None) -> None:
-    if _rank() == 0:
-        print(message, file=file or sys.stdout, flush=True)
+    """Rank 0's line: on stdout, or stderr when ``file`` is sys.stderr (a warning)."""
+    (log.warning if file is sys.stderr else log.info)(message)

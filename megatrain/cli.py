@@ -10,17 +10,19 @@ user can fix (``UserError``) are printed as one message without a traceback, exi
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from megatrain.data.synth.cli import add_synth_arguments, run_synth
-from megatrain.data_pipelines.prepare import add_prepare_arguments
+from megatrain import __version__
+from megatrain.console import setup_console
 from megatrain.errors import UserError
-from megatrain.eval.cli import add_eval_arguments, run_eval
-from megatrain.inference.export import FORMATS, export_run
-from megatrain.inference.generate_cli import add_generate_arguments, run_generate
-from megatrain.profiling.cli import add_profile_memory_arguments, run_profile_memory
-from megatrain.slurm.cli import add_status_arguments, add_submit_arguments, run_status, run_submit
-from megatrain.slurm.data import add_slurm_data_arguments
+
+
+def _load(path: str):
+    """``module:name``, imported when a command needs it: building every command's arguments
+    up front would import torch and the whole library (~5 s) for ``data prepare`` or ``--help``."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _train(args) -> int:
@@ -64,6 +66,8 @@ def _config(args) -> int:
 
 
 def _export(args) -> int:
+    from megatrain.inference.export import export_run
+
     result = export_run(args.run_dir, args.format, args.out, args.checkpoint)
     print(f"exported {result.checkpoint} as {args.format} to {result.out}: {', '.join(result.files)}")
     if result.tokenizer is None:
@@ -83,85 +87,99 @@ def _data_prepare(args) -> int:
     return 0
 
 
-def _plan_command(commands) -> None:
-    from megatrain.planning.cli import add_plan_arguments, run_plan
-
-    plan = commands.add_parser("plan", help="predict every rank's peak memory of a layout and say "
-                                            "whether it fits (exit 0 fits, 1 does not fit)")
-    add_plan_arguments(plan)
-    plan.set_defaults(func=run_plan)
+def _add_train(parser) -> None:
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.set_defaults(func=_train)
 
 
-def _slurm_commands(commands) -> None:
-    submit = commands.add_parser("submit", help="submit a training run to SLURM (submitit)")
-    add_submit_arguments(submit)
-    submit.set_defaults(func=run_submit)
-    status = commands.add_parser("status", help="jobs, states and progress of a run directory")
-    add_status_arguments(status)
-    status.set_defaults(func=run_status)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatrain", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="train a model (default: the embedded tiny CPU run)")
-    train.add_argument("--config", help="YAML config file (see configs/)")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    train.set_defaults(func=_train)
-
-    generate = commands.add_parser("generate", help="complete a prompt with a trained model "
-                                                    "(greedy, sampling, self-speculative decoding)")
-    add_generate_arguments(generate)
-    generate.set_defaults(func=run_generate)
-
-    evaluate = commands.add_parser("eval", help="measure a trained model: heldout, humaneval, induction, "
-                                                "polynomial; results in <run dir>/eval/")
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=run_eval)
-
-    export = commands.add_parser("export", help="write a run's model in Meta's or Hugging Face's format")
-    export.add_argument("--run-dir", required=True, help="run directory of a training run")
-    export.add_argument("--checkpoint", type=int, metavar="STEP",
+def _add_export(parser) -> None:
+    parser.add_argument("--run-dir", required=True, help="run directory of a training run")
+    parser.add_argument("--checkpoint", type=int, metavar="STEP",
                         help="the checkpoint of this step (default: the newest intact one)")
-    export.add_argument("--format", required=True, choices=FORMATS,
+    parser.add_argument("--format", required=True, choices=_load("megatrain.inference.export:FORMATS"),
                         help="meta: consolidated.pth + params.json, every head (loads with "
                              "generate --from and init.path); hf: a transformers Llama of the trunk "
                              "+ head 1, the other heads in extra_heads.safetensors (sequential MTP: "
                              "the trunk + MTP layers that transformers' generate(use_mtp=True) "
                              "drafts with); deepseek-mtp: sequential MTP in DeepSeek-V3's layout")
-    export.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
-    export.set_defaults(func=_export)
+    parser.add_argument("--out", required=True, help="folder to create (must be absent or empty)")
+    parser.set_defaults(func=_export)
 
-    config = commands.add_parser("config", help="print the resolved config or the reference")
-    config.add_argument("--config", help="YAML config file")
-    config.add_argument("--reference", action="store_true", help="print every key, default and meaning")
-    config.add_argument("overrides", nargs="*")
-    config.set_defaults(func=_config)
 
-    data = commands.add_parser("data", help="data preparation").add_subparsers(dest="data_command",
-                                                                              required=True)
+def _add_config(parser) -> None:
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--reference", action="store_true", help="print every key, default and meaning")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_future=2")
+    parser.set_defaults(func=_config)
+
+
+def _add_data(parser) -> None:
+    data = parser.add_subparsers(dest="data_command", required=True)
     prepare = data.add_parser("prepare", help="turn source files or JSONL/Parquet shards into token shards")
-    add_prepare_arguments(prepare)
-    add_slurm_data_arguments(prepare)
+    _load("megatrain.data_pipelines.prepare:add_prepare_arguments")(prepare)
+    _load("megatrain.slurm.data:add_slurm_data_arguments")(prepare)
     prepare.set_defaults(func=_data_prepare)
     synth = data.add_parser("synth", help="write a synthetic dataset (induction, polynomial arithmetic)")
-    add_synth_arguments(synth)
-    synth.set_defaults(func=run_synth)
-    profile = commands.add_parser("profile", help="measure a training step").add_subparsers(
-        dest="profile_command", required=True)
+    _load("megatrain.data.synth.cli:add_synth_arguments")(synth)
+    synth.set_defaults(func=_load("megatrain.data.synth.cli:run_synth"))
+
+
+def _add_profile(parser) -> None:
+    profile = parser.add_subparsers(dest="profile_command", required=True)
     memory = profile.add_parser("memory", help="memory per phase and per head of the configured step "
                                                "(JSON, timeline PNG, table)")
-    add_profile_memory_arguments(memory)
-    memory.set_defaults(func=run_profile_memory)
-    _slurm_commands(commands)
-    _plan_command(commands)
+    _load("megatrain.profiling.cli:add_profile_memory_arguments")(memory)
+    memory.set_defaults(func=_load("megatrain.profiling.cli:run_profile_memory"))
+
+
+def _from(module: str, add: str, run: str):
+    """A command whose arguments and run function live in ``module``."""
+    def add_command(parser) -> None:
+        _load(f"{module}:{add}")(parser)
+        parser.set_defaults(func=_load(f"{module}:{run}"))
+    return add_command
+
+
+# name -> (help, the function that adds its arguments and its ``func``)
+COMMANDS = {
+    "train": ("train a model (default: the embedded tiny CPU run)", _add_train),
+    "generate": ("complete a prompt with a trained model (greedy, sampling, self-speculative decoding)",
+                 _from("megatrain.inference.generate_cli", "add_generate_arguments", "run_generate")),
+    "eval": ("measure a trained model: heldout, humaneval, induction, polynomial; results in "
+             "<run dir>/eval/", _from("megatrain.eval.cli", "add_eval_arguments", "run_eval")),
+    "export": ("write a run's model in Meta's or Hugging Face's format", _add_export),
+    "config": ("print the resolved config or the reference", _add_config),
+    "data": ("data preparation", _add_data),
+    "profile": ("measure a training step", _add_profile),
+    "submit": ("submit a training run to SLURM (submitit)",
+               _from("megatrain.slurm.cli", "add_submit_arguments", "run_submit")),
+    "status": ("jobs, states and progress of a run directory",
+               _from("megatrain.slurm.cli", "add_status_arguments", "run_status")),
+    "plan": ("predict every rank's peak memory of a layout and say whether it fits (exit 0 fits, "
+             "1 does not fit)", _from("megatrain.planning.cli", "add_plan_arguments", "run_plan")),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; only the command ``argv`` names gets its arguments (all of them when
+    ``argv`` is None, e.g. for the docs)."""
+    parser = argparse.ArgumentParser(prog="megatrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"megatrain {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for name, (text, add_arguments) in COMMANDS.items():
+        command = commands.add_parser(name, help=text, description=text)
+        if argv is None or name == named:
+            add_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.command_line = ["megatrain", *(sys.argv[1:] if argv is None else argv)]  # submit records it
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    setup_console()
+    args.command_line = ["megatrain", *argv]  # submit records it
     try:
         return args.func(args)
     except UserError as err:

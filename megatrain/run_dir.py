@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from megatrain.config import Config, load_saved_config, to_yaml
+from megatrain.console import log
 from megatrain.errors import ConfigError, UserError
 from megatrain.files import append_line, atomic_write_text, disk_full_is_reported
 from megatrain.parallel.comm import agree_flags
@@ -291,8 +292,7 @@ class RunDir:
                 f"run aside with run.overwrite=archive")
         if rank == 0:
             outputs = [self.path / name for name in self.RUN_OUTPUTS if (self.path / name).exists()]
-            print(f"moved the earlier run in {self.path} to {self.archive(outputs, 'fresh-start')}",
-                  flush=True)
+            log.info(f"moved the earlier run in {self.path} to {self.archive(outputs, 'fresh-start')}")
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 

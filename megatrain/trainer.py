@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint import CheckpointManager, RNGState
 from megatrain.config import Config, head_loss_weights, mtp_lambda_at, to_yaml
+from megatrain.console import log, setup_console
 from megatrain.data.loader import WindowLoader
 from megatrain.data.mixture import check_tokenizers, make_loader, open_training_data
 from megatrain.errors import ConfigError, NonFiniteLossError
@@ -79,6 +80,7 @@ class Run:
 def setup(cfg: Config | RunSpec) -> Run:
     """Join the process group, resolve the config (unless given resolved), build the engine and
     resume if possible."""
+    setup_console()
     env = init_distributed()
     # every check before any collective
     spec = cfg if isinstance(cfg, RunSpec) else resolve(cfg, world_size=env.world_size)
@@ -112,8 +114,8 @@ def _build_run(spec: RunSpec, rank: int, device, autocast_dtype, mesh, train_sha
     init_weights = (read_init_weights(cfg.init.path, cfg.model, t.seed)
                     if cfg.init.path and not resuming else None)
     engine, n_params = build_engine(spec, mesh, device, autocast_dtype, init_weights)
-    if init_weights is not None and rank == 0:
-        print(f"initial weights (init.path): {init_weights.summary}; optimizer state fresh", flush=True)
+    if init_weights is not None:
+        log.info(f"initial weights (init.path): {init_weights.summary}; optimizer state fresh")
     schedulers = [build_scheduler(optimizer, t) for optimizer in engine.optimizers]
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = make_loader(train_shards, cfg.data.seq_len, t.batch_size, dp_rank=dp_rank,
@@ -121,15 +123,13 @@ def _build_run(spec: RunSpec, rank: int, device, autocast_dtype, mesh, train_sha
     state = TrainState()
     checkpointable = {"model_optim": engine.checkpoint_state(), "scheduler": schedulers[0],
                       "dataloader": loader, "train_state": state, "rng": RNGState()}
-    if rank == 0:
-        for note in spec.notes:
-            print(note, flush=True)
+    for note in spec.notes:
+        log.info(note)
     if resuming:
         resumed = checkpoints.resume(checkpointable, cfg.checkpoint.load_step)
         # every stage's optimizer follows one schedule; the config's optimizer keys win
         apply_schedule(engine.optimizers, schedulers, schedulers[0].state_dict(), t)
-        if rank == 0:
-            print(f"resumed from {resumed} at step {state.step}", flush=True)
+        log.info(f"resumed from {resumed} at step {state.step}")
     if rank == 0:
         _record_start(spec, state.step, n_params, device)
     logger = MetricsLogger(spec.run_dir, tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
@@ -143,17 +143,16 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
     """config.yaml and its history, the metrics cut back to the resumed step, and what the run is."""
     cfg, p = spec.config, spec.config.parallel
     for key, (old, new) in spec.run_dir.record_config(cfg, step).items():
-        print(f"config changed since the last start: {key} {old} -> {new} (from step {step} on)",
-              flush=True)
+        log.info(f"config changed since the last start: {key} {old} -> {new} (from step {step} on)")
     _cut_metrics(spec, step)
-    print(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
-          f"({cfg.model.head_type} heads), vocab {spec.vocab_size}, device {device}, "
-          f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {spec.run_dir}", flush=True)
+    log.info(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
+             f"({cfg.model.head_type} heads), vocab {spec.vocab_size}, device {device}, "
+             f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {spec.run_dir}")
     weights = spec.head_weights
     if any(w != 1 for w in weights):
         source = "loss.head_weights" if cfg.loss.head_weights else "loss.extra_heads_weight"
-        print(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (from {source}; the "
-              f"paper sums the heads' losses unweighted)", flush=True)
+        log.info(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (from {source}; the "
+                 f"paper sums the heads' losses unweighted)")
 
 
 def _cut_metrics(spec: RunSpec, step: int) -> None:
@@ -164,15 +163,15 @@ def _cut_metrics(spec: RunSpec, step: int) -> None:
     run_dir = spec.run_dir
     cut = run_dir.cut_metrics(step)
     if cut.damaged:
-        print(cut.damage_note(run_dir.metrics_path), flush=True)
+        log.info(cut.damage_note(run_dir.metrics_path))
     every = max([spec.config.logging.every, *[v for v in run_dir.values_used("logging.every")
                                               if isinstance(v, int)]])
     gaps = missing_steps(cut.train_steps, step, every) if step else []
     if gaps:
         spans = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in gaps)
-        print(f"warning: {run_dir.metrics_path} has no training records for steps {spans} of the "
-              f"{step} this run resumes (another training may have written this run dir, or the file "
-              f"was cut); the checkpoint is intact, only those metrics are missing", flush=True)
+        log.info(f"warning: {run_dir.metrics_path} has no training records for steps {spans} of the "
+                 f"{step} this run resumes (another training may have written this run dir, or the "
+                 f"file was cut); the checkpoint is intact, only those metrics are missing")
 
 
 def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointManager, bool]:
@@ -196,9 +195,9 @@ def _open_run_dir(spec: RunSpec, rank: int) -> tuple[RunLock | None, CheckpointM
             run_dir.start_fresh(cfg.run.overwrite, rank)
         if restarting:
             checkpoints.candidates(cfg.checkpoint.load_step, asked_as="checkpoint.load_step")
-            if rank == 0 and run_dir.has_history():
-                print(f"restarting {run_dir} from step 0: it holds a run that stopped before its first "
-                      f"checkpoint", flush=True)
+            if run_dir.has_history():
+                log.info(f"restarting {run_dir} from step 0: it holds a run that stopped before its "
+                         f"first checkpoint")
     except BaseException:
         if lock is not None:
             lock.release()
@@ -241,9 +240,9 @@ def _head_weights(run: Run) -> list[float]:
         change = {"loss.mtp_lambda (scheduled)": [mtp_lambda_at(run.cfg.loss, run.state.step - 1),
                                                   mtp_lambda_at(run.cfg.loss, run.state.step)]}
         run.spec.run_dir.record_history(run.state.step, change)
-        print(f"loss.mtp_lambda {change['loss.mtp_lambda (scheduled)'][0]:g} -> "
-              f"{change['loss.mtp_lambda (scheduled)'][1]:g} from step {run.state.step} on "
-              f"(loss.mtp_lambda_step)", flush=True)
+        log.info(f"loss.mtp_lambda {change['loss.mtp_lambda (scheduled)'][0]:g} -> "
+                 f"{change['loss.mtp_lambda (scheduled)'][1]:g} from step {run.state.step} on "
+                 f"(loss.mtp_lambda_step)")
     return weights
 
 

@@ -114,6 +114,11 @@ PARTITION_FIELDS = ("PartitionName", "Partition", "Available", "Time", "Size")
 NODE_FIELDS = ("PartitionName", "NodeList", "CPUs", "Memory", "Gres", "StateComplete")
 
 
+# what sinfo says when it finds no controller (no slurm.conf, no DNS SRV record, controller down)
+_UNREACHABLE = ("Could not establish a configuration source", "Unable to contact slurm controller",
+                "fetch_config", "No such file or directory")
+
+
 def _sinfo(fields: tuple[str, ...], *args: str) -> str:
     if shutil.which("sinfo") is None:
         raise SlurmRequestError("sinfo not found: run `megatrain submit` where the SLURM client "
@@ -125,7 +130,14 @@ def _sinfo(fields: tuple[str, ...], *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SINFO_")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     if done.returncode != 0:
-        raise SlurmRequestError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        cause = lines[-1] if lines else f"exit status {done.returncode}"
+        if any(s in done.stderr for s in _UNREACHABLE):
+            raise SlurmRequestError(
+                f"no SLURM cluster reachable from this machine ({cause}): submit (and --dry-run, "
+                "which checks the request against the cluster's partitions) runs on a login node "
+                "whose slurm.conf names the controller; elsewhere set SLURM_CONF to that file")
+        raise SlurmRequestError(f"`{' '.join(command)}` failed: {cause}")
     return done.stdout
 
 

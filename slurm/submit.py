@@ -149,7 +149,8 @@ def check_memory_plan(cfg: Config, res: Resources, device_memory_gb: float) -> N
     if plan.fits:
         return
     worst = plan.worst
-    fixes = "; ".join(f"{d} ({b / 1e9:.1f} GB)" for d, b in suggestions(plan, res.gpus_per_node))
+    fixes = "; ".join(f"{f.change} ({' '.join(f.overrides)}: {f.peak_bytes / 1e9:.1f} GB)"
+                      for f in suggestions(plan, res.gpus_per_node))
     raise ConfigError(
         f"megatrain plan predicts {plan.peak_bytes / 1e9:.1f} GB on rank {worst.rank} (pipeline stage "
         f"{'+'.join(map(str, worst.stages))}, at {worst.peak_phase}), more than --device-memory-gb "

@@ -93,10 +93,17 @@ def test_humaneval_end_to_end_writes_results_and_completions(run, capsys):
     assert all(isinstance(r["completion"], str) and r["outcome"] for r in records)
 
 
-def test_humaneval_canonical_json_without_a_run(capsys):
-    result = _eval_json(capsys, "humaneval", "--canonical", "--limit", "3")
+def test_humaneval_canonical_json_without_a_run(capsys, tmp_path):
+    assert main(["eval", "humaneval", "--canonical", "--limit", "3", "--json"]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out)
     assert result["modes"]["canonical"]["pass@1"] == 1.0
     assert result["table"] == [{"mode": "canonical", "problems": 3, "samples": 1, "pass@1": 1.0}]
+    assert "not written" in printed.err and "--out" in printed.err  # says where nothing went
+    out = tmp_path / "canonical.json"
+    assert main(["eval", "humaneval", "--canonical", "--limit", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["modes"]["canonical"]["pass@1"] == 1.0
+    assert "not written" not in capsys.readouterr().err
     assert "results_file" not in result  # nowhere to write it: printed only
 
 

@@ -50,14 +50,26 @@ def test_suggested_changes_really_fit():
     assert not plan.fits
     fixes = suggestions(plan)
     assert fixes, "expected at least one single change that fits"
-    for description, peak in fixes:
-        assert peak <= plan.device_memory_bytes, (description, peak)
-        assert peak < plan.peak_bytes
+    for fix in fixes:
+        assert fix.overrides and all("=" in o for o in fix.overrides), fix  # keys the user can paste
+        assert fix.peak_bytes <= plan.device_memory_bytes, fix
+        changed = make_plan(load_config(None, [*TINY, *fix.overrides]), device_memory_gb=0.02, world_size=1)
+        assert changed.fits and changed.peak_bytes == fix.peak_bytes, fix
+
+
+def test_json_report_lists_the_suggestions_with_their_keys(capsys):
+    code = main(["plan", "--world-size", "1", "--device-memory-gb", "0.02", "--json", *TINY])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and not report["fits"] and report["suggestions"]
+    limit = report["device_memory_bytes"]
+    assert all(s["overrides"] and s["peak_bytes"] <= limit for s in report["suggestions"])
+    assert main(["plan", "--world-size", "1", "--json", *TINY]) == 0  # control: fits, nothing suggested
+    assert json.loads(capsys.readouterr().out)["suggestions"] == []
 
 
 @pytest.mark.parametrize("args, message", [
     (["parallel.tp=3"], "parallel.tp=3 must divide model.n_heads"),
-    (["parallel.dp=4", "--world-size", "6"], "start 4 processes"),
+    (["parallel.dp=4", "--world-size", "6"], "or use 4 processes"),
     (["model.vocab_size=0", "data.path=/nonexistent/ds"], "/nonexistent/ds is not a prepared dataset"),
 ])
 def test_bad_input_exits_2_naming_the_key(capsys, args, message):

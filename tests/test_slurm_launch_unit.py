@@ -25,6 +25,7 @@ from megatrain.slurm.resources import (
     gpu_count,
     parse_minutes,
     partitions_from_sinfo,
+    read_partitions,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,3 +290,20 @@ def test_a_gpu_layout_predicted_not_to_fit_is_refused_unless_told_otherwise(monk
         submit_mod.submit(cfg, res, dry_run=True, device_memory_gb=16)
     result = submit_mod.submit(cfg, res, dry_run=True, device_memory_gb=16, plan_check=False)
     assert "#SBATCH --nodes=16" in result.sbatch_script
+
+
+@pytest.mark.parametrize("stderr, expected", [
+    ("sinfo: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+     "sinfo: fatal: Could not establish a configuration source",
+     "no SLURM cluster reachable from this machine"),
+    ("sinfo: error: Invalid partition name specified", "failed: sinfo: error: Invalid partition"),  # control
+])
+def test_an_unreachable_cluster_is_said_in_one_sentence_with_the_fix(tmp_path, monkeypatch, stderr, expected):
+    fake = tmp_path / "sinfo"
+    fake.write_text(f"#!/bin/sh\ncat >&2 <<'END'\n{stderr}\nEND\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SlurmRequestError) as err:
+        read_partitions()
+    assert expected in str(err.value)
+    assert ("SLURM_CONF" in str(err.value)) == expected.startswith("no SLURM")

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -57,7 +58,8 @@ def _model_options(parser, after_task: bool) -> None:
                         help="with --run-dir: this step's checkpoint (default: the newest intact one)")
     parser.add_argument("--from", dest="export_dir", metavar="EXPORT_DIR", default=given(None),
                         help="a folder written by `megatrain export --format meta`")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=given("auto"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=given("auto"),
+                        help="where the model runs: auto = cuda if available, else cpu (default auto)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=given("fp32"),
                         help="bf16: autocast for heldout (as the trainer), bf16 weights for generation")
     parser.add_argument("--out", metavar="FILE", default=given(None),
@@ -125,6 +127,9 @@ def run_eval(args) -> int:
         print(format_table(results.get("table", [])))
         if out is not None:
             print(f"results: {out}")
+    if out is None:
+        print("results: not written (no --run-dir or --from to keep them under): add --out FILE to "
+              "keep them", file=sys.stderr)
     return 0
 
 

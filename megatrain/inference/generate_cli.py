@@ -40,8 +40,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="with --speculative: adaptive (default: per row as many drafts as are "
                              "kept often enough to pay for their verification, plain decoding while "
                              "none are) | always (every draft on every forward)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs: auto = cuda if available, else cpu (default auto)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="the weights' dtype while decoding (default fp32)")
     parser.add_argument("--json", action="store_true",
                         help="print {text, tokens, forwards, tokens_per_forward, accepted_per_head, "
                              "tokens_per_s, decisions} as JSON (decisions: the draft policy's forwards "
@@ -119,7 +121,9 @@ def _source(args):
     return tokenizer, eos_id, load, source.trained_length()
 
 
-SAMPLE_PROMPT = "def fibonacci(n):\n"
+# no trailing newline: the tokenizer merges a newline with the indentation after it, so a prompt
+# ending in a bare "\n" asks for a new top-level statement instead of the body
+SAMPLE_PROMPT = "def fibonacci(n):"
 
 
 def _is_synthetic(cfg) -> bool:

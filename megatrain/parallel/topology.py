@@ -36,9 +36,10 @@ class ParallelDims:
         if self.dp * self.tp * self.pp != self.world_size:
             raise ConfigError(
                 f"parallel.dp * parallel.tp * parallel.pp = {self.dp} * {self.tp} * {self.pp} = "
-                f"{self.dp * self.tp * self.pp}, but {self.world_size} processes were started; "
-                f"start {self.dp * self.tp * self.pp} processes (torchrun --nproc-per-node / "
-                f"srun --ntasks) or change the degrees so that their product is {self.world_size}")
+                f"{self.dp * self.tp * self.pp}, but the layout is for {self.world_size} processes "
+                f"(torchrun --nnodes x --nproc-per-node, srun --ntasks, or --nodes x --gpus-per-node "
+                f"of submit and plan): change the degrees so that their product is {self.world_size}, "
+                f"or use {self.dp * self.tp * self.pp} processes")
 
     @property
     def tp_enabled(self) -> bool:

@@ -83,7 +83,7 @@ def _alternatives(spec: RunSpec, gpus_per_node: int | None) -> list[tuple[str, l
     out = []
     micro = spec.micro_batch
     if micro > 1:
-        out.append((f"halve the microbatch: train.micro_batch_size={micro // 2}",
+        out.append(("halve the microbatch",
                     [f"train.micro_batch_size={micro // 2}"]))
     if p.activation_checkpointing == "none":
         out.append(("selective activation checkpointing", ["parallel.activation_checkpointing=selective"]))
@@ -105,8 +105,15 @@ def _changed(cfg: Config, overrides: list[str]) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides)))
 
 
-def suggestions(plan: Plan, gpus_per_node: int | None = None) -> list[tuple[str, int]]:
-    """The single changes that would fit, with their predicted peak."""
+@dataclass(frozen=True)
+class Suggestion:
+    change: str  # in words
+    overrides: tuple[str, ...]  # the config keys that make it
+    peak_bytes: int  # the changed layout's predicted peak
+
+
+def suggestions(plan: Plan, gpus_per_node: int | None = None) -> list[Suggestion]:
+    """The single changes that would fit, cheapest in step time first."""
     found = []
     for description, overrides in _alternatives(plan.spec, gpus_per_node):
         try:
@@ -114,7 +121,7 @@ def suggestions(plan: Plan, gpus_per_node: int | None = None) -> list[tuple[str,
         except ConfigError:
             continue  # not a valid layout for this model (e.g. tp must divide the heads)
         if changed.fits:
-            found.append((description, changed.peak_bytes))
+            found.append(Suggestion(description, tuple(overrides), changed.peak_bytes))
     return found
 
 
@@ -161,14 +168,15 @@ def table(plan: Plan) -> str:
 
 
 def report(plan: Plan, *, as_json: bool, gpus_per_node: int | None = None) -> str:
+    fixes = [] if plan.fits else suggestions(plan, gpus_per_node)
     if as_json:
-        return json.dumps(plan.to_json(), indent=1)
+        found = [{"change": f.change, "overrides": list(f.overrides), "peak_bytes": f.peak_bytes}
+                 for f in fixes]
+        return json.dumps({**plan.to_json(), "suggestions": found}, indent=1)
     text = table(plan)
-    if not plan.fits:
-        fixes = suggestions(plan, gpus_per_node)
-        if fixes:
-            text += "\nchanges that would fit (cheapest first):\n" + "\n".join(
-                f"  - {d}: {b / GB:.2f} GB" for d, b in fixes)
-        else:
-            text += "\nno single change fits: combine them, or use more GPUs"
+    if fixes:
+        text += "\nchanges that would fit (cheapest first):\n" + "\n".join(
+            f"  - {f.change}: {' '.join(f.overrides)} -> {f.peak_bytes / GB:.2f} GB" for f in fixes)
+    elif not plan.fits:
+        text += "\nno single change fits: combine them, or use more GPUs"
     return text

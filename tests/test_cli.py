@@ -1,0 +1,77 @@
+"""The command line as a whole: every flag documented, each command's arguments built only when it
+runs (``data prepare`` and ``--help`` without torch), ``--version``."""
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from megatrain import __version__
+from megatrain.cli import COMMANDS, build_parser, main
+from megatrain.cli_fields import add_field_arguments, field_values, option
+
+
+def _flags(parser, path=("megatrain",)):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _flags(sub, (*path, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), action
+
+
+def test_every_flag_of_every_command_has_help():
+    undocumented = [f"{where} {action.option_strings or action.dest}"
+                    for where, action in _flags(build_parser()) if not action.help]
+    assert not undocumented, undocumented
+
+
+def test_only_the_named_command_gets_its_arguments():
+    parser = build_parser(["data", "prepare", "--help"])
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(COMMANDS)
+    prepare = commands["data"]._actions[1].choices["prepare"]
+    assert any("--input" in a.option_strings for a in prepare._actions)
+    assert [a.dest for a in commands["eval"]._actions] == ["help"]  # not built
+
+
+def test_data_prepare_and_help_do_not_import_torch():
+    probe = ("import sys; from megatrain.cli import build_parser; "
+             "build_parser(['data', 'prepare']); build_parser(['--help']); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    # control: a command that needs the model does import it
+    probe = probe.replace("['data', 'prepare']", "['generate']")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"megatrain {__version__}"
+
+
+@dataclass
+class _Options:
+    name: str
+    count: int = option(3, "how many")
+    ratio: float = option(0.5, "a fraction")
+    label: str | None = option(None, "a label", flag="--tag")
+    loud: bool = option(False, "say more")
+    hidden: int = 7
+
+
+def test_field_flags_take_the_fields_defaults_types_and_help():
+    parser = argparse.ArgumentParser()
+    names = ["count", "ratio", "label", "loud"]
+    add_field_arguments(parser, _Options, names, dest_prefix="x_")
+    assert _Options("a", **field_values(parser.parse_args([]), names, dest_prefix="x_")) == _Options("a")
+    args = parser.parse_args(["--count", "5", "--ratio", "0.25", "--tag", "t", "--loud"])
+    given = {"count": 5, "ratio": 0.25, "label": "t", "loud": True}
+    assert field_values(args, names, dest_prefix="x_") == given
+    assert "how many (default: 3)" in parser.format_help().replace("\n", " ").replace("  ", " ")
+    with pytest.raises(ValueError, match="_Options.hidden has no help"):
+        add_field_arguments(argparse.ArgumentParser(), _Options, ["hidden"])
