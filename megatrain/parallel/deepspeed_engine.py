@@ -67,6 +67,12 @@ def import_deepspeed(device_type: str):
                           f"parallel.dp_engine=fsdp") from None
     import logging
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if device_type == "cpu":
+        # DeepSpeed's CPU backend builds its shared-memory all-reduce op (deepspeed_shm_comm) with a
+        # JIT C++ compile when its communication starts: ~100 s on 2 cores the first time, for an op
+        # only its inference_all_reduce uses; ZeRO's collectives go through torch.distributed. With
+        # the op marked incompatible DeepSpeed skips the build (build_shm_op returns None).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
