@@ -2,8 +2,8 @@
 
 Every process of a job runs the same code; without a filter each line would appear once per rank.
 Code logs with ``log.info`` (stdout) or ``log.warning`` (stderr) and never checks the rank itself;
-``setup_console`` (idempotent: the CLI and ``train`` call it) installs the handlers and the rank
-filter once. A record logged with ``extra={"all_ranks": True}`` is printed by every rank. The
+``setup_console`` (idempotent; run when this module is imported) installs the handlers and the
+rank filter once. A record logged with ``extra={"all_ranks": True}`` is printed by every rank. The
 handlers write to whatever ``sys.stdout``/``sys.stderr`` are when a line is printed (pytest's
 capture, a SLURM log redirection), not to the streams of the moment they were installed."""
 
@@ -69,3 +69,8 @@ def setup_console() -> None:
     log.setLevel(logging.INFO)
     log.propagate = False  # the root logger (e.g. a library's basicConfig) would print it again
     log._megatrain_console = True
+
+
+# Installed on import: checkpoints, run dirs and the trainer report through ``log`` whoever calls
+# them (the CLI, a SLURM job, a script, a test), and a logger without handlers drops INFO lines.
+setup_console()
