@@ -16,6 +16,9 @@ heads 2..n at one) timed alone, without the decoding loop around it.
     python benchmarks/decode_profile.py --run-dir runs/default       # the embedded default, trained
     python benchmarks/decode_profile.py --shape trunk-heavy           # random weights, 16 layers, dim 256
     python benchmarks/decode_profile.py --shape default --no-append
+
+Runs against an older megatrain too (its Generator has no draft policy: every draft is verified),
+for a before/after: ``PYTHONPATH=<old checkout> python benchmarks/decode_profile.py --shape ...``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import shlex
 import statistics
 import sys
@@ -119,7 +123,9 @@ def _timed_parts(generator, prompts, new: int, kw) -> tuple[dict[str, float], ob
 def breakdown(generator, prompts, args, speculative: bool) -> dict:
     """ms per decoding forward by part, and the forwards' count (after a warm-up). The prefill
     (a generation of one token: the prompt's forward alone) is subtracted, part by part."""
-    kw = dict(speculative=speculative, draft_policy=args.policy)
+    kw = dict(speculative=speculative)
+    if "draft_policy" in inspect.signature(generator.generate).parameters:  # older megatrain: always
+        kw["draft_policy"] = args.policy
     generator.generate(prompts, args.new, **kw)  # warm-up
     walls, forwards, parts = [], [], defaultdict(list)
     for _ in range(args.repeats):
@@ -142,8 +148,10 @@ def verify_overhead(generator, prompts, args) -> tuple[float, float]:
     from megatrain.model.kv_cache import ModelCache
 
     model, n = generator.model, generator.n
-    out = generator.generate(prompts, args.new, speculative=True, draft_policy="always")
-    prefill = generator.generate(prompts, 1, speculative=True, draft_policy="always").seconds
+    has_policy = "draft_policy" in inspect.signature(generator.generate).parameters
+    always = {"draft_policy": "always"} if has_policy else {}
+    out = generator.generate(prompts, args.new, speculative=True, **always)
+    prefill = generator.generate(prompts, 1, speculative=True, **always).seconds
     decoding = 1e3 * (out.seconds - prefill) / out.forwards
     batch = len(prompts)
     length = max(len(p) for p in prompts)
