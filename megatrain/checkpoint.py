@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from megatrain.checkpoint_integrity import CHECKSUMS, checksums_text, problem_of, unverified_warning
+from megatrain.checkpoint_pins import unless_pinned, write_pin_file
 from megatrain.console import log
 from megatrain.errors import CheckpointError, DiskFullError
 from megatrain.files import atomic_write_text, disk_full, disk_full_is_reported, fsync_dir, is_out_of_space
@@ -280,9 +281,11 @@ class CheckpointManager:
         then move ``latest``."""
         _barrier()  # main-thread agreement on the default group (see poll)
         tmp, final = self._tmp(step), self.path_of(step)
-        if self.config_text is not None:
-            _on_rank_0(lambda: atomic_write_text(tmp / CONFIG_FILE, self.config_text),
-                       f"write the config into {tmp}")
+        def add_config_and_pin_file():
+            if self.config_text is not None:
+                atomic_write_text(tmp / CONFIG_FILE, self.config_text)
+            write_pin_file(tmp)
+        _on_rank_0(add_config_and_pin_file, f"write the config and pin file into {tmp}")
         manifest = checksums_text(tmp)  # collective: every rank hashes a share
         _on_rank_0(lambda: self._rename_and_point(tmp, final, manifest), f"publish {final}")
 
@@ -345,13 +348,16 @@ class CheckpointManager:
             obj.load_state_dict(flat[name])
 
     def _prune(self, keep_also: Path) -> None:
-        """Keep the ``keep`` newest checkpoints; never the one just written or ``latest``'s."""
+        """Keep the ``keep`` newest checkpoints; never the one just written or ``latest``'s, nor
+        one a reader pins (generate, eval, export): a later save removes that one."""
         protected = {keep_also.name, (self.latest() or Path()).name}
         steps = [self.path_of(s) for s in self.steps()]
         for old in steps[:-self.keep]:
             if old.name not in protected:
                 try:
-                    _remove(old)
+                    with unless_pinned(old) as free:
+                        if free:
+                            _remove(old)
                 except OSError as err:  # the new checkpoint is published: a leftover is no failure
                     _say(f"warning: could not remove the old checkpoint {old} ({err}); delete it by hand")
 

@@ -6,9 +6,10 @@ load here alike. Only the model's section is read: optimizer state stays on disk
 folder in Meta's format (inference/meta_format.py) loads with ``load_exported``.
 
 A run directory may be read while a training writes it: a checkpoint folder appears under its
-``step_N`` name only when complete and leaves it whole (checkpoint.py), but the checkpoint chosen
-may be pruned before or while it is read. ``read_checkpoint`` then reads the newest one at that
-time, once; what it reports is always a CheckpointError, never a raw OSError.
+``step_N`` name only when complete and leaves it whole (checkpoint.py), and a reader pins the one
+it checks and reads, so that the training's pruning passes over it (checkpoint_pins.py). Only in
+the moment between choosing a checkpoint and pinning it can it be pruned: ``read_checkpoint`` then
+reads the newest one at that time; what it reports is always a CheckpointError, never a raw OSError.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatrain.checkpoint import CheckpointManager, quiet_single_process
 from megatrain.checkpoint_integrity import problem_of, unverified_warning
+from megatrain.checkpoint_pins import pinned
 from megatrain.config import Config, load_saved_config, validate
 from megatrain.errors import CheckpointError, ConfigError, UserError
 from megatrain.inference.meta_format import PARAMS_FILE, WEIGHTS_FILE, read_meta
@@ -52,7 +54,11 @@ def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
         problems, pruned = [], False
         for candidate in manager.candidates(step or 0, asked_as="--checkpoint"):
             folder = manager.path_of(candidate)
-            problem = problem_of(folder)
+            try:
+                with pinned(folder):
+                    problem = problem_of(folder)
+            except FileNotFoundError:
+                problem = "it was pruned while it was checked"
             if problem is None:
                 for skipped in problems:
                     print(f"warning: checkpoint {skipped}; reading the older {folder.name}", file=sys.stderr)
@@ -77,7 +83,8 @@ def read_checkpoint(run_dir: str | Path, step: int | None, read: Callable[[Path]
     folder = folder or checkpoint_folder(run_dir, step)
     for attempt in range(1, READ_ATTEMPTS + 1):
         try:
-            return folder, read(folder)
+            with pinned(folder):  # against the pruning of a training writing the run dir
+                return folder, read(folder)
         except (OSError, UserError) as err:  # a file gone: an OSError, or "config.yaml does not exist"
             if folder.is_dir() or attempt == READ_ATTEMPTS:
                 raise _as_user_error(err, folder) from err
