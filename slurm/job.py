@@ -30,7 +30,10 @@ from megatrain.slurm import registry
 # the job was requeued (by us or by SLURM) or cancelled, and no result file is written.
 EXIT_STOPPED = 143
 # After a SIGTERM-only stop, how long rank 0 waits for the checkpoint signal that may follow it.
-TERM_GRACE_S = 20.0
+# Waiting costs nothing when none comes: a cancel or a preemption SLURM requeues itself ends in
+# SIGKILL (after KillWait or the partition's GraceTime). 20 s was once too short on a loaded
+# machine, where the second `scancel --signal` of a preemption reached the task late.
+TERM_GRACE_S = 60.0
 
 
 class RequeueBudgetExhausted(UserError):
@@ -54,6 +57,8 @@ class StopSignals:
         self.requeue = False
         self.terminate = False
         self.received_at: float | None = None
+        self.terminated_at: float | None = None
+        self.requeue_asked_at: float | None = None
 
     def install(self) -> StopSignals:
         # Replaces submitit's handlers, which checkpoint from inside the handler and exit at once:
@@ -65,10 +70,12 @@ class StopSignals:
     def _on_requeue(self, signum, frame) -> None:
         self.requeue = True
         self.received_at = self.received_at or time.time()
+        self.requeue_asked_at = self.requeue_asked_at or time.time()
 
     def _on_terminate(self, signum, frame) -> None:
         self.terminate = True
         self.received_at = self.received_at or time.time()
+        self.terminated_at = self.terminated_at or time.time()
 
     @property
     def stop(self) -> bool:
@@ -170,6 +177,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if rank != 0:  # rank 0 alone decides and requeues; the others leave no result either
             raise SystemExit(EXIT_STOPPED)
         if not signals.requeue:
+            print(f"[megatrain.slurm] stopped by SIGTERM after step {result.step}, checkpoint saved; "
+                  f"waiting up to {TERM_GRACE_S:.0f} s for the checkpoint signal that a preemption "
+                  f"sends next", flush=True)
             # SIGTERM first: a preemption that sends the checkpoint signal next (submitit's
             # convention), a cancel, or a preemption SLURM requeues by itself. Both latter end in
             # SIGKILL; wait for whichever comes.
@@ -182,6 +192,9 @@ class TrainJob(submitit.helpers.Checkpointable):
                   f"saved; not requeued by megatrain", flush=True)
             raise SystemExit(EXIT_STOPPED)
 
+        if signals.terminated_at is not None and signals.requeue_asked_at is not None:
+            late = signals.requeue_asked_at - signals.terminated_at
+            print(f"[megatrain.slurm] the checkpoint signal came {late:.1f} s after SIGTERM", flush=True)
         reason = self._stop_reason(signals.received_at or time.time(), started)
         if restart >= self.max_requeues:
             message = (f"job {job_id} stopped at step {result.step} ({reason}) with its requeue "

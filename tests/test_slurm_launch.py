@@ -350,7 +350,7 @@ def test_preempted_training_resumes_and_ends_with_the_uninterrupted_losses(slurm
 
     events = _events(job_dir, result.job.job_id)
     assert [e[:2] for e in events] == [("started", 0), ("requeued", 0), ("started", 1),
-                                      ("completed", 1)], events
+                                      ("completed", 1)], (events, result.job.stdout()[-3000:])
     stopped_at = events[1][2]
     assert 20 <= stopped_at < steps, events
     resumed = f"resumed from {job_dir}/checkpoints/step_{stopped_at:07d} at step {stopped_at}"
