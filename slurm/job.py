@@ -194,7 +194,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         if signals.terminated_at is not None and signals.requeue_asked_at is not None:
             late = signals.requeue_asked_at - signals.terminated_at
-            print(f"[megatrain.slurm] the checkpoint signal came {late:.1f} s after SIGTERM", flush=True)
+            print(f"[megatrain.slurm] the checkpoint signal came {abs(late):.1f} s "
+                  f"{'after' if late >= 0 else 'before'} SIGTERM", flush=True)
         reason = self._stop_reason(signals.received_at or time.time(), started)
         if restart >= self.max_requeues:
             message = (f"job {job_id} stopped at step {result.step} ({reason}) with its requeue "
