@@ -67,3 +67,48 @@ def test_paper_multi_token_configs_sum_the_heads_losses_unweighted(path):
     cfg = load_config(path)
     assert head_loss_weights(cfg) == [1.0] * cfg.model.n_future, \
         f"{path.name}: set loss.extra_heads_weight: 1.0"
+
+
+# Table S13's model-scaling rows (§3.1): every size at peak lr 3e-4 with batches of 8·2^20 tokens;
+# 10,850 steps (91B tokens) and warmup 1000 up to 3B, 25,000 steps and warmup 2000 at 6.7B and 13B;
+# all decay to 3% of the peak, Adam beta2 0.95, weight decay 0.1, clipping 1.0. The byte-level 7B
+# model (§3.3) sees 314B bytes.
+BATCH_TOKENS = 8 * 2**20
+TABLE_S13 = {size: (10_850, 1000) for size in ("0.3b", "0.6b", "1.3b", "3b")} | \
+            {size: (25_000, 2000) for size in ("6.7b", "13b")}
+BYTE_MODEL_TOKENS = 314e9
+
+
+def _schedule_problems(cfg, size: str, byte_level: bool) -> list[str]:
+    t = cfg.train
+    wanted = {"lr": 3e-4, "min_lr_ratio": 0.03, "beta2": 0.95, "weight_decay": 0.1, "grad_clip": 1.0}
+    problems = [f"train.{k}={getattr(t, k)} (paper: {v})" for k, v in wanted.items() if getattr(t, k) != v]
+    tokens = t.batch_size * cfg.data.seq_len
+    if byte_level:
+        if abs(tokens * t.steps - BYTE_MODEL_TOKENS) > 0.01 * BYTE_MODEL_TOKENS:
+            problems.append(f"{tokens * t.steps / 1e9:.0f}B bytes in all (paper: 314B)")
+        if t.warmup_steps != 2000:
+            problems.append(f"train.warmup_steps={t.warmup_steps} (the 7B rows: 2000)")
+        return problems
+    steps, warmup = TABLE_S13[size]
+    if tokens != BATCH_TOKENS:
+        problems.append(f"batch of {tokens} tokens (paper: 8·2^20 = {BATCH_TOKENS})")
+    if (t.steps, t.warmup_steps) != (steps, warmup):
+        problems.append(f"train.steps={t.steps}, warmup_steps={t.warmup_steps} (paper: {steps}, {warmup})")
+    return problems
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_train_with_table_s13s_schedule(path):
+    size, byte_level = path.stem.split("_")[0], "bytes" in path.stem
+    assert _schedule_problems(load_config(path), size, byte_level) == [], path.name
+
+
+def test_schedule_check_catches_the_old_guesses():
+    """Negative control: the values the configs had before (per-size lr guesses, 25k steps of
+    128 sequences at 0.3B, 256 at 6.7B bytes) are each reported."""
+    old_small = load_config(PAPER / "0.3b_n4.yaml", ["train.lr=6e-4", "train.steps=25000",
+                                                     "train.batch_size=128", "train.warmup_steps=2000"])
+    assert len(_schedule_problems(old_small, "0.3b", False)) == 3
+    old_bytes = load_config(PAPER / "6.7b_bytes_n8.yaml", ["train.batch_size=256"])
+    assert _schedule_problems(old_bytes, "6.7b", True) == ["52B bytes in all (paper: 314B)"]
