@@ -1,6 +1,6 @@
 """The experiments' plumbing (megatrain/experiments/), without training: arms reach the trainer
-with parameter-matched configs, results land in the markdown table, directions are judged against
-the spread over seeds (the experiments themselves are not part of the suite)."""
+with parameter-matched configs, results land in the markdown table (the verdicts are tested in
+test_experiment_intervals.py; the experiments themselves are not part of the suite)."""
 
 from dataclasses import replace
 
@@ -10,7 +10,7 @@ from megatrain.data.synth.polynomial import Settings
 from megatrain.errors import UserError
 from megatrain.experiments import __main__ as experiments_main
 from megatrain.experiments import finetune, induction, polynomial
-from megatrain.experiments.common import direction, train_runs
+from megatrain.experiments.common import train_runs
 
 
 def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch):
@@ -43,7 +43,9 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
     assert text.startswith("# Results")
     # the quick ring has one coefficient per answer: exact match is the only measure
     assert "| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |\n" in text
-    assert "n=4 above n=1 out distribution, exact match: yes" in text and "coefficients" not in text
+    # two seeds, however consistent, are no finding (the sign-flip test's smallest p is 0.5)
+    assert "n=4 above n=1 out distribution, exact match: not shown: +0.150" in text
+    assert "coefficients" not in text
     assert "20 training documents (version 1, degree 1, train_ops 1-1, val_ops 1-2)" in text
     # the paper's ring (the full variant's) adds the share of answer coefficients right
     paper_ring = replace(polynomial.QUICK, seeds=(0, 1), ring=Settings())
@@ -51,7 +53,8 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
     assert outcome["header"][-1] == "n=4 coefficients"
     assert outcome["rows"][-1] == ["all", "out", "0.050 ± 0.000", "0.100 ± 0.000", "0.200 ± 0.000",
                                    "0.490 ± 0.000", "0.480 ± 0.000", "0.460 ± 0.000"]
-    assert "n=4 above n=1 out distribution, coefficients: no (opposite)" in outcome["notes"]
+    assert any(note.startswith("n=4 above n=1 out distribution, coefficients: not shown: -0.030")
+               for note in outcome["notes"]), outcome["notes"]
 
 
 def test_finetune_arms_keep_the_source_trunk():
@@ -61,13 +64,6 @@ def test_finetune_arms_keep_the_source_trunk():
     assert (n1["model.n_layers"], n1["model.n_future"]) == (n_layers - 3, 1)  # trunk + head 1
     same = finetune._finetune_model(sizes, source_n=4, target_n=4)
     assert (same["model.n_layers"], same["model.n_future"]) == (n_layers, 4)
-
-
-def test_direction_needs_more_than_the_spread():
-    assert direction([0.5, 0.52, 0.51], [0.2, 0.21, 0.19]) == "yes"
-    assert direction([0.5, 0.2, 0.8], [0.45, 0.4, 0.5]).startswith("no clear difference")
-    assert direction([0.2, 0.21], [0.5, 0.52]).startswith("no (opposite)")
-    assert direction([0.3], [0.2]).startswith("yes (one seed")
 
 
 def test_runs_trained_in_parallel_processes_equal_runs_trained_in_turn(dataset, tmp_path):

@@ -15,7 +15,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from megatrain.experiments.common import RUN_DEFAULTS, Sizes, cell, default_jobs, direction, train_runs
+from megatrain.experiments.common import RUN_DEFAULTS, Sizes, cell, default_jobs, train_runs
+from megatrain.experiments.intervals import verdict
 
 TASK = None  # the trainer's embedded default corpus, not a synthetic dataset
 # options: humaneval_limit = the first K problems only (0: all 164)
@@ -89,7 +90,7 @@ def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path | None, work: Path, j
     rows = [row("held-out loss, head 1", head_loss), row("held-out loss, heads 2..n (mean)", extra_heads),
             row(f"HumanEval greedy pass@1 ({limit or 164} problems)", pass1),
             row("tokens per forward (greedy; self-speculative for n>1)", per_forward)]
-    lower_loss = direction([-x for x in head_loss[4]], [-x for x in head_loss[1]])
+    lower_loss = verdict([-x for x in head_loss[4]], [-x for x in head_loss[1]])
     notes = [f"n=4 head-1 held-out loss below n=1's: {lower_loss}" if head_loss[1] and head_loss[4]
              else "held-out loss not measured", *errors]
     return {"header": header, "rows": rows, "paper": PAPER, "notes": notes,

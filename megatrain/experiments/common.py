@@ -114,19 +114,6 @@ def cell(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def direction(better: Sequence[float], worse: Sequence[float]) -> str:
-    """Whether ``better`` beats ``worse`` by more than the larger standard deviation."""
-    (m_b, s_b), (m_w, s_w) = spread(better), spread(worse)
-    if min(len(better), len(worse)) < 2:  # no spread to judge a difference by
-        sign = "yes" if m_b > m_w else "no (opposite)" if m_b < m_w else "equal"
-        return f"{sign} (one seed: no spread measured, not a finding)"
-    if m_b - m_w > max(s_b, s_w, 1e-9):
-        return "yes"
-    if m_w - m_b > max(s_b, s_w, 1e-9):
-        return "no (opposite)"
-    return "no clear difference (within the spread)"
-
-
 def machine(jobs: int = 1) -> str:
     """The machine, how the runs shared it, and how busy it was: wall times on a shared machine are
     not the budget's."""
@@ -159,5 +146,7 @@ Appended by `python -m megatrain.experiments NAME [--quick]` (megatrain/experime
 compares parameter-matched models (`model.n_layers` fixed: n heads replace n-1 trunk layers) trained
 on the same data with the same seeds; cells are mean ± sample standard deviation over the seeds.
 Below each table: the paper's finding (its direction of effect, at its much larger scale) and
-whether ours points the same way by more than the spread over seeds.
+whether ours points the same way: the mean per-seed difference between arms with its paired
+bootstrap 90% interval and an exact sign-flip test (megatrain/experiments/intervals.py); a finding
+needs the interval to exclude zero.
 """

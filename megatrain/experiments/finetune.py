@@ -14,7 +14,8 @@ from pathlib import Path
 
 from megatrain.data.synth.polynomial import Settings
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
-from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_runs
+from megatrain.experiments.common import Sizes, cell, evaluate_run, train_runs
+from megatrain.experiments.intervals import verdict
 from megatrain.experiments.polynomial import QUICK_RING, metric, ring_of, scores_coefficients
 from megatrain.model.layout import LayerLayout
 
@@ -92,7 +93,7 @@ def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path, jobs: in
     header = ["arm", *(names[key] for key in measures)]
     rows = [[row, *(cell(results[row][key]) for key in measures)] for row in rows_of]
     baseline = results[arms[0]]
-    notes = [f"{arm} above n=1 → n'=1, {kind}: {direction(results[arm][kind], baseline[kind])}"
+    notes = [f"{arm} above n=1 → n'=1, {kind}: {verdict(results[arm][kind], baseline[kind])}"
              for arm in arms[1:] for kind in measures]
     notes.append(f"pretraining {sizes.steps} steps, finetuning {finetune_steps} steps at "
                  f"{FINETUNE_LR_FRACTION}× the learning rate, fresh optimizer; the pretrained rows are "

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from megatrain.data.synth import induction
 from megatrain.eval.synthetic import evaluate_induction
-from megatrain.experiments.common import Sizes, cell, direction, eval_steps, evaluate_run, train_runs
+from megatrain.experiments.common import Sizes, cell, eval_steps, evaluate_run, train_runs
+from megatrain.experiments.intervals import verdict
 
 TASK = "induction"
 # 2000 steps: six runs two at a time fit the quick budget, and most runs form the induction head
@@ -48,7 +49,7 @@ def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path, jobs: in
     rows.append([f"first step ≥ {FORMED:.3f}, per seed", *(_formation(accuracy[n], steps) for n in arms)])
     first_step = steps[0]
     middle = steps[len(steps) // 2]
-    notes = [f"n={n} above n=1 at step {step}: {direction(accuracy[n][step], accuracy[1][step])}"
+    notes = [f"n={n} above n=1 at step {step}: {verdict(accuracy[n][step], accuracy[1][step])}"
              for n in arms if n != 1 for step in dict.fromkeys((first_step, middle, steps[-1]))]
     return {"header": header, "rows": rows, "paper": PAPER, "notes": notes, "metric":
             f"head-1 accuracy on the second token of a name's later occurrences (chance "

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from megatrain.data.synth import polynomial as task
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
-from megatrain.experiments.common import Sizes, cell, direction, evaluate_run, train_runs
+from megatrain.experiments.common import Sizes, cell, evaluate_run, train_runs
+from megatrain.experiments.intervals import verdict
 
 TASK = "polynomial"
 QUICK_RING = task.Settings(degree=1, train_ops=(1, 1), val_ops=(1, 2))
@@ -80,6 +81,6 @@ def run(sizes: Sizes, arms: tuple[int, ...], dataset: Path, work: Path, jobs: in
     rows = [[str(ops), kind, *(cell(values[n][(ops, kind)]) for _, values in measures for n in arms)]
             for ops, kind in keys]
     notes = [f"n={n} above n=1 {kind} distribution, {name}: "
-             f"{direction(values[n][('all', kind)], values[1][('all', kind)])}"
+             f"{verdict(values[n][('all', kind)], values[1][('all', kind)])}"
              for name, values in measures for n in arms if n != 1 for kind in ("in", "out")]
     return {"header": header, "rows": rows, "paper": PAPER, "notes": notes, "metric": metric(ring)}
