@@ -100,14 +100,15 @@ def forward_ms(generator, width: int, prompt_len: int, steps: int) -> float:
     from megatrain.model.kv_cache import ModelCache
 
     model, n = generator.model, generator.n
-    cache = ModelCache.for_model(model, 1, prompt_len + steps * width + n)
+    # every timed forward writes the same positions: each sees the same context length
+    cache = ModelCache.for_model(model, 1, prompt_len + width + n)
     tokens = torch.randint(1, model.cfg.vocab_size, (1, prompt_len))
     block = torch.randint(1, model.cfg.vocab_size, (1, width))
     times = []
     with torch.no_grad():
         generator._forward(tokens, torch.arange(prompt_len)[None], cache, True)
-        for step in range(steps):
-            positions = (prompt_len + step * width + torch.arange(width))[None]
+        positions = (prompt_len + torch.arange(width))[None]
+        for _ in range(steps):
             started = time.perf_counter()
             outs = generator._forward(block, positions, cache, True)
             model.logits(outs[0]).float().cpu()
@@ -122,12 +123,15 @@ def measure(run_dir: str, args) -> list[str]:
     from megatrain.inference.load import load_model
     from megatrain.spec import dataset_dir_of
 
-    model, cfg = load_model(run_dir, max_seq_len=args.prompt_len + args.new + 16)
-    generator = Generator(model)
-    prompts = held_out_prompts(dataset_dir_of(cfg), args.prompts, args.prompt_len)
+    _, cfg = load_model(run_dir)
     sequential = cfg.model.mtp_kind == "sequential"
     n_drafts = cfg.model.n_future - 1
     shapes = tree_shapes(n_drafts, [] if sequential else args.k)
+    widest = max(1 + candidates(d, product=not name.endswith("first")) for name, d in shapes.items())
+    # room for the widest tree block timed (forward_ms) as well as for the decoded text
+    model, cfg = load_model(run_dir, max_seq_len=args.prompt_len + max(args.new, widest) + cfg.model.n_future)
+    generator = Generator(model)
+    prompts = held_out_prompts(dataset_dir_of(cfg), args.prompts, args.prompt_len)
     totals = {name: [0, 0] for name in shapes}
     real_tokens, real_forwards = 0, 0
     for prompt in prompts:

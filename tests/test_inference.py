@@ -169,7 +169,9 @@ def _fixed_costs(generator, monkeypatch, batch, costs):
 
     monkeypatch.setattr(AdaptiveDrafts, "measured", lambda self, *args: None)
     monkeypatch.setattr(AdaptiveDrafts, "charge_catch_up", lambda self, *args: None)
-    generator._costs[batch] = dict(costs)
+    from megatrain.inference.draft_policy import DraftHistory
+
+    generator._draft_history[batch] = DraftHistory(costs=dict(costs))
 
 
 TWICE_PLAIN = {1: 1.0, 2: 1.5, 3: 1.8, 4: 2.0}  # a verify of 3 drafts costs two plain forwards
@@ -193,6 +195,23 @@ def test_adaptive_drafting_turns_to_plain_decoding_where_drafts_are_never_kept(h
         assert catch_ups == 0 and spec.forwards == plain.forwards, spec.decisions
     else:  # each probe costs one catch-up forward of the extra heads, and nothing else
         assert catch_ups == probes and spec.forwards == plain.forwards + probes, spec.decisions
+
+
+def test_the_next_generation_starts_from_what_the_last_one_learnt(monkeypatch):
+    """Random heads: the first generation probes at doubling intervals (8, 16, 32); the next one
+    goes on from 64 and from the acceptance seen so far, instead of finding out again."""
+    model = MTPTransformer(_cfg("transformer", n_future=4, n_layers=6), max_seq_len=160, seed=7).eval()
+    generator = Generator(model)
+    _fixed_costs(generator, monkeypatch, 1, TWICE_PLAIN)
+    first = generator.generate([[1, 2, 3]], 120, speculative=True)
+    second = generator.generate([[4, 5, 6]], 120, speculative=True)
+    assert first.decisions["probes"] == 3 and second.decisions["probes"] == 1, (first.decisions,
+                                                                                 second.decisions)
+    assert generator._draft_history[1].prior(3)[0] < 0.25  # below the first prompt's 0.5: never kept
+    # the control: a fresh Generator finds out again
+    fresh = Generator(model)
+    _fixed_costs(fresh, monkeypatch, 1, TWICE_PLAIN)
+    assert fresh.generate([[4, 5, 6]], 120, speculative=True).decisions["probes"] == 3
 
 
 def test_adaptive_drafting_keeps_drafting_where_drafts_are_kept(trained, monkeypatch):

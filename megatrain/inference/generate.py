@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatrain.inference.draft_policy import make_policy
+from megatrain.inference.draft_policy import DraftHistory, make_policy
 from megatrain.inference.sequential_drafts import SequentialDrafter
 from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
@@ -87,7 +87,7 @@ class Generator:
         self.model = model.eval()
         self.n = model.n_future
         self.capacity = model.rope_cos.shape[0]
-        self._costs: dict[int, dict[int, float]] = {}  # batch size -> the draft policy's costs
+        self._draft_history: dict[int, DraftHistory] = {}  # batch size -> what the draft policy learnt
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling | None = None,
@@ -113,8 +113,8 @@ class Generator:
         cache = ModelCache.for_model(self.model, len(prompts), need)
         decisions = {}
         if speculative:
-            costs = self._costs.setdefault(len(prompts), {})  # measured forwards, kept across calls
-            policy = make_policy(draft_policy, self.n, len(prompts), costs)
+            history = self._draft_history.setdefault(len(prompts), DraftHistory())  # kept across calls
+            policy = make_policy(draft_policy, self.n, len(prompts), history)
             _SpeculativeDecoding(self, state, cache, sampling, generator, policy).run(prompts)
             decisions = {"policy": policy.name, **policy.decisions.as_dict()}
         else:
