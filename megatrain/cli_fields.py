@@ -12,9 +12,10 @@ import dataclasses
 from typing import Any
 
 
-def option(default: Any, help: str, *, flag: str = "") -> Any:
-    """A dataclass field with its help text (and a flag name when it differs from the field's)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+def option(default: Any, help: str, *, flag: str = "", type: type | None = None) -> Any:
+    """A dataclass field with its help text (and a flag name when it differs from the field's;
+    ``type``: what a flag of a field defaulting to None parses its value as, str if not given)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "type": type})
 
 
 def _field(cls, name: str) -> dataclasses.Field:
@@ -44,7 +45,9 @@ def add_field_arguments(parser, cls, names: list[str], *, dest_prefix: str = "")
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, (int, float, str)):
             kwargs["type"] = type(default)
-        elif default is not None:
+        elif default is None:
+            kwargs["type"] = field.metadata.get("type") or str
+        else:
             raise TypeError(f"{cls.__name__}.{name}: only scalar fields become flags, not {default!r}")
         shown = f" (default: {default})" if default not in ("", None) else ""
         flag = flag_of(cls, name)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 
+from megatrain.cli_fields import option
 from megatrain.errors import UserError
 
 
@@ -24,20 +25,28 @@ class SlurmRequestError(UserError):
 
 @dataclass
 class Resources:
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int | None = None  # None: gpus_per_node (one process per GPU), or 1 on CPU
-    cpus_per_task: int | None = None  # None: the partition's default
-    mem_gb: float | None = None  # per node; None: the partition's default; 0: all of it
-    partition: str | None = None  # None: the cluster's default partition
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    time_min: int = 60
-    exclusive: bool = False
-    max_requeues: int = 3
-    signal_delay_s: int | None = None  # None: 120 s, or half the time limit if that is shorter
-    job_name: str = "megatrain"
+    """One field per ``megatrain submit`` flag: each owns its default and help (cli_fields)."""
+
+    nodes: int = option(1, "nodes")
+    gpus_per_node: int = option(0, "GPUs per node; one training process per GPU (0: CPU)")
+    tasks_per_node: int | None = option(None, "processes per node (default: --gpus-per-node, or 1 "
+                                              "without GPUs)", type=int)
+    cpus_per_task: int | None = option(None, "CPUs per process (default: the partition's)", type=int)
+    mem_gb: float | None = option(None, "memory per node in GB (0 = all of it; default: the "
+                                        "partition's)", type=float)
+    partition: str | None = option(None, "SLURM partition (default: the cluster's default)")
+    account: str | None = option(None, "SLURM account")
+    qos: str | None = option(None, "SLURM quality of service")
+    constraint: str | None = option(None, "SLURM node features, e.g. h100")
+    time_min: int = option(60, "time limit per run of the job, in minutes; the job checkpoints and "
+                               "requeues itself before it", flag="--time")
+    exclusive: bool = option(False, "whole nodes only")
+    max_requeues: int = option(3, "requeues allowed (time limits, preemptions, node failures)")
+    signal_delay_s: int | None = option(None, "seconds before the time limit the job is told to "
+                                              "checkpoint (default 120, or half of --time if "
+                                              "shorter); allow one step plus one checkpoint save",
+                                        type=int)
+    job_name: str = option("megatrain", "SLURM job name")
 
     @property
     def ntasks_per_node(self) -> int:

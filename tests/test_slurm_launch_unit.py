@@ -307,3 +307,19 @@ def test_an_unreachable_cluster_is_said_in_one_sentence_with_the_fix(tmp_path, m
         read_partitions()
     assert expected in str(err.value)
     assert ("SLURM_CONF" in str(err.value)) == expected.startswith("no SLURM")
+
+
+def test_submit_flags_are_the_resources_fields_with_their_types_and_defaults():
+    """One owner: ``Resources`` declares each flag's default and help; the parser derives them."""
+    from megatrain.cli import build_parser
+    from megatrain.slurm.cli import resources_from_args
+    from megatrain.slurm.resources import Resources
+
+    parse = build_parser(["submit"]).parse_args
+    assert resources_from_args(parse(["submit"])) == Resources()
+    asked = resources_from_args(parse(["submit", "--tasks-per-node", "2", "--mem-gb", "1.5", "--time", "5",
+                                       "--exclusive", "--signal-delay-s", "30", "--partition", "gpu"]))
+    assert asked == Resources(tasks_per_node=2, mem_gb=1.5, time_min=5, exclusive=True,
+                              signal_delay_s=30, partition="gpu")
+    with pytest.raises(SystemExit):  # argparse: "invalid int value"
+        parse(["submit", "--tasks-per-node", "two"])
