@@ -137,13 +137,18 @@ def test_bad_generator_settings_are_refused_naming_the_flag_and_write_nothing(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_induction_names_keep_their_second_part_within_a_document(synth_dirs):
+def test_induction_names_recur_whole_in_a_counting_filler(synth_dirs):
+    """Every token after a later occurrence's first part is predictable: the name's tail by copying
+    its first occurrence, the filler after the name by counting on from the one before it."""
     later_total = 0
+    tail = induction.NAME_TAIL
     for doc in read_documents(synth_dirs["induction"], "val"):
         later, first = induction.scored_positions(doc)
-        second_of = {int(doc[p]): int(doc[p + 1]) for p in first}
-        assert all(int(doc[p + 1]) == second_of[int(doc[p])] for p in later)
-        assert all(int(doc[p + 1]) in induction.SECOND_IDS for p in later + first)
+        tail_of = {int(doc[p]): doc[p + 1:p + 1 + tail].tolist() for p in first}
+        assert all(doc[p + 1:p + 1 + tail].tolist() == tail_of[int(doc[p])] for p in later)
+        assert all(int(t) in induction.SECOND_IDS for p in later + first for t in doc[p + 1:p + 1 + tail])
+        fillers = [int(t) - induction.FILLER_IDS.start for t in doc if int(t) in induction.FILLER_IDS]
+        assert all((b - a) % induction.N_FILLER == 1 for a, b in zip(fillers, fillers[1:]))
         later_total += len(later)
         assert len(doc) <= induction.MAX_TOKENS < 128
     assert later_total > 0

@@ -114,6 +114,38 @@ def test_each_finetuning_starts_from_the_pretraining_of_its_seed_and_source(tmp_
         assert overrides["train.seed"] == int(seed)
 
 
+def test_induction_compares_n2_with_n1_and_with_its_loss_control_seed_by_seed(tmp_path, monkeypatch):
+    """Arms n=1, n=2 and n=2 with head 2 unweighted, cross-document masking on, every verdict
+    paired by seed, and the test split's overlap with training reported."""
+    trained = []
+    gain = {"n1": 0.0, "n2": 0.3, "n2_w0": 0.05}  # fake accuracies: n=2 well above both others
+
+    def fake_train_runs(specs, jobs=1):
+        trained.extend((run_dir.name, overrides) for run_dir, overrides in specs)
+        return [run_dir for run_dir, _ in specs]
+
+    def fake_eval(run_dir, step, evaluate, dataset, batch_size=64):
+        arm, seed = run_dir.name.rsplit("_seed", 1)
+        return {"accuracy": 0.1 + gain[arm] + 0.01 * int(seed) + step / 1e5}
+
+    monkeypatch.setattr(induction, "train_runs", fake_train_runs)
+    monkeypatch.setattr(induction, "evaluate_run", fake_eval)
+    results = tmp_path / "results.md"
+    assert experiments_main.main(["induction", "--quick", "--steps", "500", "--examples", "30",
+                                  "--work-dir", str(tmp_path), "--results", str(results)]) == 0
+    by_name = dict(trained)
+    assert sorted(by_name) == sorted(f"{a}_seed{s}" for a in gain for s in range(5))
+    assert by_name["n2_w0_seed0"]["loss.extra_heads_weight"] == 0.0
+    assert by_name["n2_seed0"]["loss.extra_heads_weight"] == 1.0
+    assert by_name["n2_seed0"]["model.n_future"] == 2
+    assert {o["model.n_layers"] for o in by_name.values()} == {induction.QUICK.model["model.n_layers"]}
+    text = results.read_text()
+    assert "| step | n=1 | n=2 | n=2 weight 0 (control) |" in text
+    assert "- n=2 above n=1 at step 500: yes: +0.300" in text
+    assert "- n=2 above its control (the same model, head 2 unweighted) at step 500: yes: +0.250" in text
+    assert "- test documents also in the training split: 0 of 200" in text
+
+
 def test_induction_formation_row_gives_each_seeds_first_step_at_twice_chance():
     steps = [250, 500, 750]
     by_step = {250: [0.04, 0.09, 0.04], 500: [0.05, 0.20, 0.04], 750: [0.10, 0.30, 0.05]}

@@ -20,10 +20,40 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS_FILE = REPO / "docs" / "results.md"
 # every run: quiet, no TensorBoard, keep every checkpoint (curves are read from them), one thread:
 # these models are too small to gain from a second one, and on a shared 2-core machine OpenMP's
-# spinning made a 2-thread run 20x slower than a 1-thread one (measured, same losses); and the
-# paper's loss, the unweighted sum over heads (the trainer's default weighs heads 2..n less)
+# spinning made a 2-thread run 20x slower than a 1-thread one (measured, same losses); the
+# paper's loss, the unweighted sum over heads (the trainer's default weighs heads 2..n less); no
+# head is trained on a target across a document boundary (its context cannot predict it)
 RUN_DEFAULTS = {"logging.progress": False, "logging.tensorboard": False, "checkpoint.keep": 100,
-                "train.eval_every": 0, "train.threads": 1, "loss.extra_heads_weight": 1.0}
+                "train.eval_every": 0, "train.threads": 1, "loss.extra_heads_weight": 1.0,
+                "loss.mask_cross_document": True}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: n heads, and the weight of heads 2..n in the loss. Weight 0 is the control that
+    isolates the loss: the n-head architecture (its shallower trunk) trained as next-token only."""
+
+    n_future: int
+    extra_heads_weight: float = 1.0
+
+    @property
+    def label(self) -> str:
+        control = self.n_future > 1 and self.extra_heads_weight == 0
+        return f"n={self.n_future}" + (" weight 0 (control)" if control else "")
+
+    @property
+    def name(self) -> str:
+        return f"n{self.n_future}" + ("_w0" if self.extra_heads_weight == 0 and self.n_future > 1 else "")
+
+    @property
+    def overrides(self) -> dict:
+        return {"model.n_future": self.n_future, "loss.extra_heads_weight": self.extra_heads_weight}
+
+
+def shared_documents(train: Sequence, test: Sequence) -> int:
+    """How many test documents also occur (token for token) in the training split."""
+    seen = {tuple(int(t) for t in doc) for doc in train}
+    return sum(tuple(int(t) for t in doc) in seen for doc in test)
 
 
 @dataclass
