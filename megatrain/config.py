@@ -543,8 +543,8 @@ def head_loss_weights(cfg: Config, step: int = 0) -> list[float]:
     if cfg.loss.head_weights:
         return [float(w) for w in cfg.loss.head_weights]
     extra = cfg.model.n_future - 1
-    if cfg.model.mtp_kind == "sequential":
-        return [1.0] + [mtp_lambda_at(cfg.loss, step) / extra] * extra
+    if cfg.model.mtp_kind == "sequential":  # D = 0 (the modules dropped, e.g. to finetune): head 1
+        return [1.0] + [mtp_lambda_at(cfg.loss, step) / extra] * extra if extra else [1.0]
     return [1.0] + [float(cfg.loss.extra_heads_weight)] * extra
 
 

@@ -192,3 +192,21 @@ def test_meta_export_of_sequential_modules_is_refused_with_the_fix(dataset, tmp_
     assert not (tmp_path / "m").exists()
     exported = export_run(run, "deepseek-mtp", tmp_path / "ds")
     assert "modeling_mtp_llama.py" in exported.files and "tokenizer.json" in exported.files
+
+
+def test_finetuning_with_the_modules_dropped_trains_from_the_export(dataset, tmp_path):
+    """README's D' = 0 finetune: `init.path=<hf export> model.mtp_kind=sequential model.n_future=1`
+    (it crashed dividing lambda by D = 0 before the first step)."""
+    from megatrain.config import head_loss_weights
+    from megatrain.trainer import train
+
+    base = {"checkpoint.every": 0, "train.eval_every": 0, "model.mtp_kind": "sequential", "model.n_layers": 2}
+    run = tmp_path / "run"
+    train(load_config(None, _overrides(dataset, run, **base, **{"train.steps": 1, "model.n_future": 2})))
+    exported = export_run(run, "hf", tmp_path / "hf")
+    cfg = load_config(None, _overrides(dataset, tmp_path / "ft", **base, **{
+        "train.steps": 2, "model.n_future": 1, "init.path": str(exported.out)}))
+    assert head_loss_weights(cfg) == [1.0]
+    result = train(cfg)
+    assert result.step == 2 and len(result.head_losses) == 1
+    assert torch.isfinite(torch.tensor(result.head_losses)).all()
