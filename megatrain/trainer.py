@@ -145,14 +145,18 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
     for key, (old, new) in spec.run_dir.record_config(cfg, step).items():
         log.info(f"config changed since the last start: {key} {old} -> {new} (from step {step} on)")
     _cut_metrics(spec, step)
-    log.info(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} "
-             f"({cfg.model.head_type} heads), vocab {spec.vocab_size}, device {device}, "
-             f"layout dp{p.dp} tp{p.tp} pp{p.pp}; run dir {spec.run_dir}")
+    sequential = cfg.model.mtp_kind == "sequential"
+    kind = (f"{cfg.model.n_future - 1} sequential MTP modules" if sequential
+            else f"{cfg.model.head_type} heads")
+    log.info(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} ({kind}), "
+             f"vocab {spec.vocab_size}, device {device}, layout dp{p.dp} tp{p.tp} pp{p.pp}; "
+             f"run dir {spec.run_dir}")
     weights = spec.head_weights
     if any(w != 1 for w in weights):
-        source = "loss.head_weights" if cfg.loss.head_weights else "loss.extra_heads_weight"
-        log.info(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (from {source}; the "
-                 f"paper sums the heads' losses unweighted)")
+        source = ("loss.head_weights" if cfg.loss.head_weights else
+                  "loss.mtp_lambda / D, DeepSeek-V3's weighting" if sequential else
+                  "loss.extra_heads_weight; the paper sums the heads' losses unweighted")
+        log.info(f"loss weights per head {' '.join(f'{w:g}' for w in weights)} (from {source})")
 
 
 def _cut_metrics(spec: RunSpec, step: int) -> None:
