@@ -113,3 +113,30 @@ def test_planner_arithmetic_catches_a_wrong_layout():
     wrong_cfg = load_config("configs/paper/13b_n4.yaml", ["parallel.dp=4", "parallel.tp=16", "parallel.pp=2"])
     wrong = {x.name: x.local_numel for x in local_parameters(wrong_cfg, 9, shapes)}
     assert right != wrong
+
+
+def test_the_heads_trace_holds_rank_0s_shards_of_the_sequential_modules():
+    """Under tp the sequential modules' blocks are sharded as the real plan shards them
+    (``tp_split_dim``); only eh_proj is counted whole (see trace_heads). It counted every module
+    whole before, overestimating the last stage by a block per module."""
+    from megatrain.model.mtp import MTPTransformer
+    from megatrain.parallel.tensor_parallel import tp_split_dim
+    from megatrain.planning.trace import trace_heads
+
+    cfg = load_config(None, ["model.mtp_kind=sequential", "model.n_future=3", "model.n_layers=4",
+                             "model.vocab_size=512"]).model
+    with torch.device("meta"):
+        model = MTPTransformer(cfg, max_seq_len=64)
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def rank0_bytes(tp):
+        total = 0
+        for p in model.all_head_params():
+            name, split = names[id(p)], tp_split_dim(names[id(p)])
+            whole = split is None or name.endswith("eh_proj.weight")
+            total += p.numel() * 4 // (1 if whole else tp)
+        return total
+
+    for tp in (1, 2):
+        assert trace_heads(cfg, 2, 64, tp=tp).head_set == rank0_bytes(tp), tp
+    assert rank0_bytes(2) < 0.6 * rank0_bytes(1)  # the blocks are most of it: a real difference

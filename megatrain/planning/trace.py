@@ -183,6 +183,11 @@ def trace_heads(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
             for i in range(model.n_future):
                 if model.layout.heads_are_blocks:
                     shard_linears(model.head_module(i), tp)
+            # the sequential kind's modules: their blocks shard like a trunk block's; eh_proj stays
+            # whole here (row-parallel, it reads a slice of its replicated input, which a plain
+            # Linear on fake tensors cannot): 2d x d per module, counted as if unsharded
+            for module in getattr(model, "mtp", []):
+                shard_linears(module.block, tp)
             model.output = nn.Linear(cfg.dim, chunk_size(cfg.vocab_size, tp, 0), bias=False)
         window = torch.randint(0, max(chunk_size(cfg.vocab_size, tp, 0), 1), (batch, seq + 1))
         targets = build_head_targets(window, cfg.n_future)
