@@ -197,16 +197,33 @@ def test_meta_export_of_sequential_modules_is_refused_with_the_fix(dataset, tmp_
 def test_finetuning_with_the_modules_dropped_trains_from_the_export(dataset, tmp_path):
     """README's D' = 0 finetune: `init.path=<hf export> model.mtp_kind=sequential model.n_future=1`
     (it crashed dividing lambda by D = 0 before the first step)."""
+    from megatrain.cli import main
     from megatrain.config import head_loss_weights
     from megatrain.trainer import train
 
     base = {"checkpoint.every": 0, "train.eval_every": 0, "model.mtp_kind": "sequential", "model.n_layers": 2}
     run = tmp_path / "run"
     train(load_config(None, _overrides(dataset, run, **base, **{"train.steps": 1, "model.n_future": 2})))
-    exported = export_run(run, "hf", tmp_path / "hf")
+    assert main(["export", "--run-dir", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_mtp_layers"] == 1
     cfg = load_config(None, _overrides(dataset, tmp_path / "ft", **base, **{
-        "train.steps": 2, "model.n_future": 1, "init.path": str(exported.out)}))
+        "train.steps": 2, "model.n_future": 1, "init.path": str(tmp_path / "hf")}))
     assert head_loss_weights(cfg) == [1.0]
     result = train(cfg)
     assert result.step == 2 and len(result.head_losses) == 1
     assert torch.isfinite(torch.tensor(result.head_losses)).all()
+
+
+def test_a_parallel_model_is_refused_the_deepseek_mtp_format_with_the_fix(dataset, tmp_path, capsys):
+    from megatrain.cli import main
+    from megatrain.trainer import train
+
+    run = tmp_path / "run"
+    train(load_config(None, _overrides(dataset, run, **{"train.steps": 1, "checkpoint.every": 0,
+                                                        "train.eval_every": 0, "model.n_layers": 3,
+                                                        "model.n_future": 2})))
+    capsys.readouterr()
+    out = tmp_path / "d"
+    assert main(["export", "--run-dir", str(run), "--format", "deepseek-mtp", "--out", str(out)]) == 2
+    assert "--format deepseek-mtp holds sequential MTP modules" in capsys.readouterr().err
+    assert not out.exists()
