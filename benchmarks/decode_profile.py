@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import datetime
 import inspect
-import shlex
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 from machine import machine_name  # benchmarks/machine.py
-from tables import code_span, print_and_append  # benchmarks/tables.py
+from tables import code_span, command_line, print_and_append  # benchmarks/tables.py
 
 SHAPES = {  # random-weight shapes: (overrides)
     "default": [],  # the embedded default: 6 layers (2 trunk + 4 heads), dim 128
@@ -207,7 +206,7 @@ def main(argv=None) -> int:
         ratio = decoding / arithmetic
         overhead_lines.append(f"| {batch} | {decoding:.2f} | {arithmetic:.2f} | {ratio:.2f} |")
     cfg = model.cfg
-    command = "python benchmarks/decode_profile.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("decode_profile.py", argv)
     text = "\n".join([
         f"### Where a decoding forward's time goes ({datetime.date.today()}, {machine_name()})", "",
         f"Command: {code_span(command)}; model: {what}: {cfg.n_layers} layers ({cfg.n_future} heads, "

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from machine import machine_name  # benchmarks/machine.py
 from speculative import held_out_prompts  # benchmarks/speculative.py
-from tables import code_span, print_and_append  # benchmarks/tables.py
+from tables import code_span, command_line, print_and_append  # benchmarks/tables.py
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = ["checkpoint.every=0", "logging.progress=false", "logging.tensorboard=false", "train.threads=2"]
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
             step_lines.append(f"| {name} | {count_parameters(model) / 1e6:.2f}M | "
                               f"{costs['tokens_per_s']:.0f} | {costs['peak_bytes'] / 2**20:.2f} |")
         print("\n".join(lines[-5:]), flush=True)
-    command = "python benchmarks/speculative_arms.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("speculative_arms.py", argv)
     title = ("Parallel heads vs sequential modules" if args.set_of == "kinds"
              else "Byte-level n=8 vs token-level n=4 self-speculative decoding")
     text = [f"### {title} ({datetime.date.today()}, {machine_name()})", "",

@@ -1,5 +1,13 @@
 """Markdown helpers the benchmark scripts share for their docs/benchmarks.md entries."""
 
+import shlex
+import sys
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the entry's numbers were made: ``python benchmarks/<script>`` and its arguments."""
+    return f"python benchmarks/{script} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
 
 def code_span(text: str) -> str:
     """``text`` as a markdown code span, which may itself hold backticks (a --note can)."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shlex
 import statistics
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 from machine import machine_name  # benchmarks/machine.py
 from speculative import held_out_prompts  # benchmarks/speculative.py
-from tables import code_span, print_and_append  # benchmarks/tables.py
+from tables import code_span, command_line, print_and_append  # benchmarks/tables.py
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -176,7 +175,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     lines = [line for run_dir in args.run_dir for line in measure(run_dir, args)]
-    command = "python benchmarks/tree_drafting.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("tree_drafting.py", argv)
     text = "\n".join([
         f"### Would tree drafting pay? ({datetime.date.today()}, {machine_name()})", "",
         f"Command: {code_span(command)}. Batch 1, greedy, {args.prompts} held-out prompts of up to "
