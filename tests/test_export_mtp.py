@@ -13,7 +13,7 @@ from megatrain.config import Config, DataConfig, ModelConfig, load_config
 from megatrain.inference.export import export_run, write_hf
 from megatrain.inference.generate import Generator
 from megatrain.model.mtp import MTPTransformer
-from megatrain.mtp_loss import build_head_targets, head_scales, mtp_loss
+from tests.test_inference import fit_counting
 from tests.test_trainer import _overrides
 
 VOCAB, N_LAYERS, N_FUTURE = 16, 2, 3  # 2 trunk layers, D = 2 depths
@@ -32,17 +32,8 @@ def counting_model():
     hidden state before or after a norm would show)."""
     torch.manual_seed(0)
     model = MTPTransformer(_cfg(), max_seq_len=96)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
-    for _ in range(80):
-        start = torch.randint(0, VOCAB, (16, 1), generator=g)
-        window = (start + torch.randint(1, 4, (16, 1), generator=g) * torch.arange(25)) % VOCAB
-        targets = build_head_targets(window, N_FUTURE)
-        scales = head_scales((targets != -100).flatten(1).sum(1), [1.0] * N_FUTURE)
-        loss, _ = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales, impl="torch")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    fit_counting(model, N_FUTURE, 80, g, vocab=VOCAB)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:

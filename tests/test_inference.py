@@ -22,28 +22,31 @@ def _cfg(head_type="transformer", n_future=3, **kw):
     return ModelConfig(**{**base, **kw})
 
 
-def _counting(batch, length, generator):
-    """Sequences that count up by a row-specific step mod VOCAB: every head can learn them."""
-    start = torch.randint(0, VOCAB, (batch, 1), generator=generator)
+def _counting(batch, length, generator, vocab=VOCAB):
+    """Sequences that count up by a row-specific step mod ``vocab``: every head can learn them."""
+    start = torch.randint(0, vocab, (batch, 1), generator=generator)
     step = torch.randint(1, 4, (batch, 1), generator=generator)
-    return (start + step * torch.arange(length)) % VOCAB
+    return (start + step * torch.arange(length)) % vocab
 
 
-def _trained(head_type, n_future=3, steps=60):
-    """A tiny model whose heads have learned the counting task (so drafts get accepted)."""
-    torch.manual_seed(0)
-    cfg = _cfg(head_type, n_future)
-    model = MTPTransformer(cfg, max_seq_len=96)
+def fit_counting(model, n_future, steps, generator, vocab=VOCAB):
+    """Train ``model``'s heads on the counting task (the losses summed unweighted)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        window = _counting(16, 25, g)
+        window = _counting(16, 25, generator, vocab)
         targets = build_head_targets(window, n_future)
         scales = head_scales((targets != -100).flatten(1).sum(1), [1.0] * n_future)
         loss, _ = mtp_loss(model, model.trunk(window[:, :-1]), targets, scales, impl="torch")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def _trained(head_type, n_future=3, steps=60):
+    """A tiny model whose heads have learned the counting task (so drafts get accepted)."""
+    torch.manual_seed(0)
+    model = MTPTransformer(_cfg(head_type, n_future), max_seq_len=96)
+    fit_counting(model, n_future, steps, torch.Generator().manual_seed(1))
     return model.eval()
 
 
