@@ -37,13 +37,16 @@ class Arm:
     extra_heads_weight: float = 1.0
 
     @property
+    def is_control(self) -> bool:
+        return self.n_future > 1 and self.extra_heads_weight == 0
+
+    @property
     def label(self) -> str:
-        control = self.n_future > 1 and self.extra_heads_weight == 0
-        return f"n={self.n_future}" + (" weight 0 (control)" if control else "")
+        return f"n={self.n_future}" + (" weight 0 (control)" if self.is_control else "")
 
     @property
     def name(self) -> str:
-        return f"n{self.n_future}" + ("_w0" if self.extra_heads_weight == 0 and self.n_future > 1 else "")
+        return f"n{self.n_future}" + ("_w0" if self.is_control else "")
 
     @property
     def overrides(self) -> dict:

@@ -60,7 +60,7 @@ def run(sizes: Sizes, arms: tuple[Arm, ...], dataset: Path, work: Path, jobs: in
     header = ["step", *(arm.label for arm in arms)]
     rows = [[str(step), *(cell(accuracy[arm][step]) for arm in arms)] for step in steps]
     rows.append([f"first step ≥ {FORMED:.3f}, per seed", *(_formation(accuracy[arm], steps) for arm in arms)])
-    baseline, control = arms[0], next((a for a in arms if a.extra_heads_weight == 0), None)
+    baseline, control = arms[0], next((a for a in arms if a.is_control), None)
     notes = []
     for step in dict.fromkeys((steps[0], steps[len(steps) // 2], steps[-1])):
         for arm in arms[1:]:
