@@ -466,7 +466,6 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
         MinhashDedupBuckets,
         MinhashDedupCluster,
         MinhashDedupFilter,
-        MinhashDedupSignature,
     )
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.text import TextNormConfig
@@ -529,7 +528,9 @@ def _run_pipeline(config: PrepareConfig, out: Path, inputs, *, tasks: int, progr
             steps.RankJsonlReader(str(work / "filtered")),
             exact_filter,
             jsonl_writer("unique"),
-            MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=steps.CodeWordTokenizer()),
+            steps.CodeMinhashSignature(
+                str(work / "mh_sigs"), config=minhash, language=steps.CodeWordTokenizer()
+            ),
         ],
         tasks=K, workers=K, logs=logs,
     )  # fmt: skip

@@ -20,6 +20,8 @@ from megatrain.data_pipelines import prepare as prepare_module
 from megatrain.data_pipelines.prepare import DEFAULT_CORPUS_VOCAB_SIZE, default_dataset_dir
 from megatrain.data_pipelines.steps import (
     AlnumFractionFilter,
+    CodeMinhashSignature,
+    CodeWordTokenizer,
     LengthFilter,
     LongestLineFilter,
     SourceFileReader,
@@ -185,6 +187,37 @@ def test_split_and_streams_do_not_depend_on_tasks(corpus, bytes_dataset, tmp_pat
     assert manifest2["stats"] | {"seconds": 0} == manifest1["stats"] | {"seconds": 0}
     for split in ("train", "val"):
         assert split_documents(out1, split, 256) == split_documents(tmp_path / "ds", split, 256), split
+
+
+def test_fast_minhash_signatures_equal_datatroves_own(tmp_path):
+    from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
+    from datatrove.utils.text import TextNormConfig
+
+    config = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, norm_config=TextNormConfig(
+        lowercase=False, remove_punctuation=False, norm_unicode_diacritics=False, norm_numbers=False))
+    ours = CodeMinhashSignature(str(tmp_path / "a"), config=config, language=CodeWordTokenizer())
+    theirs = MinhashDedupSignature(str(tmp_path / "b"), config=config, language=CodeWordTokenizer())
+    real = Path(prepare_module.__file__).read_text()  # realistic: a 700-line Python file
+    texts = [
+        real,
+        real * 3,  # every shingle repeated: more than one 512-row block, unique shingles
+        "def f(x):\n\treturn x\u00a0+ 1  # caf\u00e9 \u2028 \u03bb\n",  # non-ASCII word and space
+        "a b c d e",  # exactly one 5-gram
+        "  x = 1\n\n\t y = 2\r\n",  # whitespace the simplification would collapse
+    ]
+    for text in texts:
+        shingles = ours.get_shingles(text)
+        np.testing.assert_array_equal(shingles, theirs.get_shingles(text))
+        assert ours.get_signature(shingles) == theirs.get_signature(shingles)
+    assert ours.get_shingles("a b c d").size == 0 == theirs.get_shingles("a b c d").size  # too short
+    # negative control: in a short text one changed word moves the signature
+    def signature(text):
+        return ours.get_signature(ours.get_shingles(text))
+
+    assert signature("a b c d e f") != signature("a b c d e g")
+    # other normalisations take datatrove's own path
+    lowercase = MinhashConfig(n_grams=5, norm_config=TextNormConfig(lowercase=True))
+    assert not CodeMinhashSignature(str(tmp_path / "c"), lowercase, CodeWordTokenizer())._whitespace_only
 
 
 def test_pipeline_steps_import_without_torch():
