@@ -200,6 +200,42 @@ def test_adaptive_drafting_turns_to_plain_decoding_where_drafts_are_never_kept(h
         assert catch_ups == probes and spec.forwards == plain.forwards + probes, spec.decisions
 
 
+@pytest.mark.parametrize("head_type", ["transformer", "causal", "linear"])
+def test_a_prefill_without_the_extra_heads_catches_up_to_the_same_drafts_and_caches(head_type):
+    """Where the policy will not draft at first, the prompt runs through the trunk and head 1 only
+    and the extra heads read it later in their catch-up. Ragged prompts: the catch-up's padding
+    columns must give each row the drafts (and extra-head cache entries) of a full prefill."""
+    from megatrain.inference.draft_policy import AlwaysDraft
+    from megatrain.inference.generate import _Rows, _SpeculativeDecoding
+
+    model = MTPTransformer(_cfg(head_type, n_future=4), max_seq_len=64, seed=3).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [3, 4], [5, 6, 7, 8]]
+
+    def first_drafts(lazy: bool):
+        gen = Generator(model)
+        cache = ModelCache.for_model(model, len(prompts), 32)
+        spec = _SpeculativeDecoding(gen, _Rows(prompts, 8, None, gen.n), cache, Sampling(),
+                                    torch.Generator(), AlwaysDraft(gen.n, len(prompts)))
+        with torch.no_grad():
+            if lazy:
+                t0 = spec._prefill_without_drafts(prompts)
+                drafts, _ = spec._catch_up(t0)
+            else:
+                outs = gen._prefill(prompts, cache, all_heads=True)
+                t0 = outs[0].argmax(-1)
+                drafts, _ = spec._draft(torch.stack(outs[1:], dim=1))
+        extra = {name: layer.k.clone() for name, layer in cache.layers.items() if "extra" in name}
+        return t0, drafts, extra
+
+    t0, drafts, caches = first_drafts(lazy=False)
+    t0_lazy, drafts_lazy, caches_lazy = first_drafts(lazy=True)
+    assert torch.equal(t0, t0_lazy) and torch.equal(drafts, drafts_lazy)
+    assert (bool(caches) or head_type == "linear") and caches.keys() == caches_lazy.keys()
+    for name in caches:
+        for r, p in enumerate(prompts):
+            torch.testing.assert_close(caches_lazy[name][r, :len(p)], caches[name][r, :len(p)])
+
+
 def test_the_next_generation_starts_from_what_the_last_one_learnt(monkeypatch):
     """Random heads: the first generation probes at doubling intervals (8, 16, 32); the next one
     goes on from 64 and from the acceptance seen so far, instead of finding out again."""

@@ -87,10 +87,16 @@ class AlwaysDraft:
     def choose(self, active: list[int]) -> dict[int, int]:
         return dict.fromkeys(active, self.n_drafts)
 
+    def may_draft(self, active: list[int]) -> bool:
+        return True
+
     def observe(self, row: int, verified: int, kept: int) -> None:
         pass
 
     def measured(self, width: int, heads: bool, seconds: float) -> None:
+        pass
+
+    def charge_catch_up(self, seconds: float, plain_forwards: int) -> None:
         pass
 
 
@@ -147,6 +153,11 @@ class AdaptiveDrafts:
             return self.n_drafts
         rates = [self.expected_tokens(row, k) / costs[k] for k in range(self.n_drafts + 1)]
         return max(range(self.n_drafts + 1), key=lambda k: rates[k])
+
+    def may_draft(self, active: list[int]) -> bool:
+        """Whether the next ``choose`` could ask for drafts (no decision is taken or counted): the
+        prefill runs the extra heads only then."""
+        return any(self.best_drafts(r) for r in active) or self.plain_in_a_row >= self.history.probe_every
 
     def choose(self, active: list[int]) -> dict[int, int]:
         """Drafts to verify per active row; all 0 means a plain forward."""

@@ -144,16 +144,21 @@ class Generator:
         rows = torch.arange(head_out.shape[0], device=head_out.device)
         return self.model.logits(head_out[rows, at.to(head_out.device)])
 
-    def _prefill(self, prompts, cache, all_heads: bool) -> list[torch.Tensor]:
-        """Run the prompts (right-padded) in one forward; logits at each row's last prompt token."""
+    def _prompt_block(self, prompts):
+        """The prompts right-padded into one block: tokens and positions (B, W) on the model's
+        device, and each row's last prompt position (B,) on the CPU."""
         device = self.model.rope_cos.device
         width = max(len(p) for p in prompts)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
         for r, p in enumerate(prompts):
             tokens[r, :len(p)] = torch.tensor(p, device=device)
         positions = torch.arange(width, device=device).expand(len(prompts), width)
+        return tokens, positions, torch.tensor([len(p) - 1 for p in prompts])
+
+    def _prefill(self, prompts, cache, all_heads: bool) -> list[torch.Tensor]:
+        """Run the prompts (right-padded) in one forward; logits at each row's last prompt token."""
+        tokens, positions, last = self._prompt_block(prompts)
         outs = self._forward(tokens, positions, cache, all_heads)
-        last = torch.tensor([len(p) - 1 for p in prompts])
         return [self._logits_at(out, last) for out in outs]  # each (B, V)
 
     # ---- plain decoding --------------------------------------------------------------------------
@@ -186,6 +191,7 @@ class _SpeculativeDecoding:
         # first extra head reads: the trunk output, or head 1's output for causal heads) with its
         # positions, until drafting resumes (``_catch_up``).
         self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.prompt_waiting = False  # waiting[0] is the prompt (``_prefill_without_drafts``)
         # anticausal heads: head 1 reads head 2 (and so on): every forward runs them all anyway
         self.extra_heads_always_run = self.model.head_type == "anticausal"
         self.sequential = self.model.layout.sequential
@@ -196,11 +202,17 @@ class _SpeculativeDecoding:
         state = self.state
         if self.sequential:
             t0 = self._sequential_prefill(prompts)
-            drafts, draft_probs = self._chain_drafts(t0)
-        else:
+            drafts = None  # the chain drafts (and catches up on the prompt) when a verify needs them
+            if self.policy.may_draft(list(range(state.batch))):
+                drafts, draft_probs = self._chain_drafts(t0)
+            else:
+                self.prompt_waiting = True
+        elif self.extra_heads_always_run or self.policy.may_draft(list(range(state.batch))):
             outs = self.gen._prefill(prompts, self.cache, all_heads=True)
             t0 = _pick(outs[0], self.sampling, self.generator)
             drafts, draft_probs = self._draft(torch.stack(outs[1:], dim=1))
+        else:  # the first forwards will be plain: the extra heads read the prompt when they draft
+            t0, drafts = self._prefill_without_drafts(prompts), None
         while state.active():
             if state.last_token_of_every_row():  # t0 is head 1's own: no verify forward needed
                 state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * state.batch)
@@ -216,6 +228,25 @@ class _SpeculativeDecoding:
             t0, drafts, draft_probs = self._verify_step(t0, drafts, draft_probs, limits)
 
     # ---- the three kinds of forward ---------------------------------------------------------------
+    def _prefill_without_drafts(self, prompts) -> torch.Tensor:
+        """The prompts through the trunk and head 1 only (what the extra heads would read waits, as
+        after a plain forward); head 1's pick after each prompt.
+
+        The waiting block must be rectangular, so a shorter row's padding columns repeat its last
+        prompt token's input and position: the catch-up then writes the same keys and values there
+        twice (so it does not matter which write wins), and its last column is each row's last
+        prompt position, where the first drafts are read."""
+        tokens, positions, last = self.gen._prompt_block(prompts)
+        self.cache.at(positions)
+        hidden = self.model.trunk(tokens, self.cache)
+        out = self.model.head_forward(0, hidden, self.cache)
+        feed = out if self.model.heads_are_chained else hidden
+        real = torch.minimum(positions, last.to(self.device)[:, None])
+        rows = torch.arange(len(prompts), device=self.device)[:, None]
+        self.waiting.append((real, feed[rows, real]))
+        self.prompt_waiting = True
+        return _pick(self.gen._logits_at(out, last), self.sampling, self.generator)
+
     def _plain_step(self, t0: torch.Tensor) -> torch.Tensor:
         state = self.state
         state.emit([[int(t)] for t in t0.tolist()], accepted_drafts=[0] * state.batch)
@@ -240,7 +271,9 @@ class _SpeculativeDecoding:
         if self.sequential:  # the chain's own round catches its depths up
             started = time.perf_counter()
             drafts = self._chain_drafts(t0)
-            self.policy.charge_catch_up(time.perf_counter() - started, 1)
+            if not self.prompt_waiting:  # a catch-up over the prompt is the prefill's, not theirs
+                self.policy.charge_catch_up(time.perf_counter() - started, 1)
+            self.prompt_waiting = False
             self.policy.decisions.catch_ups += 1
             self.state.forwards += 1
             return drafts
@@ -251,10 +284,15 @@ class _SpeculativeDecoding:
         outs = self.model.extra_head_outputs(inputs, self.cache)
         last = torch.full((self.state.batch,), inputs.shape[1] - 1, dtype=torch.long)
         drafts = self._draft(self._extra_logits(outs, last))
-        self.policy.charge_catch_up(time.perf_counter() - started, len(self.waiting))
+        # The plain forwards' share is charged to them; the prompt's share is what a prefill of
+        # every head would have cost anyway.
+        plain = len(self.waiting) - self.prompt_waiting
+        share = plain / positions.shape[1] if self.prompt_waiting else 1.0
+        seconds = (time.perf_counter() - started) * share
+        self.policy.charge_catch_up(seconds, plain)
         self.policy.decisions.catch_ups += 1
         self.state.forwards += 1
-        self.waiting = []
+        self.waiting, self.prompt_waiting = [], False
         return drafts
 
     def _verify_step(self, t0, drafts, draft_probs, limits: dict[int, int]):
@@ -293,15 +331,10 @@ class _SpeculativeDecoding:
     # ---- sequential modules ------------------------------------------------------------------------
     def _sequential_prefill(self, prompts) -> torch.Tensor:
         """The prompts' forward (right-padded), recorded for the depths; head 1's pick after each."""
-        width = max(len(p) for p in prompts)
-        tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)
-        for r, p in enumerate(prompts):
-            tokens[r, :len(p)] = torch.tensor(p, device=self.device)
-        positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+        tokens, positions, last = self.gen._prompt_block(prompts)
         self.cache.at(positions)
         hidden = self.model.trunk(tokens, self.cache)
         self.drafter.record(positions, tokens, hidden)
-        last = torch.tensor([len(p) - 1 for p in prompts])
         return _pick(self.gen._logits_at(hidden, last), self.sampling, self.generator)
 
     def _chain_drafts(self, t0: torch.Tensor):
