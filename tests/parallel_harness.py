@@ -11,8 +11,9 @@ succeeding, and a forked child must not run the parent's atexit handlers.
 ``reference_run`` is the single-process trainer step (trunk, sequential-heads loss per
 microbatch, clip, AdamW) on the same data; ``parallel_run`` is the same through
 ``megatrain.parallel``. Both return per-step losses and the full (gathered) parameters, which
-``assert_matches`` compares; ``assert_comparison_catches`` is the negative control that shows the
-comparison rejects a deliberately wrong run.
+``assert_matches`` compares, with the first step's gradients (before clipping: what the layout
+computed, not yet smoothed by AdamW); ``assert_comparison_catches`` is the negative control that
+shows the comparison rejects a deliberately wrong run.
 """
 
 from __future__ import annotations
@@ -61,12 +62,15 @@ def _targets(cfg, window):
     return targets, head_scales((targets != -100).flatten(1).sum(1), [1.0] * cfg.n_future)
 
 
-def full_params(named_params) -> dict:
-    """name -> full tensor (DTensors gathered; checkpoint-wrapper prefixes removed)."""
+def full_params(named_params, grads: bool = False) -> dict:
+    """name -> full tensor (DTensors gathered; checkpoint-wrapper prefixes removed); ``grads``:
+    the parameters' gradients instead (parameters without one are left out)."""
     from torch.distributed.tensor import DTensor
     out = {}
     for name, p in named_params:
-        t = p.detach()
+        t = p.grad if grads else p.detach()
+        if t is None:
+            continue
         if isinstance(t, DTensor):
             t = t.full_tensor()
         out[name.replace("_checkpoint_wrapped_module.", "")] = t.clone()
@@ -77,7 +81,7 @@ def reference_run(cfg: ModelConfig, steps=STEPS, micro=0, data=None):
     """The single-process trainer step, as megatrain.trainer.train runs it."""
     model = build_model(cfg)
     optimizer = build_optimizer(model, _train_cfg(steps), "cpu")
-    losses, grad_norms = [], []
+    losses, grad_norms, grads = [], [], None
     for window in data or batches(cfg, steps):
         targets, scales = _targets(cfg, window)
         micro_ = micro or window.shape[0]
@@ -87,12 +91,14 @@ def reference_run(cfg: ModelConfig, steps=STEPS, micro=0, data=None):
             loss, _ = mtp_loss(model, hidden, targets[:, s:s + micro_], scales, -100, "torch")
             loss.backward()
             total += loss.item()
+        grads = grads or full_params(model.named_parameters(), grads=True)
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
         grad_norms.append(float(norm))
-    return {"losses": losses, "params": full_params(model.named_parameters()), "grad_norms": grad_norms}
+    return {"losses": losses, "params": full_params(model.named_parameters()), "grad_norms": grad_norms,
+            "grads": grads}
 
 
 def parallel_run(rank, cfg: ModelConfig, *, dp, tp, pp, parallel_kwargs=None, steps=STEPS, micro=0,
@@ -122,12 +128,13 @@ def train_parallel(pm, cfg: ModelConfig, steps=STEPS, rows=slice(None), micro=0,
     batch, clip 1.0, AdamW. ``corrupt(pm)``, when given, runs after each backward and before the
     clip: a negative control's deliberately wrong gradients."""
     optimizer = build_optimizer_for(pm, steps)
-    losses, head_losses, grad_norms = [], [], []
+    losses, head_losses, grad_norms, grads = [], [], [], None
     for window in batches(cfg, steps, batch):
         targets, scales = _targets(cfg, window)  # scales over the GLOBAL batch
         loss, stats = pm.forward_backward(window[rows, :-1], targets[:, rows], scales, micro)
         if corrupt is not None:
             corrupt(pm)
+        grads = grads or full_params(pm.named_parameters(), grads=True)
         grad_norms.append(pm.clip_grad_norm_(1.0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -135,6 +142,7 @@ def train_parallel(pm, cfg: ModelConfig, steps=STEPS, rows=slice(None), micro=0,
         head_losses.append((stats.loss_sum / stats.n_valid.clamp(min=1)).tolist())
     params = full_params(pm.named_parameters())
     return {"losses": losses, "params": params, "head_losses": head_losses, "grad_norms": grad_norms,
+            "grads": grads,
             "owned": sorted(params), "stage_layers": [s.trunk_keys for s in pm.stages]}
 
 
@@ -146,11 +154,12 @@ def build_optimizer_for(pm, steps):
     return build_optimizer(holder, _train_cfg(steps), "cpu")
 
 
-def merged_params(results) -> dict:
-    """Every rank's parameters in one dict: under pp a rank returns only its own stages'."""
+def merged_params(results, key: str = "params") -> dict:
+    """Every rank's parameters (``key="grads"``: first-step gradients) in one dict: under pp a
+    rank returns only its own stages'."""
     params = {}
     for result in results:
-        params.update(result["params"])
+        params.update(result[key])
     return params
 
 
@@ -225,8 +234,10 @@ def run_ranks(world_size: int, fn, /, *args, timeout: float = 240.0, **kwargs) -
     return [out[r] for r in range(world_size)]
 
 
-def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=1e-5, names=None):
-    """Per-step losses, gradient norms and every (listed) parameter against the reference.
+def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=1e-5, names=None,
+                   grad_tol=1e-6):
+    """Per-step losses, gradient norms, the first step's gradients (where the run recorded them)
+    and every (listed) parameter against the reference.
 
     Losses are float32 sums of n_future head means (~18 here, where one float32 ulp is 1.9e-6),
     so they are compared relatively: 1e-6 allows a last-bit difference from a reordered
@@ -241,13 +252,20 @@ def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=
     assert norm_err <= norm_rtol, (f"gradient norms differ by {norm_err:.3e} (relative) > {norm_rtol}: "
                                    f"reference {reference['grad_norms']} vs {result['grad_norms']}")
     names = names if names is not None else result["params"].keys()
+    grad_err = 0.0
+    if "grads" in result:
+        assert set(result["grads"]) <= set(reference["grads"]), "gradients of parameters the reference lacks"
+        for name in set(result["grads"]) & set(names):
+            err = (reference["grads"][name] - result["grads"][name]).abs().max().item()
+            assert err <= grad_tol, f"first-step gradient of {name} differs by {err:.3e} > {grad_tol}"
+            grad_err = max(grad_err, err)
     worst, worst_name = 0.0, None
     for name in names:
         err = (reference["params"][name] - result["params"][name]).abs().max().item()
         if err >= worst:
             worst, worst_name = err, name
     assert worst <= param_tol, f"parameter {worst_name} differs by {worst:.3e} > {param_tol}"
-    return {"loss_rel": loss_err, "norm_rel": norm_err, "param_abs": worst}
+    return {"loss_rel": loss_err, "norm_rel": norm_err, "param_abs": worst, "grad_abs": grad_err}
 
 
 def assert_comparison_catches(reference, result):

@@ -68,7 +68,7 @@ def test_dp2_tp2_pp2_matches_single_process():
     params = merged_params(results)
     assert sorted(params) == sorted(reference["params"])
     for r in results:
-        assert_matches(reference, {**r, "params": params})
+        assert_matches(reference, {**r, "params": params, "grads": merged_params(results, "grads")})
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_dp2_pp2_zero_bubble_matches_single_process():
     params = merged_params(results)
     assert sorted(params) == sorted(reference["params"])
     for r in results:
-        assert_matches(reference, {**r, "params": params})
+        assert_matches(reference, {**r, "params": params, "grads": merged_params(results, "grads")})
 
 
 def _average_instead_of_sum(pm):

@@ -22,7 +22,7 @@ CFG = dict(n_layers=7, n_future=4)
 
 
 def _merged(results):
-    return {**results[0], "params": merged_params(results)}
+    return {**results[0], "params": merged_params(results), "grads": merged_params(results, "grads")}
 
 
 @pytest.fixture(scope="module")

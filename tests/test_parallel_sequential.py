@@ -25,7 +25,7 @@ CFG = dict(n_layers=3, n_future=3, mtp_kind="sequential")
 
 
 def _merged(results):
-    return {**results[0], "params": merged_params(results)}
+    return {**results[0], "params": merged_params(results), "grads": merged_params(results, "grads")}
 
 
 @pytest.fixture(scope="module")
