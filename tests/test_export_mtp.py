@@ -4,6 +4,7 @@ megatrain's greedy tokens, and its MTP layers draft exactly what megatrain's mod
 the same context; ``--format deepseek-mtp`` holds DeepSeek-V3's key layout; ``init.path`` reads
 the export back, with or without the modules; the Meta format refuses them."""
 
+import dataclasses
 import json
 
 import pytest
@@ -169,7 +170,8 @@ def test_init_path_reads_the_hf_export_with_or_without_the_modules(counting_mode
         read_init_weights(str(out), _cfg(mtp_kind="parallel", n_layers=4))
 
 
-def test_meta_export_of_sequential_modules_is_refused_with_the_fix(dataset, tmp_path, capsys):
+def test_sequential_run_refuses_meta_and_inits_the_same_from_its_checkpoint_and_deepseek_export(
+        dataset, tmp_path, capsys):
     from megatrain.cli import main
     from megatrain.trainer import train
 
@@ -183,6 +185,23 @@ def test_meta_export_of_sequential_modules_is_refused_with_the_fix(dataset, tmp_
     assert not (tmp_path / "m").exists()
     exported = export_run(run, "deepseek-mtp", tmp_path / "ds")
     assert "modeling_mtp_llama.py" in exported.files and "tokenizer.json" in exported.files
+
+    # init.path from the run dir's checkpoint and from the DeepSeek-layout export: the same
+    # weights, the modules kept (D' = D) or dropped (D' = 0, finetuning the main model)
+    from megatrain.inference.init_from import read_init_weights
+    from megatrain.run_dir import RunDir
+
+    cfg = RunDir(run).read_config().model
+    from_run = read_init_weights(str(run), cfg)
+    from_export = read_init_weights(str(tmp_path / "ds"), cfg)
+    assert any(name.startswith("mtp.") for name in from_run) and set(from_run) == set(from_export)
+    for name in from_run:
+        torch.testing.assert_close(from_export[name], from_run[name], rtol=0, atol=0, msg=name)
+    trunk_only = dataclasses.replace(cfg, n_future=1)
+    for source in (run, tmp_path / "ds"):
+        dropped = read_init_weights(str(source), trunk_only)
+        assert not any(name.startswith("mtp.") for name in dropped), source
+        assert torch.equal(dropped["layers.0.attention.wq.weight"], from_run["layers.0.attention.wq.weight"])
 
 
 def test_finetuning_with_the_modules_dropped_trains_from_the_export(dataset, tmp_path):
