@@ -75,3 +75,18 @@ def test_field_flags_take_the_fields_defaults_types_and_help():
     assert "how many (default: 3)" in parser.format_help().replace("\n", " ").replace("  ", " ")
     with pytest.raises(ValueError, match="_Options.hidden has no help"):
         add_field_arguments(argparse.ArgumentParser(), _Options, ["hidden"])
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["model.mtp_kind=sequential", "model.head_type=linear"], "leave model.head_type=transformer"),
+    (["model.mtp_kind=sequential", "model.n_future=40", "data.seq_len=32"],
+     "data.seq_len=32 must be larger than model.n_future=40"),
+    (["model.mtp_kind=sequential", "loss.mtp_lambda=-0.1"], "loss.mtp_lambda=-0.1 is out of range"),
+], ids=["head_type", "depth", "lambda"])
+def test_a_bad_sequential_config_is_one_line_and_exit_2_before_anything_is_written(overrides, says, tmp_path,
+                                                                                    capsys):
+    run = tmp_path / "run"
+    assert main(["train", *overrides, f"run.dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()
