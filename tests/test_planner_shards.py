@@ -116,9 +116,9 @@ def test_planner_arithmetic_catches_a_wrong_layout():
 
 
 def test_the_heads_trace_holds_rank_0s_shards_of_the_sequential_modules():
-    """Under tp the sequential modules' blocks are sharded as the real plan shards them
-    (``tp_split_dim``); only eh_proj is counted whole (see trace_heads). It counted every module
-    whole before, overestimating the last stage by a block per module."""
+    """Under tp the sequential modules' blocks and eh_proj are sharded as the real plan shards them
+    (``tp_split_dim``). It counted every module whole before, overestimating the last stage by a
+    block per module, then eh_proj whole (2 dim^2 per module)."""
     from megatrain.model.mtp import MTPTransformer
     from megatrain.parallel.tensor_parallel import tp_split_dim
     from megatrain.planning.trace import trace_heads
@@ -133,8 +133,7 @@ def test_the_heads_trace_holds_rank_0s_shards_of_the_sequential_modules():
         total = 0
         for p in model.all_head_params():
             name, split = names[id(p)], tp_split_dim(names[id(p)])
-            whole = split is None or name.endswith("eh_proj.weight")
-            total += p.numel() * 4 // (1 if whole else tp)
+            total += p.numel() * 4 // (1 if split is None else tp)
         return total
 
     for tp in (1, 2):

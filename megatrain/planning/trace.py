@@ -44,6 +44,21 @@ def shard_linears(block: nn.Module, tp: int) -> nn.Module:
     return block
 
 
+class _FirstInputSlice(nn.Module):
+    """A row-parallel linear as tensor-parallel rank 0 runs it on a replicated input: its first
+    chunk of the input features times its slice of the weight (the partial sums' all-reduce
+    allocates an output of the same shape)."""
+
+    def __init__(self, linear: nn.Linear, tp: int):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        self.width = chunk_size(in_f, tp, 0)
+        self.weight = nn.Parameter(torch.empty(out_f, self.width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x[..., :self.width], self.weight)
+
+
 @dataclass(frozen=True)
 class LayerMemory:
     """One trunk layer's memory per microbatch (bytes)."""
@@ -183,11 +198,11 @@ def trace_heads(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
             for i in range(model.n_future):
                 if model.layout.heads_are_blocks:
                     shard_linears(model.head_module(i), tp)
-            # the sequential kind's modules: their blocks shard like a trunk block's; eh_proj stays
-            # whole here (row-parallel, it reads a slice of its replicated input, which a plain
-            # Linear on fake tensors cannot): 2d x d per module, counted as if unsharded
+            # the sequential kind's modules: their blocks shard like a trunk block's; eh_proj is
+            # row-parallel over its replicated input: rank 0 multiplies the first slice of it
             for module in getattr(model, "mtp", []):
                 shard_linears(module.block, tp)
+                module.eh_proj = _FirstInputSlice(module.eh_proj, tp)
             model.output = nn.Linear(cfg.dim, chunk_size(cfg.vocab_size, tp, 0), bias=False)
         window = torch.randint(0, max(chunk_size(cfg.vocab_size, tp, 0), 1), (batch, seq + 1))
         targets = build_head_targets(window, cfg.n_future)
