@@ -46,7 +46,7 @@ def _choice(name: str, *values: str) -> type[Choice]:
     return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-HeadType = _choice("HeadType", "transformer", "linear", "causal", "anticausal")
+HeadType = _choice("HeadType", "transformer", "linear", "causal", "anticausal", "replicated")
 AttentionBackend = _choice("AttentionBackend", "sdpa", "xformers")
 NormImpl = _choice("NormImpl", "torch", "apex")
 LossImpl = _choice("LossImpl", "auto", "torch", "triton")
@@ -94,7 +94,9 @@ class ModelConfig:
                                 "transformers' default) | hidden_first (MiMo).")
     head_type: HeadType = doc(HeadType.transformer, "transformer (independent heads, default) | linear "
                                         "(a dim x dim map per head on a full-depth trunk) | causal "
-                                        "(head i reads head i-1) | anticausal (head i reads head i+1).")
+                                        "(head i reads head i-1) | anticausal (head i reads head i+1) | "
+                                        "replicated (no head layers: a full-depth trunk and one "
+                                        "unembedding per head, the paper's byte-level models).")
     dim: int = doc(128, "Model width.", valid=">= 1")
     n_heads: int = doc(4, "Attention heads.", valid=">= 1")
     n_kv_heads: int | None = doc(None, "Key/value heads for grouped-query attention (None = n_heads).",
@@ -469,7 +471,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.mtp_kind=sequential with model.head_type={m.head_type}: the sequential "
                           f"modules are chained transformer blocks of their own, so no head type "
                           f"applies; leave model.head_type=transformer, or use model.mtp_kind=parallel")
-    if m.mtp_kind == "parallel" and m.head_type != "linear" and m.n_future >= m.n_layers:
+    if m.mtp_kind == "parallel" and m.head_type not in ("linear", "replicated") and m.n_future >= m.n_layers:
         raise ConfigError(f"model.n_future={m.n_future} must be smaller than model.n_layers="
                           f"{m.n_layers}: the heads take n_future of the layers and the trunk "
                           f"needs at least one. Raise model.n_layers or lower model.n_future.")

@@ -106,9 +106,9 @@ def _ce_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _head_ce(model, i, out, targets_i, ignore_index, impl):
-    """Head i's summed CE and argmax hits; vocab-parallel when ``output.weight`` is a DTensor."""
+    """Head i's summed CE and argmax hits; vocab-parallel when its unembedding's weight is a DTensor."""
     hidden = model.head_norm(i)(out).flatten(0, 1)  # (B*T, D), replicated over the tp group
-    weight = model.output.weight
+    weight = model.unembedding(i).weight
     tp_group = None
     if isinstance(weight, DTensor):  # (V/tp, D) local shard of the vocab-parallel unembedding
         tp_group = weight.device_mesh.get_group()

@@ -108,7 +108,7 @@ def test_gradient_accumulation_holds_nothing_beyond_the_grads_in_direct_mode(tin
     assert peak["shared", 8] - peak["direct", 8] > 0.9 * head_set, (peak, head_set)
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal", "replicated"])
 @pytest.mark.parametrize("order", ["gpipe", "1f1b", "accumulate"])
 def test_every_sink_and_order_gives_the_whole_batch_gradients(tiny_model_cfg, head_type, order):
     model, window, targets, scales = _case(tiny_model_cfg, head_type, vocab=97, batch=4)

@@ -10,7 +10,8 @@ from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, head_scales, mtp_loss
 
-HEAD_TYPES = ["transformer", "causal", "anticausal", "linear", "sequential"]  # sequential: mtp_kind
+# sequential: model.mtp_kind
+HEAD_TYPES = ["transformer", "causal", "anticausal", "linear", "replicated", "sequential"]
 VOCAB = 16
 
 
@@ -180,7 +181,9 @@ def _fixed_costs(generator, monkeypatch, batch, costs):
 TWICE_PLAIN = {1: 1.0, 2: 1.5, 3: 1.8, 4: 2.0}  # a verify of 3 drafts costs two plain forwards
 
 
-@pytest.mark.parametrize("head_type", HEAD_TYPES)
+# (not replicated: random unembeddings reading head 1's own hidden state agree with it now and then
+# on the looping text of a random model, so their drafts are sometimes kept)
+@pytest.mark.parametrize("head_type", [h for h in HEAD_TYPES if h != "replicated"])
 def test_adaptive_drafting_turns_to_plain_decoding_where_drafts_are_never_kept(head_type, monkeypatch):
     """Random heads: the policy decodes plainly, probing with a doubling interval (8, 16, 32 ...);
     the extra heads catch up in one forward per probe. The same tokens as plain decoding."""
@@ -200,7 +203,7 @@ def test_adaptive_drafting_turns_to_plain_decoding_where_drafts_are_never_kept(h
         assert catch_ups == probes and spec.forwards == plain.forwards + probes, spec.decisions
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "causal", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "causal", "linear", "replicated"])
 def test_a_prefill_without_the_extra_heads_catches_up_to_the_same_drafts_and_caches(head_type):
     """Where the policy will not draft at first, the prompt runs through the trunk and head 1 only
     and the extra heads read it later in their catch-up. Ragged prompts: the catch-up's padding
@@ -230,7 +233,7 @@ def test_a_prefill_without_the_extra_heads_catches_up_to_the_same_drafts_and_cac
     t0, drafts, caches = first_drafts(lazy=False)
     t0_lazy, drafts_lazy, caches_lazy = first_drafts(lazy=True)
     assert torch.equal(t0, t0_lazy) and torch.equal(drafts, drafts_lazy)
-    assert (bool(caches) or head_type == "linear") and caches.keys() == caches_lazy.keys()
+    assert (bool(caches) or head_type in ("linear", "replicated")) and caches.keys() == caches_lazy.keys()
     for name in caches:
         for r, p in enumerate(prompts):
             torch.testing.assert_close(caches_lazy[name][r, :len(p)], caches[name][r, :len(p)])

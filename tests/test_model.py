@@ -32,7 +32,16 @@ def test_linear_heads_keep_a_full_depth_trunk(tiny_model_cfg):
     assert model.head_module(3) is model.linear_heads[3]
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal"])
+def test_replicated_heads_are_one_unembedding_each_on_a_full_depth_trunk(tiny_model_cfg):
+    model = MTPTransformer(tiny_model_cfg(n_layers=4, n_future=3, head_type="replicated"), 16)
+    assert model.layout.trunk_keys == ["0", "1", "2", "3"] and model.layout.head_paths == []
+    assert len(model.extra_outputs) == 2 and len(model.extra_heads) == 0
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 6))
+    hidden = model.norm(model.trunk(tokens))
+    torch.testing.assert_close(model(tokens, return_all_heads=True)[:, :, 2], model.extra_outputs[1](hidden))
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal", "replicated"])
 @pytest.mark.parametrize("n_future", [1, 2, 4])
 def test_layout_names_every_parameter_exactly_once(tiny_model_cfg, head_type, n_future):
     """The layout is the one description other modules use: the embedding, its trunk keys, its
@@ -42,7 +51,7 @@ def test_layout_names_every_parameter_exactly_once(tiny_model_cfg, head_type, n_
     model = MTPTransformer(tiny_model_cfg(n_layers=5, n_future=n_future, head_type=head_type), 16)
     layout = model.layout
     parts = (["tok_embeddings"] + [f"layers.{k}" for k in layout.trunk_keys] + layout.head_paths
-             + list(SHARED_BY_HEADS))
+             + layout.extra_unembedding_paths + list(SHARED_BY_HEADS))
     owners = {}
     for name, _ in model.named_parameters():
         owner = [part for part in parts if name.startswith(part + ".")]
@@ -50,12 +59,15 @@ def test_layout_names_every_parameter_exactly_once(tiny_model_cfg, head_type, n_
         owners.setdefault(owner[0], []).append(name)
     assert set(owners) == set(parts), set(parts) - set(owners)
     assert sorted(model.layers) == sorted(layout.layer_keys)
-    assert len(layout.trunk_keys) + n_future * (head_type != "linear") == 5
-    assert [model.get_submodule(p) for p in layout.head_paths] == [model.head_module(i)
-                                                                   for i in range(n_future)]
+    assert len(layout.trunk_keys) + n_future * (head_type not in ("linear", "replicated")) == 5
+    assert [model.get_submodule(p) for p in layout.head_paths] == [
+        model.head_module(i) for i in range(n_future) if model.head_module(i) is not None]
+    unembeddings = ["output", *layout.extra_unembedding_paths] if head_type == "replicated" \
+        else ["output"] * n_future
+    assert [model.unembedding(i) for i in range(n_future)] == [model.get_submodule(p) for p in unembeddings]
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal", "anticausal", "replicated"])
 def test_forward_shapes_and_all_heads(tiny_model_cfg, head_type):
     cfg = tiny_model_cfg(n_layers=5, n_future=3, head_type=head_type)
     model = MTPTransformer(cfg, 16)
@@ -65,7 +77,7 @@ def test_forward_shapes_and_all_heads(tiny_model_cfg, head_type):
     torch.testing.assert_close(model(tokens), all_heads[:, :, 0])
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "causal", "anticausal"])
+@pytest.mark.parametrize("head_type", ["transformer", "causal", "anticausal", "replicated"])
 def test_every_head_is_causal_in_time(tiny_model_cfg, head_type):
     cfg = tiny_model_cfg(n_layers=4, n_future=2, head_type=head_type)
     model = MTPTransformer(cfg, 16)
@@ -97,7 +109,7 @@ def test_xformers_backend_on_cpu_fails_clearly(tiny_model_cfg):
         model(torch.zeros(1, 4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "replicated"])
 def test_meta_build_then_materialize_equals_eager_init(tiny_model_cfg, head_type):
     """What every rank does for FSDP/TP/PP: build on meta, then fill from parameter names."""
     from megatrain.parallel import materialize

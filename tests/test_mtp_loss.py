@@ -11,7 +11,7 @@ from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, mtp_loss, mtp_loss_naive
 
 # the parallel heads' types, and "sequential": DeepSeek-V3-style chained MTP modules (model.mtp_kind)
-HEAD_TYPES = ["transformer", "linear", "causal", "anticausal", "sequential"]
+HEAD_TYPES = ["transformer", "linear", "causal", "anticausal", "replicated", "sequential"]
 
 
 def model_kind(head_type: str) -> dict:

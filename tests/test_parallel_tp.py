@@ -9,6 +9,7 @@ import pytest
 from tests.parallel_harness import (
     assert_comparison_catches,
     assert_matches,
+    merged_params,
     parallel_run,
     reference_run,
     run_ranks,
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.distributed
     (4, "linear", False),
     (4, "transformer", True),
     (4, "anticausal", True),
+    (4, "replicated", True),
 ])
 def test_tp2_matches_single_process(n_future, head_type, sequence_parallel):
     cfg = tiny_cfg(n_future=n_future, head_type=head_type)
@@ -66,3 +68,20 @@ def test_tp_shards_are_local_and_vocab_parallel():
     got = run_ranks(2, shapes, cfg)[0]
     hidden = 96  # ffn_hidden_dim for dim=32, multiple_of=16
     assert got == {"output": (48, 32), "embedding": (48, 32), "wq": (16, 32), "head_w2": (32, hidden // 2)}
+
+
+def test_replicated_unembeddings_on_tp2_pp2_and_fsdp_dp2_match_single_process():
+    """head_type=replicated: every head's own unembedding on the last stage, vocabulary-sharded
+    under tp like ``output``; FSDP2 shards them like the rest of the root unit."""
+    cfg = tiny_cfg(n_layers=3, n_future=3, head_type="replicated")
+    reference = reference_run(cfg)
+    results = run_ranks(4, parallel_run, cfg, dp=1, tp=2, pp=2,
+                        parallel_kwargs={"pp_schedule": "1f1b", "microbatches": 4})
+    merged = {**results[0], "params": merged_params(results), "grads": merged_params(results, "grads")}
+    assert {"extra_outputs.0.weight", "extra_outputs.1.weight"} <= set(merged["params"])
+    last_stage = [r for r in results if "extra_outputs.1.weight" in r["owned"]]
+    assert len(last_stage) == 2 and all("output.weight" in r["owned"] for r in last_stage)  # two tp ranks
+    for r in results:
+        assert_matches(reference, {**merged, "losses": r["losses"], "grad_norms": r["grad_norms"]})
+    for r in run_ranks(2, parallel_run, cfg, dp=2, tp=1, pp=1):
+        assert_matches(reference, r)

@@ -132,7 +132,7 @@ def test_the_heads_trace_holds_rank_0s_shards_of_the_sequential_modules():
     def rank0_bytes(tp):
         total = 0
         for p in model.all_head_params():
-            name, split = names[id(p)], tp_split_dim(names[id(p)])
+            split = tp_split_dim(names[id(p)])
             total += p.numel() * 4 // (1 if split is None else tp)
         return total
 

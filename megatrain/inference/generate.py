@@ -350,8 +350,10 @@ class _SpeculativeDecoding:
 
     def _extra_logits(self, outs: list[torch.Tensor], at: torch.Tensor) -> torch.Tensor:
         """Heads 2..n's logits (B, n-1, V) at block position ``at`` (B,) of each row, in one
-        unembedding (the parallel heads share the norm and ``output``)."""
+        unembedding (the parallel heads share the norm and ``output``; replicated heads: one each)."""
         rows, at = torch.arange(outs[0].shape[0], device=outs[0].device), at.to(outs[0].device)
+        if self.model.layout.replicated:
+            return torch.stack([self.model.logits(out[rows, at], i) for i, out in enumerate(outs, 1)], dim=1)
         return self.model.logits(torch.stack([out[rows, at] for out in outs], dim=1))
 
     def _draft(self, logits: torch.Tensor):

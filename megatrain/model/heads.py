@@ -11,6 +11,8 @@ Head types (``model.head_type``):
 - linear: a full-depth trunk, each head a dim x dim linear map (paper ablation).
 - causal: head 1 reads the trunk, head i reads head i-1's output (paper Appendix B).
 - anticausal: head n reads the trunk, head i reads head i+1's output (paper Appendix B).
+- replicated: no head layers; every head is the trunk output through ``norm`` and its own
+  unembedding (paper Appendix B, "replicated unembeddings"; its byte-level models).
 
 ``model.mtp_kind=sequential`` (model/mtp_module.py): head 1 is the trunk output itself, depth k
 (head k+1) reads depth k-1's output after its norm (``chain_value``) and the embedding of token
@@ -48,12 +50,16 @@ class MTPHeads:
         return self.get_submodule(f"{self.layout.head_path(i)}.norm") if self.layout.sequential and i \
             else self.norm
 
+    def unembedding(self, i: int) -> nn.Linear:
+        """Head i's unembedding: the shared ``output``, or a replicated head's own."""
+        return self.get_submodule(self.layout.unembedding_path(i))
+
     def head_params(self, i: int) -> list[nn.Parameter]:
-        """Every parameter head i's loss depends on: its own, then its norm and the unembedding
+        """Every parameter head i's loss depends on: its own, then its norm and its unembedding
         (sequential depths: the module, its norm inside it, then ``output``)."""
         own = list(self.head_module(i).parameters()) if self.head_module(i) is not None else []
         norm = [] if self.layout.sequential and i else [self.norm.weight]
-        return own + norm + [self.output.weight]
+        return own + norm + [self.unembedding(i).weight]
 
     def all_head_params(self) -> list[nn.Parameter]:
         """The union of ``head_params`` over the heads, each parameter once, in a fixed order."""
@@ -134,4 +140,4 @@ class MTPHeads:
 
     def logits(self, head_hidden: torch.Tensor, i: int = 0) -> torch.Tensor:
         """Head i's logits from its output before its norm."""
-        return self.output(self.head_norm(i)(head_hidden))
+        return self.unembedding(i)(self.head_norm(i)(head_hidden))

@@ -58,6 +58,9 @@ class MTPTransformer(MTPHeads, nn.Module):
             self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(self.layout.n_depths))
         self.norm = build_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if self.layout.replicated:
+            self.extra_outputs = nn.ModuleList(nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+                                               for _ in range(cfg.n_future - 1))
         cos, sin = model_rope_tables(cfg, max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -8,7 +8,8 @@ Plan (per rank of the tp axis):
   Attention views with -1 heads, so the local head count falls out of the shard shape.
 - ``output``: column-parallel, i.e. vocabulary-sharded [V/tp, D]. Training never calls it: each
   MTP head's CE runs on the local shard with the tp group (megatrain.mtp_loss). A plain
-  ``model(tokens)`` (generation) gathers full logits.
+  ``model(tokens)`` (generation) gathers full logits. Replicated heads' own unembeddings
+  (``extra_outputs.k``, head_type=replicated) are vocabulary-sharded the same way.
 - ``linear_heads`` (head_type=linear) are dim x dim maps run on the replicated residual: they stay
   replicated (plain tensors), their gradients are identical on every tp rank.
 - sequential MTP modules (``mtp.k``): the block as any block; ``eh_proj`` (2*dim -> dim) row-parallel
@@ -78,7 +79,7 @@ _BLOCK_SPLIT_DIMS = block_weight_split_dims()
 def tp_split_dim(name: str) -> int | None:
     """The dim ``apply_tp`` splits parameter ``name`` along (None: replicated). The planner's
     account of the shards reads this, not a copy of the plan."""
-    if name.startswith(("tok_embeddings.", "output.")):
+    if name.startswith(("tok_embeddings.", "output.", "extra_outputs.")):
         return 0  # vocabulary-parallel
     if name.startswith("mtp.") and name.endswith(".eh_proj.weight"):
         return 1  # row-parallel, from its replicated input
@@ -108,5 +109,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Fa
     for module in getattr(model, "mtp", []):  # the sequential kind's modules
         parallelize_module(module.block, tp_mesh, block_plan(sequence_parallel=False))
         parallelize_module(module.eh_proj, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
-    parallelize_module(model.output, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    for path in ["output", *model.layout.extra_unembedding_paths]:
+        parallelize_module(model.get_submodule(path), tp_mesh, ColwiseParallel(output_layouts=Replicate()))
     return model

@@ -191,7 +191,7 @@ def trace_heads(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
     from megatrain.mtp_loss import build_head_targets, mtp_loss
 
     heads_only = copy.deepcopy(cfg)
-    heads_only.n_layers = cfg.n_future if cfg.head_type != "linear" else 0
+    heads_only.n_layers = cfg.n_future if cfg.head_type not in ("linear", "replicated") else 0
     with FakeTensorMode(allow_non_fake_inputs=True), _default_dtype(param_dtype), _ends_of_row_loop():
         model = MTPTransformer(heads_only, max_seq_len=seq)
         if tp > 1:
@@ -204,6 +204,8 @@ def trace_heads(cfg: ModelConfig, batch: int, seq: int, tp: int = 1,
                 shard_linears(module.block, tp)
                 module.eh_proj = _FirstInputSlice(module.eh_proj, tp)
             model.output = nn.Linear(cfg.dim, chunk_size(cfg.vocab_size, tp, 0), bias=False)
+            for k in range(len(getattr(model, "extra_outputs", []))):  # replicated heads' own
+                model.extra_outputs[k] = nn.Linear(cfg.dim, chunk_size(cfg.vocab_size, tp, 0), bias=False)
         window = torch.randint(0, max(chunk_size(cfg.vocab_size, tp, 0), 1), (batch, seq + 1))
         targets = build_head_targets(window, cfg.n_future)
         scales = torch.full((cfg.n_future,), 1.0 / (batch * seq))
