@@ -138,6 +138,36 @@ def test_hf_llama_logits_equal_head_1_logits(n_future, tmp_path):
     assert extra.is_file() == (n_future > 1)
 
 
+def test_replicated_heads_export_to_hf_and_init_path_reads_them_back(tmp_path):
+    """head_type=replicated: the Llama is the full trunk with head 1's unembedding; heads 2..n's
+    own unembeddings go to extra_heads.safetensors, from which init.path reads every weight back
+    (and drops or adds heads). Meta's format, which has no such heads, refuses them."""
+    pytest.importorskip("transformers")
+    from megatrain.inference import meta_format
+    from megatrain.inference.init_from import read_init_weights
+
+    cfg = Config(model=_small_cfg(n_layers=3, n_future=3, head_type="replicated"))
+    cfg.data.seq_len = 32
+    model = _random_model(cfg.model)
+    err = _hf_relative_error(model, cfg, tmp_path / "hf")
+    assert err <= HF_RTOL, f"HF logits differ from head 1's by {err:.3e} (relative) > {HF_RTOL}"
+    state = model.state_dict()
+    back = read_init_weights(str(tmp_path / "hf"), cfg.model)
+    assert set(back) == set(state)
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+    fewer = read_init_weights(str(tmp_path / "hf"), dataclasses.replace(cfg.model, n_future=2))
+    assert "extra_outputs.1.weight" not in fewer
+    assert torch.equal(fewer["extra_outputs.0.weight"], state["extra_outputs.0.weight"])
+    more = read_init_weights(str(tmp_path / "hf"), dataclasses.replace(cfg.model, n_future=4))
+    assert "fresh" in more.summary and not torch.equal(more["extra_outputs.2.weight"], state["output.weight"])
+    with pytest.raises(ConfigError, match="model.head_type=transformer cannot start from"):
+        read_init_weights(str(tmp_path / "hf"), dataclasses.replace(cfg.model, head_type="transformer",
+                                                                    n_layers=6))
+    with pytest.raises(ConfigError, match="model.head_type=replicated cannot be written in Meta's format"):
+        meta_format.check_meta_exportable(cfg.model)
+
+
 def test_comparison_catches_a_missing_rope_permutation(tmp_path, monkeypatch):
     """Negative control: without reordering wq/wk rows (HF's rotate_half pairs other dimensions)
     the same comparison must fail."""

@@ -6,7 +6,8 @@
 - ``hf``: a ``transformers`` LlamaForCausalLM of the trunk + head 1 (``model.safetensors``,
   ``config.json``), so any Hugging Face tool runs the next-token model, and heads 2..n beside it in
   ``extra_heads.safetensors`` under Meta's names (``extra_heads.0.attention.wq.weight`` ...), their
-  ``n_future_tokens`` and ``head_type`` in the file's metadata. A sequential-MTP model
+  ``n_future_tokens`` and ``head_type`` in the file's metadata (replicated heads: their unembeddings,
+  ``extra_outputs.k.weight``, beside a Llama of the full trunk). A sequential-MTP model
   (model.mtp_kind=sequential) exports its full trunk as the Llama and its modules as MTP layers in
   the same ``model.safetensors`` (inference/hf_mtp.py), with a small modeling file
   (``modeling_mtp_llama.py``, named by ``auto_map``) so that transformers' own
@@ -181,7 +182,8 @@ def write_hf(state: dict[str, torch.Tensor], cfg: Config, out: Path, eos_id: int
     if cfg.model.mtp_kind == "sequential":  # the class generate(use_mtp=True) needs, as remote code
         shutil.copyfile(Path(__file__).parent / "hf_remote" / REMOTE_CODE, out / REMOTE_CODE)
         files.append(out / REMOTE_CODE)
-    extra = {name: t.contiguous() for name, t in state.items() if name.startswith("extra_heads.")}
+    extra = {name: t.contiguous() for name, t in state.items()
+             if name.startswith(("extra_heads.", "extra_outputs."))}
     if extra:
         save_file(extra, str(out / HF_EXTRA_HEADS_FILE),
                   metadata={"format": "pt", "n_future_tokens": str(cfg.model.n_future),

@@ -83,16 +83,28 @@ def source_names(ours: LayerLayout, theirs: LayerLayout, names) -> dict[str, str
     Our head i reads the source's head i; every other part (embedding, trunk layers, norm,
     unembedding) keeps its name, since the trunks have the same depth."""
     prefixes = [(ours.head_path(i) + ".", i) for i in range(ours.n_future) if ours.head_path(i)]
+    prefixes += [(path + ".", i) for i, path in enumerate(ours.extra_unembedding_paths, 1)]
     mapping = {}
     for name in names:
         head = next(((prefix, i) for prefix, i in prefixes if name.startswith(prefix)), None)
         if head is None:
             mapping[name] = name
         elif head[1] < theirs.n_future:
-            mapping[name] = theirs.head_path(head[1]) + "." + name[len(head[0]):]
+            own = theirs.unembedding_path(head[1]) if theirs.replicated else theirs.head_path(head[1])
+            mapping[name] = own + "." + name[len(head[0]):]
         else:
             mapping[name] = None
     return mapping
+
+
+def _head_modules(cfg: ModelConfig) -> str:
+    """What a head is made of, for the kinds whose weights can pass from one to the other."""
+    layout = LayerLayout.of(cfg)
+    if layout.replicated:
+        return "one unembedding per head on a full-depth trunk"
+    if cfg.head_type == "linear" and not layout.sequential:
+        return "a dim x dim map per head on a full-depth trunk"
+    return "transformer blocks"
 
 
 def check_compatible(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
@@ -102,10 +114,10 @@ def check_compatible(ours: ModelConfig, theirs: ModelConfig, source: str) -> Non
         raise ConfigError(f"model.mtp_kind={ours.mtp_kind} cannot start from {source}, whose "
                           f"multi-token heads are {theirs.mtp_kind} (other modules, other names); set "
                           f"model.mtp_kind={theirs.mtp_kind}")
-    if (ours.head_type == "linear") != (theirs.head_type == "linear"):
+    if _head_modules(ours) != _head_modules(theirs):
         raise ConfigError(f"model.head_type={ours.head_type} cannot start from {source}, which has "
-                          f"{theirs.head_type} heads (linear heads sit on a full-depth trunk, the others "
-                          f"are transformer blocks); set model.head_type={theirs.head_type}")
+                          f"{theirs.head_type} heads ({_head_modules(ours)} here, {_head_modules(theirs)} "
+                          f"there); set model.head_type={theirs.head_type}")
     for field in WIDTH_FIELDS:
         mine, other = getattr(ours, field), getattr(theirs, field)
         if field == "n_kv_heads":  # None means "= n_heads" on both sides
@@ -122,7 +134,7 @@ def check_compatible(ours: ModelConfig, theirs: ModelConfig, source: str) -> Non
                           f"{'null' if theirs.ffn_dim_multiplier is None else theirs.ffn_dim_multiplier}")
     trunk, their_trunk = LayerLayout.of(ours).n_trunk_layers, LayerLayout.of(theirs).n_trunk_layers
     if trunk != their_trunk:
-        full = ours.head_type == "linear" or ours.mtp_kind == "sequential"  # no head takes a trunk layer
+        full = not LayerLayout.of(ours).heads_are_blocks  # no head takes a trunk layer
         fits = their_trunk + (0 if full else ours.n_future)
         raise ConfigError(f"model.n_layers={ours.n_layers} with model.n_future={ours.n_future} gives a "
                           f"trunk of {trunk} layers, but {source} has {their_trunk} (n_layers="

@@ -51,7 +51,7 @@ def check_meta_exportable(cfg: ModelConfig) -> None:
     if cfg.head_type != "transformer":
         raise ConfigError(f"model.head_type={cfg.head_type} cannot be written in Meta's format, which "
                           f"holds independent transformer heads only (params.json has no head type); "
-                          f"use --format hf for causal heads, or keep the run directory")
+                          f"use --format hf for causal or replicated heads, or keep the run directory")
 
 
 def meta_params(cfg: ModelConfig) -> dict:
