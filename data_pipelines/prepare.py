@@ -285,6 +285,9 @@ def ensure_default_dataset(cache_dir: str | os.PathLike, *, tasks: int = 1, prog
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     output_dir = default_dataset_dir(cache_dir)
+    # An internal cache, not a dataset the user named: building it is news, reusing it is not
+    # (generate, eval, export and profile read its tokenizer and would each say "reusing").
+    _announced_reuse.add(output_dir)
 
     def build() -> None:
         prepare_dataset(

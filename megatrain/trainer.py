@@ -146,8 +146,9 @@ def _record_start(spec: RunSpec, step: int, n_params: int, device) -> None:
         log.info(f"config changed since the last start: {key} {old} -> {new} (from step {step} on)")
     _cut_metrics(spec, step)
     sequential = cfg.model.mtp_kind == "sequential"
-    kind = (f"{cfg.model.n_future - 1} sequential MTP modules" if sequential
-            else f"{cfg.model.head_type} heads")
+    depths = cfg.model.n_future - 1
+    kind = (f"{depths} sequential MTP module{'' if depths == 1 else 's'}" if sequential
+            else f"{cfg.model.head_type} head{'' if cfg.model.n_future == 1 else 's'}")
     log.info(f"model: {n_params / 1e6:.2f}M parameters, n_future={cfg.model.n_future} ({kind}), "
              f"vocab {spec.vocab_size}, device {device}, layout dp{p.dp} tp{p.tp} pp{p.pp}; "
              f"run dir {spec.run_dir}")

@@ -288,3 +288,10 @@ def test_cli_export_prints_the_files_and_refuses_bad_input(trained_run, tmp_path
                  "--out", str(tmp_path / "other")]) == 2
     assert "--checkpoint=7: there is no checkpoint of that step" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+    assert main(["export", "--run-dir", str(tmp_path / "no_such_run"), "--format", "meta", "--out",
+                 str(tmp_path / "other")]) == 2
+    assert f"{tmp_path / 'no_such_run'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty_run").mkdir()  # control: a folder without checkpoints says so instead
+    assert main(["export", "--run-dir", str(tmp_path / "empty_run"), "--format", "meta", "--out",
+                 str(tmp_path / "other")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err

@@ -156,5 +156,6 @@ def print_sample(run_dir: str | Path, max_new_tokens: int = 48) -> None:
                                     folder=folder)
     result = Generator(model).generate([prompt], max_new_tokens, speculative=True, eos_id=found[1])
     completion = tokenizer.decode([t for t in result.tokens[0] if t != found[1]])
+    heads = f"{cfg.model.n_future} head{'' if cfg.model.n_future == 1 else 's'}"
     print(f"sample (greedy, {result.tokens_per_forward:.2f} tokens per forward with "
-          f"{cfg.model.n_future} heads):\n{SAMPLE_PROMPT}{completion}", flush=True)
+          f"{heads}):\n{SAMPLE_PROMPT}{completion}", flush=True)

@@ -143,13 +143,17 @@ def check_compatible(ours: ModelConfig, theirs: ModelConfig, source: str) -> Non
                           f"{theirs.n_future} model.n_layers={theirs.n_layers} to keep every weight)")
 
 
+def _heads(first: int, last: int) -> str:
+    return f"head {first}" if first == last else f"heads {first}..{last}"
+
+
 def _describe(path: str, ours: ModelConfig, theirs: ModelConfig) -> str:
     kept = min(ours.n_future, theirs.n_future)
-    parts = [f"trunk and head{'s 1..' + str(kept) if kept > 1 else ' 1'} from {path}"]
+    parts = [f"trunk and {_heads(1, kept)} from {path}"]
     if theirs.n_future > ours.n_future:
-        parts.append(f"its heads {kept + 1}..{theirs.n_future} dropped")
+        parts.append(f"its {_heads(kept + 1, theirs.n_future)} dropped")
     if ours.n_future > theirs.n_future:
-        parts.append(f"heads {kept + 1}..{ours.n_future} freshly initialised")
+        parts.append(f"{_heads(kept + 1, ours.n_future)} freshly initialised")
     return ", ".join(parts)
 
 

@@ -46,6 +46,9 @@ def checkpoint_folder(run_dir: str | Path, step: int | None = None) -> Path:
     """The checkpoint of ``step``, or the newest intact one, of a run directory. Damaged newer
     ones skipped and a checkpoint without checksums are said on stderr; one pruned while it was
     checked is not damaged: the listing is then read again (once)."""
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir} does not exist (or is not a folder); give the run.dir of a "
+                              f"training run that saved a checkpoint")
     manager = CheckpointManager(Path(run_dir), keep=1)
     for attempt in (1, 2):
         if not manager.steps():
