@@ -112,3 +112,14 @@ def test_schedule_check_catches_the_old_guesses():
     assert len(_schedule_problems(old_small, "0.3b", False)) == 3
     old_bytes = load_config(PAPER / "6.7b_bytes_n8.yaml", ["train.batch_size=256"])
     assert _schedule_problems(old_bytes, "6.7b", True) == ["52B bytes in all (paper: 314B)"]
+
+
+def test_the_byte_model_has_one_unembedding_per_byte_head():
+    """Replicated unembeddings: the full 32-layer trunk (Llama-2 7B's, without its 32000-token
+    embeddings) and eight (320 x 4096) unembeddings, one per byte head."""
+    cfg = _model_cfg(PAPER / "6.7b_bytes_n8.yaml", "model.vocab_size=320")  # 257 padded to 64
+    with torch.device("meta"):
+        model = MTPTransformer(cfg, max_seq_len=16)
+    assert cfg.head_type == "replicated" and model.layout.n_trunk_layers == 32
+    llama_blocks_and_norm = LLAMA2_PARAMETERS["6.7b"] - 2 * 32000 * 4096
+    assert count_parameters(model) == llama_blocks_and_norm + 320 * 4096 * (1 + 8)
