@@ -23,8 +23,11 @@ LAYOUTS = {  # name: (processes, overrides)
 
 
 def _base(dataset, run_dir, **extra):
+    # Cross-document masking on: data-parallel ranks then hold different numbers of valid targets
+    # per head, which the trainer's all-reduced counts must normalise as one process would.
     settings = {"model.n_layers": 5, "model.n_future": 3, "model.n_heads": 4, "train.steps": 4,
-                "train.eval_every": 0, "checkpoint.every": 0, "train.micro_batch_size": 2}
+                "train.eval_every": 0, "checkpoint.every": 0, "train.micro_batch_size": 2,
+                "loss.mask_cross_document": True}
     settings.update(extra)
     return _overrides(dataset, run_dir, **settings)
 
