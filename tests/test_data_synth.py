@@ -167,3 +167,24 @@ def test_cli_writes_a_dataset_and_refuses_a_non_empty_output(tmp_path, capsys):
     assert open_split(tmp_path / "p", "train").total_tokens > 0
     assert main(["data", "synth", "induction", "--output", str(tmp_path / "p"), "--examples", "10"]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_polynomial_test_problems_never_occur_in_training():
+    """In F_7 with one operation there are only 147 problems: drawn at random, 20k training
+    documents hold every one. Held out by a hash of the problem, none of the in-distribution
+    validation problems is in training, and about one problem in five is a test problem."""
+    ring = polynomial.Settings(degree=1, train_ops=(1, 1), val_ops=(1, 2))
+    data = polynomial.splits(2000, seed=5, settings=ring)
+    assert polynomial.problems_shared(data["train"], data["val"]) == 0
+    problems = {tuple(doc[:doc.index(polynomial.EQUALS_ID)]) for doc in data["train"]}
+    assert 147 * 0.6 < len(problems) < 147 * 0.9  # about four in five are training problems
+    in_distribution = [doc for doc in data["val"] if polynomial.answer_span(np.array(doc))[0] == 1]
+    assert in_distribution and all(polynomial.is_test_problem(doc, 5) for doc in in_distribution)
+    # control: the same number of documents drawn without holding out shares most problems
+    rng = np.random.default_rng(0)
+    drawn = [polynomial.expression(1, rng, 1) for _ in range(2000)]
+    assert polynomial.problems_shared(drawn, in_distribution) == len(in_distribution)
+    # another seed holds out other problems
+    assert {tuple(d) for d in in_distribution} != {
+        tuple(d) for d in polynomial.splits(2000, seed=6, settings=ring)["val"]
+        if polynomial.answer_span(np.array(d))[0] == 1}

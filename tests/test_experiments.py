@@ -10,7 +10,7 @@ from megatrain.data.synth.polynomial import Settings
 from megatrain.errors import UserError
 from megatrain.experiments import __main__ as experiments_main
 from megatrain.experiments import finetune, induction, polynomial
-from megatrain.experiments.common import train_runs
+from megatrain.experiments.common import Arm, train_runs
 
 
 def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch):
@@ -21,10 +21,12 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
         return run_dir
 
     def fake_eval(run_dir, step, evaluate, dataset, batch_size=64):
-        n = int(run_dir.name[1])  # n1_seed0 ...
+        n = int(run_dir.name[1])  # n1_seed0, n2_w0_seed0 ...
+        lower = 0.05 if "_w0" in run_dir.name else 0.0  # the control: below its n=2
         table = [{"operations": k, "distribution": "in" if k <= 5 else "out", "exact_match": n / 10,
                   "coefficient_accuracy": 0.5 - n / 100, "examples": 10} for k in range(1, 9)]
-        return {"table": table, "in_distribution_accuracy": n / 10, "out_of_distribution_accuracy": n / 20,
+        return {"table": table, "in_distribution_accuracy": n / 10 - lower,
+                "out_of_distribution_accuracy": n / 20 - lower,
                 "in_distribution_coefficient_accuracy": 0.5 - n / 100,
                 "out_of_distribution_coefficient_accuracy": 0.5 - n / 100}
 
@@ -36,24 +38,31 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
     results = tmp_path / "results.md"
     assert experiments_main.main(["polynomial", "--quick", "--seeds", "0", "1", "--examples", "20",
                                   "--work-dir", str(tmp_path), "--results", str(results)]) == 0
-    assert sorted(name for name, _ in trained) == sorted(f"n{n}_seed{s}" for n in (1, 2, 4) for s in (0, 1))
+    assert sorted(name for name, _ in trained) == sorted(f"{arm}_seed{s}" for arm in ("n1", "n2", "n2_w0")
+                                                         for s in (0, 1))
+    weights = {name: o["loss.extra_heads_weight"] for name, o in trained}
+    assert weights["n2_w0_seed0"] == 0.0 and weights["n2_seed0"] == 1.0
     n_layers = {o["model.n_layers"] for _, o in trained}
     assert n_layers == {polynomial.QUICK.model["model.n_layers"]}  # equal parameters: same n_layers
     text = results.read_text()
     assert text.startswith("# Results")
     # the quick ring has one coefficient per answer: exact match is the only measure
-    assert "| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.200 ± 0.000 |\n" in text
+    assert "| all | out | 0.050 ± 0.000 | 0.100 ± 0.000 | 0.050 ± 0.000 |\n" in text
     # two seeds, however consistent, are no finding (the sign-flip test's smallest p is 0.5)
-    assert "n=4 above n=1 out distribution, exact match: not shown: +0.150" in text
+    assert "n=2 above n=1, out distribution, exact match: not shown: +0.050" in text
+    assert ("n=2 above its control (head 2 unweighted), out distribution, exact match: "
+            "not shown: +0.050") in text
     assert "coefficients" not in text
-    assert "20 training documents (version 1, degree 1, train_ops 1-1, val_ops 1-2)" in text
+    assert "20 training documents (version 2, degree 1, train_ops 1-1, val_ops 1-2)" in text
+    assert "validation documents posing a problem that a training document poses: 0 of " in text
     # the paper's ring (the full variant's) adds the share of answer coefficients right
     paper_ring = replace(polynomial.QUICK, seeds=(0, 1), ring=Settings())
-    outcome = polynomial.run(paper_ring, (1, 2, 4), tmp_path / "data", tmp_path / "paper")
+    dataset = next(tmp_path.glob("polynomial-quick-*/data_polynomial"))
+    outcome = polynomial.run(paper_ring, (Arm(1), Arm(2), Arm(4)), dataset, tmp_path / "paper")
     assert outcome["header"][-1] == "n=4 coefficients"
     assert outcome["rows"][-1] == ["all", "out", "0.050 ± 0.000", "0.100 ± 0.000", "0.200 ± 0.000",
                                    "0.490 ± 0.000", "0.480 ± 0.000", "0.460 ± 0.000"]
-    assert any(note.startswith("n=4 above n=1 out distribution, coefficients: not shown: -0.030")
+    assert any(note.startswith("n=4 above n=1, out distribution, coefficients: not shown: -0.030")
                for note in outcome["notes"]), outcome["notes"]
 
 

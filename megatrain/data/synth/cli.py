@@ -78,7 +78,8 @@ def run_synth(args: argparse.Namespace) -> int:
                                            ("val_ops", args.val_ops)) if value is not None}
     if given:
         if args.task != "polynomial":  # said before the values are checked: none of them apply
-            raise UserError(_not_polynomial(args.task, ", ".join("--" + key.replace("_", "-") for key in given)))
+            flags = ", ".join("--" + key.replace("_", "-") for key in given)
+            raise UserError(_not_polynomial(args.task, flags))
         ring = replace(polynomial.Settings(), **given)
     manifest = make_synth_dataset(args.task, args.output, args.examples, args.seed, ring)
     counts = ", ".join(f"{split} {s['documents']} documents / {s['tokens']} tokens"

@@ -5,13 +5,19 @@ A polynomial is written as its d coefficients, constant term first, each one tok
 An expression ``p0 op1 p1 op2 p2 ... opk pk = r`` is evaluated left to right (no precedence),
 ``op`` one of ``+ - *`` in the ring (products drop powers X^d and above, coefficients mod 7).
 Training documents have ``train_ops`` operations; the validation split covers ``val_ops``, whose
-counts above ``train_ops`` are out of the training distribution. A smaller ring and fewer
+counts above ``train_ops`` are out of the training distribution. Every problem (an expression
+without its answer) is a training problem or a test problem, by a hash of its tokens and the seed
+(one in ``HELD_OUT_EVERY``): training documents are drawn from training problems only and the
+in-distribution validation documents from test problems only, so "in distribution" measures
+arithmetic learnt, not answers remembered (in a ring as small as F_7 with one operation there are
+only 147 problems, and 20k training documents hold every one of them). A smaller ring and fewer
 operations make a task that small models learn within minutes (``megatrain.experiments``'s quick
 variants); the dataset's manifest records the settings and the evaluation reads them from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +30,8 @@ TRAIN_OPS = (1, 5)  # default inclusive range of operations in training document
 VAL_OPS = (1, 8)  # default validation range: 6..8 are out of distribution
 VAL_PER_OPS = 100  # validation documents per operation count (at least)
 OPERATORS = ("+", "-", "*")
-VERSION = 1  # bump when generated documents change
+HELD_OUT_EVERY = 5  # one problem in five is a test problem
+VERSION = 2  # bump when generated documents change (2: test problems held out of training)
 
 
 def vocabulary() -> list[str]:
@@ -55,7 +62,8 @@ class Settings:
                                 f"got {value}")
             object.__setattr__(self, name, value)
         if not isinstance(self.degree, int) or self.degree < 1:
-            raise UserError(f"--degree must be an integer >= 1 (coefficients per polynomial), got {self.degree}")
+            raise UserError(f"--degree must be an integer >= 1 (coefficients per polynomial), "
+                            f"got {self.degree}")
         for flag, (low, high) in (("--train-ops", self.train_ops), ("--val-ops", self.val_ops)):
             if not 1 <= low <= high:
                 raise UserError(f"{flag} must be a range LOW-HIGH with 1 <= LOW <= HIGH, got {low}-{high}")
@@ -121,12 +129,37 @@ def answer_span(tokens: np.ndarray) -> tuple[int, int]:
 
 
 def splits(examples: int, seed: int, settings: Settings = Settings()) -> dict[str, list[list[int]]]:
-    """``examples`` training documents (operations uniform in ``train_ops``) and a validation split
-    with the same number of documents for every count in ``val_ops``, from independent streams."""
+    """``examples`` training documents (operations uniform in ``train_ops``, training problems only)
+    and a validation split with the same number of documents for every count in ``val_ops`` (test
+    problems only where the count is in distribution), from independent streams."""
     rng = np.random.default_rng(seed)
     (low, high), (val_low, val_high), degree = settings.train_ops, settings.val_ops, settings.degree
-    train = [expression(int(rng.integers(low, high + 1)), rng, degree) for _ in range(examples)]
+    train = [_drawn(int(rng.integers(low, high + 1)), rng, degree, False, seed) for _ in range(examples)]
     val_rng = np.random.default_rng(seed + 1_000_003)
     per_ops = max(VAL_PER_OPS, examples // 50)
-    val = [expression(k, val_rng, degree) for k in range(val_low, val_high + 1) for _ in range(per_ops)]
+    # out-of-distribution counts never occur in training: any problem of them is a test problem
+    val = [_drawn(k, val_rng, degree, True, seed) if settings.in_distribution(k)
+           else expression(k, val_rng, degree)
+           for k in range(val_low, val_high + 1) for _ in range(per_ops)]
     return {"train": train, "val": val}
+
+
+def is_test_problem(document: list[int], seed: int) -> bool:
+    """Whether the problem of ``document`` (its tokens up to ``=``) is held out of training."""
+    problem = document[:document.index(EQUALS_ID)]
+    digest = hashlib.blake2b(bytes(problem), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") % HELD_OUT_EVERY == 0
+
+
+def _drawn(n_ops: int, rng: np.random.Generator, degree: int, test: bool, seed: int) -> list[int]:
+    """An expression of ``n_ops`` operations whose problem is a test problem or not, as asked."""
+    while True:
+        document = expression(n_ops, rng, degree)
+        if is_test_problem(document, seed) == test:
+            return document
+
+
+def problems_shared(train: list[list[int]], val: list[list[int]]) -> int:
+    """How many validation documents pose a problem some training document poses."""
+    seen = {tuple(doc[:doc.index(EQUALS_ID)]) for doc in train}
+    return sum(tuple(doc[:doc.index(EQUALS_ID)]) in seen for doc in val)
