@@ -139,3 +139,18 @@ def test_the_heads_trace_holds_rank_0s_shards_of_the_sequential_modules():
     for tp in (1, 2):
         assert trace_heads(cfg, 2, 64, tp=tp).head_set == rank0_bytes(tp), tp
     assert rank0_bytes(2) < 0.6 * rank0_bytes(1)  # the blocks are most of it: a real difference
+
+
+def test_the_heads_trace_holds_rank_0s_shards_of_replicated_unembeddings():
+    """head_type=replicated: each head's own unembedding is vocabulary-sharded under tp like
+    ``output``, so the last stage's head gradients shrink with tp; the planner's shard arithmetic
+    places every extra unembedding on the last stage."""
+    from megatrain.planning.shards import stage_of_parameter
+    from megatrain.planning.trace import trace_heads
+
+    cfg = load_config(None, ["model.head_type=replicated", "model.n_future=3", "model.n_layers=4",
+                             "model.vocab_size=512", "parallel.pp=2"])
+    m = cfg.model
+    for tp in (1, 2):
+        assert trace_heads(m, 2, 64, tp=tp).head_set == (m.dim + 3 * (512 // tp) * m.dim) * 4, tp
+    assert stage_of_parameter("extra_outputs.1.weight", cfg, [2, 2]) == 1
