@@ -10,6 +10,8 @@ from megatrain.model.kv_cache import ModelCache
 from megatrain.model.mtp import MTPTransformer
 from megatrain.mtp_loss import build_head_targets, head_scales, mtp_loss
 
+# one worker: the module's `trained` fixture (six small models, ~17 s) would be trained by each
+pytestmark = pytest.mark.xdist_group("inference_trained_models")
 # sequential: model.mtp_kind
 HEAD_TYPES = ["transformer", "causal", "anticausal", "linear", "replicated", "sequential"]
 VOCAB = 16

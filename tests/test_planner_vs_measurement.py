@@ -21,7 +21,8 @@ from megatrain.spec import resolve
 from tests.planner_measurements import COMMON
 from tests.test_trainer import REPO
 
-pytestmark = pytest.mark.slow
+# one worker: the module fixture measures every layout (~90 s), which a second worker would repeat
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("planner_measurements")]
 TOLERANCE = 0.10
 
 SINGLE = {

@@ -138,11 +138,11 @@ class Generator:
             return outs if all_heads else outs[:1]
         return [self.model.head_forward(0, hidden, cache)]
 
-    def _logits_at(self, head_out: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) of head 1 at block position ``at`` (B,) of each row, on the model's device
-        (``_pick`` takes a greedy token there and copies only the ids)."""
+    def _logits_at(self, head_out: torch.Tensor, at: torch.Tensor, head: int = 0) -> torch.Tensor:
+        """Logits (B, V) of ``head`` (default head 1) at block position ``at`` (B,) of each row, on
+        the model's device (``_pick`` takes a greedy token there and copies only the ids)."""
         rows = torch.arange(head_out.shape[0], device=head_out.device)
-        return self.model.logits(head_out[rows, at.to(head_out.device)])
+        return self.model.logits(head_out[rows, at.to(head_out.device)], head)
 
     def _prompt_block(self, prompts):
         """The prompts right-padded into one block: tokens and positions (B, W) on the model's
@@ -159,7 +159,7 @@ class Generator:
         """Run the prompts (right-padded) in one forward; logits at each row's last prompt token."""
         tokens, positions, last = self._prompt_block(prompts)
         outs = self._forward(tokens, positions, cache, all_heads)
-        return [self._logits_at(out, last) for out in outs]  # each (B, V)
+        return [self._logits_at(out, last, i) for i, out in enumerate(outs)]  # each (B, V)
 
     # ---- plain decoding --------------------------------------------------------------------------
     def _plain(self, state, cache, logits, sampling, generator) -> None:
