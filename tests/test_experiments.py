@@ -170,3 +170,17 @@ def test_every_variant_gives_its_models_the_positions_of_its_longest_document(ex
     short = replace(experiment.QUICK, train={**experiment.QUICK.train, "data.seq_len": 4})
     with pytest.raises(UserError, match="raise data.seq_len .* to at least"):
         experiments_main._check_documents_fit(experiment.TASK, short)
+
+
+def test_a_new_table_goes_above_the_appendix_of_superseded_ones(tmp_path):
+    from megatrain.experiments.common import APPENDIX_HEADING, RESULTS_HEADING, append_results
+
+    path = tmp_path / "results.md"
+    append_results("first", "s", ["a"], [["1"]], "p", [], 60, path)  # a new file: heading, table
+    assert path.read_text().startswith(RESULTS_HEADING) and "### first" in path.read_text()
+    path.write_text(path.read_text() + f"\n{APPENDIX_HEADING}\n\n### old — 2026-12-01\n")
+    append_results("second", "s", ["a"], [["2"]], "p", ["a note"], 60, path)
+    text = path.read_text()
+    assert text.index("### first") < text.index("### second") < text.index(APPENDIX_HEADING) \
+        < text.index("### old")
+    assert text.count(APPENDIX_HEADING) == 1 and "- a note" in text

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatrain.data.synth.polynomial import Settings
+from megatrain.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_FILE = REPO / "docs" / "results.md"
@@ -158,7 +159,8 @@ def machine(jobs: int = 1) -> str:
 def append_results(title: str, setting: str, header: Sequence[str], rows: Sequence[Sequence[str]],
                    paper: str, notes: Sequence[str], seconds: float, path: Path = RESULTS_FILE,
                    jobs: int = 1) -> str:
-    """Append one experiment's table to ``path`` (created with its heading if absent); returns it."""
+    """Add one experiment's table to ``path`` (created with its heading if absent), at the end of
+    its current tables: before the appendix of superseded ones when the file has one. Returns it."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### {title} — {stamp}", "", f"{setting}; {seconds / 60:.1f} min on {machine(jobs)}.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -166,13 +168,15 @@ def append_results(title: str, setting: str, header: Sequence[str], rows: Sequen
     lines += ["", f"Paper: {paper}", ""]
     lines += [f"- {note}" for note in notes]
     block = "\n".join(lines).rstrip() + "\n"
-    if not path.exists():
-        path.write_text(RESULTS_HEADING)
-    with open(path, "a") as f:
-        f.write("\n" + block)
+    text = path.read_text() if path.exists() else RESULTS_HEADING
+    current, appendix, superseded = text.partition(APPENDIX_HEADING)
+    atomic_write_text(path, current.rstrip("\n") + "\n\n" + block
+                      + (("\n" + appendix + superseded) if appendix else ""))
     return block
 
 
+# Tables under this heading are kept as the record of earlier settings; new tables go above it.
+APPENDIX_HEADING = "## Appendix: superseded tables"
 RESULTS_HEADING = """# Results: the paper's small experiments at our scale
 
 Appended by `python -m megatrain.experiments NAME [--quick]` (megatrain/experiments/). Each table
