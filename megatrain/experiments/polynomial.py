@@ -26,8 +26,8 @@ from megatrain.experiments.intervals import verdict
 
 TASK = "polynomial"
 QUICK_RING = task.Settings(degree=1, train_ops=(1, 1), val_ops=(1, 2))
-# 5 seeds x 3 arms, two runs at a time: ~15 min on 2 cores at 1500 steps (9 runs of 2000 steps
-# took 10.7 min)
+# 5 seeds x 3 arms, two runs at a time: 23.3 min on 2 cores at 1500 steps (2026-12-06), over the
+# 15-minute quick budget; held-out problems need more steps still (docs/results.md says why)
 QUICK = Sizes(examples=20_000, steps=1500, seeds=(0, 1, 2, 3, 4), ring=QUICK_RING,
               model={"model.n_layers": 6, "model.dim": 64, "model.n_heads": 4},
               train={"data.seq_len": 64, "train.batch_size": 16, "train.lr": 3e-3, "train.warmup_steps": 50})
