@@ -12,6 +12,7 @@ steps and the final token stream do not depend on ``tasks``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -345,9 +346,9 @@ class CodeMinhashSignature(MinhashDedupSignature):
 
     def __init__(self, output_folder: DataFolderLike, config, language: WordTokenizer):
         super().__init__(output_folder, config=config, language=language)
-        norm = config.norm_config
-        self._whitespace_only = not (norm.lowercase or norm.remove_punctuation or norm.norm_unicode_diacritics
-                                     or norm.norm_numbers or norm.norm_weekdays or norm.norm_monthnames)
+        norm = config.norm_config  # every flag datatrove has, so that a new one is not missed
+        self._whitespace_only = not any(getattr(norm, f.name) for f in dataclasses.fields(norm)
+                                        if f.name != "norm_whitespace")
         if config.hash_config.precision != 64:
             raise ValueError("CodeMinhashSignature computes 64-bit signatures only")
 

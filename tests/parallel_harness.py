@@ -91,7 +91,8 @@ def reference_run(cfg: ModelConfig, steps=STEPS, micro=0, data=None):
             loss, _ = mtp_loss(model, hidden, targets[:, s:s + micro_], scales, -100, "torch")
             loss.backward()
             total += loss.item()
-        grads = grads or full_params(model.named_parameters(), grads=True)
+        if grads is None:
+            grads = full_params(model.named_parameters(), grads=True)
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -134,7 +135,8 @@ def train_parallel(pm, cfg: ModelConfig, steps=STEPS, rows=slice(None), micro=0,
         loss, stats = pm.forward_backward(window[rows, :-1], targets[:, rows], scales, micro)
         if corrupt is not None:
             corrupt(pm)
-        grads = grads or full_params(pm.named_parameters(), grads=True)
+        if grads is None:
+            grads = full_params(pm.named_parameters(), grads=True)
         grad_norms.append(pm.clip_grad_norm_(1.0))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -235,7 +237,7 @@ def run_ranks(world_size: int, fn, /, *args, timeout: float = 240.0, **kwargs) -
 
 
 def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=1e-5, names=None,
-                   grad_tol=1e-6):
+                   grad_tol=1e-6, grads=True):
     """Per-step losses, gradient norms, the first step's gradients (where the run recorded them)
     and every (listed) parameter against the reference.
 
@@ -253,9 +255,14 @@ def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=
                                    f"reference {reference['grad_norms']} vs {result['grad_norms']}")
     names = names if names is not None else result["params"].keys()
     grad_err = 0.0
-    if "grads" in result:
-        assert set(result["grads"]) <= set(reference["grads"]), "gradients of parameters the reference lacks"
-        for name in set(result["grads"]) & set(names):
+    if grads:  # False only for an engine that cannot hand its gradients out (DeepSpeed here)
+        assert "grads" in result, "the run recorded no first-step gradients"
+        compared = set(reference["grads"]) & set(names)
+        got = set(result["grads"]) & set(names)
+        assert got == compared and compared, (
+            f"first-step gradients differ in which parameters have one: missing {sorted(compared - got)}, "
+            f"extra {sorted(got - compared)}")
+        for name in compared:
             err = (reference["grads"][name] - result["grads"][name]).abs().max().item()
             assert err <= grad_tol, f"first-step gradient of {name} differs by {err:.3e} > {grad_tol}"
             grad_err = max(grad_err, err)
@@ -268,9 +275,9 @@ def assert_matches(reference, result, loss_rtol=1e-6, param_tol=1e-4, norm_rtol=
     return {"loss_rel": loss_err, "norm_rel": norm_err, "param_abs": worst, "grad_abs": grad_err}
 
 
-def assert_comparison_catches(reference, result):
+def assert_comparison_catches(reference, result, grads=True):
     """Negative control: ``result`` comes from a deliberately wrong run (e.g. gradients corrupted
     after backward), and ``assert_matches``, with the very tolerances the equivalence tests pass
     under, must reject it. A comparison that cannot fail proves nothing."""
     with pytest.raises(AssertionError, match="differ"):
-        assert_matches(reference, result)
+        assert_matches(reference, result, grads=grads)

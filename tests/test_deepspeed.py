@@ -114,7 +114,7 @@ def test_zero_dp2_matches_single_process(name):
     results = run_ranks(2, deepspeed_run, cfg, zero_stage=zero_stage, micro=micro, offload=offload,
                         activation_checkpointing=checkpointing)
     for result in results:
-        assert_matches(reference, result)
+        assert_matches(reference, result, grads=False)  # ZeRO keeps its gradients partitioned
 
 
 def test_averaged_gradients_are_caught():
@@ -124,7 +124,7 @@ def test_averaged_gradients_are_caught():
     cfg = tiny_cfg(n_future=2)
     reference = reference_run(cfg)
     result = run_ranks(2, deepspeed_run, cfg, zero_stage=2, grad_reduction="mean")[0]
-    assert_comparison_catches(reference, result)
+    assert_comparison_catches(reference, result, grads=False)
     ratio = reference["grad_norms"][0] / result["grad_norms"][0]  # same weights at step 1
     assert abs(ratio - 2.0) < 1e-5, ratio
 

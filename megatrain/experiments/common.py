@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatrain.data.synth.polynomial import Settings
-from megatrain.files import atomic_write_text
+from megatrain.files import atomic_write_text, exclusive_lock
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_FILE = REPO / "docs" / "results.md"
@@ -168,10 +168,12 @@ def append_results(title: str, setting: str, header: Sequence[str], rows: Sequen
     lines += ["", f"Paper: {paper}", ""]
     lines += [f"- {note}" for note in notes]
     block = "\n".join(lines).rstrip() + "\n"
-    text = path.read_text() if path.exists() else RESULTS_HEADING
-    current, appendix, superseded = text.partition(APPENDIX_HEADING)
-    atomic_write_text(path, current.rstrip("\n") + "\n\n" + block
-                      + (("\n" + appendix + superseded) if appendix else ""))
+    # read, insert, replace: under a lock, so that two experiments ending together keep both tables
+    with exclusive_lock(path.with_name(path.name + ".lock")):
+        text = path.read_text() if path.exists() else RESULTS_HEADING
+        current, appendix, superseded = text.partition(APPENDIX_HEADING)
+        atomic_write_text(path, current.rstrip("\n") + "\n\n" + block
+                          + (("\n" + appendix + superseded) if appendix else ""))
     return block
 
 

@@ -192,6 +192,7 @@ class _SpeculativeDecoding:
         # positions, until drafting resumes (``_catch_up``).
         self.waiting: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.prompt_waiting = False  # waiting[0] is the prompt (``_prefill_without_drafts``)
+        self.plain_waiting, self.prompt_width = 0, 0  # the sequential chain's catch-up, to charge it
         # anticausal heads: head 1 reads head 2 (and so on): every forward runs them all anyway
         self.extra_heads_always_run = self.model.head_type == "anticausal"
         self.sequential = self.model.layout.sequential
@@ -206,7 +207,7 @@ class _SpeculativeDecoding:
             if self.policy.may_draft(list(range(state.batch))):
                 drafts, draft_probs = self._chain_drafts(t0)
             else:
-                self.prompt_waiting = True
+                self.prompt_waiting, self.prompt_width = True, max(len(p) for p in prompts)
         elif self.extra_heads_always_run or self.policy.may_draft(list(range(state.batch))):
             outs = self.gen._prefill(prompts, self.cache, all_heads=True)
             t0 = _pick(outs[0], self.sampling, self.generator)
@@ -261,6 +262,7 @@ class _SpeculativeDecoding:
         state.forwards += 1
         if self.sequential:  # the depths read the trunk output there when drafting resumes
             self.drafter.record(positions, t0[:, None], hidden)
+            self.plain_waiting += 1
         else:
             self.waiting.append((positions, out if self.model.heads_are_chained else hidden))
         return _pick(logits, self.sampling, self.generator)
@@ -271,9 +273,12 @@ class _SpeculativeDecoding:
         if self.sequential:  # the chain's own round catches its depths up
             started = time.perf_counter()
             drafts = self._chain_drafts(t0)
-            if not self.prompt_waiting:  # a catch-up over the prompt is the prefill's, not theirs
-                self.policy.charge_catch_up(time.perf_counter() - started, 1)
-            self.prompt_waiting = False
+            # the plain forwards' share is charged to them; the prompt's is the prefill's
+            plain, prompt = self.plain_waiting, self.prompt_width if self.prompt_waiting else 0
+            if plain:
+                seconds = (time.perf_counter() - started) * plain / (plain + prompt)
+                self.policy.charge_catch_up(seconds, plain)
+            self.plain_waiting, self.prompt_waiting = 0, False
             self.policy.decisions.catch_ups += 1
             self.state.forwards += 1
             return drafts

@@ -64,7 +64,10 @@ def stage_costs(cfg: ModelConfig) -> tuple[float, float]:
     n_kv = cfg.n_kv_heads or cfg.n_heads
     layer = 2 * cfg.dim * cfg.n_heads * head_dim + 2 * cfg.dim * n_kv * head_dim \
         + 3 * cfg.dim * ffn_hidden_dim(cfg)
-    head_body = 1.0 if LayerLayout.of(cfg).heads_are_blocks else cfg.dim * cfg.dim / layer
+    layout = LayerLayout.of(cfg)
+    # a block head costs a layer; a linear head its dim x dim map; a replicated head nothing but
+    # its unembedding (sequential modules: counted here as their projection, like a linear head)
+    head_body = 1.0 if layout.heads_are_blocks else 0.0 if layout.replicated else cfg.dim * cfg.dim / layer
     return EMBEDDING_COST, cfg.n_future * (head_body + cfg.dim * cfg.vocab_size / layer)
 
 
