@@ -55,7 +55,7 @@ def deepspeed_run(rank, cfg, *, zero_stage, micro=0, offload=False, grad_reducti
     run the remaining steps.
     """
     import torch.distributed.checkpoint as dcp
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from megatrain.parallel.deepspeed_engine import parallelize_deepspeed
     dp = torch.distributed.get_world_size()
@@ -76,13 +76,15 @@ def deepspeed_run(rank, cfg, *, zero_stage, micro=0, offload=False, grad_reducti
         state["model_optim"].load_state_dict(flat["model_optim"])
         first = 2
     share = BATCH // dp
-    losses, grad_norms = [], []
+    losses, grad_norms, grads = [], [], None
     for step, window in enumerate(batches(cfg, steps)):
         if step < first:
             continue
         targets, scales = _targets(cfg, window)  # scales over the GLOBAL batch
         rows = slice(rank * share, (rank + 1) * share)
         loss, _ = dsm.forward_backward(window[rows, :-1], targets[:, rows], scales, micro)
+        if grads is None:  # the first step's, gathered from ZeRO's partitions before the step
+            grads = {name: safe_get_full_grad(p).clone() for name, p in dsm.named_parameters()}
         norm, applied = dsm.optimizer_step(loss)
         assert applied
         losses.append(loss)
@@ -90,7 +92,7 @@ def deepspeed_run(rank, cfg, *, zero_stage, micro=0, offload=False, grad_reducti
         if checkpoint_dir is not None and step == 1:
             dcp.save({"model_optim": dsm.checkpoint_state()}, checkpoint_id=str(checkpoint_dir))
     params = {name: safe_get_full_fp32_param(p).clone() for name, p in dsm.named_parameters()}
-    return {"losses": losses, "grad_norms": grad_norms, "params": params}
+    return {"losses": losses, "grad_norms": grad_norms, "params": params, "grads": grads}
 
 
 MATRIX = {  # name: (zero stage, model overrides, micro batch size, offload, activation ckpt)
@@ -114,7 +116,7 @@ def test_zero_dp2_matches_single_process(name):
     results = run_ranks(2, deepspeed_run, cfg, zero_stage=zero_stage, micro=micro, offload=offload,
                         activation_checkpointing=checkpointing)
     for result in results:
-        assert_matches(reference, result, grads=False)  # ZeRO keeps its gradients partitioned
+        assert_matches(reference, result)
 
 
 def test_averaged_gradients_are_caught():
@@ -124,7 +126,7 @@ def test_averaged_gradients_are_caught():
     cfg = tiny_cfg(n_future=2)
     reference = reference_run(cfg)
     result = run_ranks(2, deepspeed_run, cfg, zero_stage=2, grad_reduction="mean")[0]
-    assert_comparison_catches(reference, result, grads=False)
+    assert_comparison_catches(reference, result)
     ratio = reference["grad_norms"][0] / result["grad_norms"][0]  # same weights at step 1
     assert abs(ratio - 2.0) < 1e-5, ratio
 
