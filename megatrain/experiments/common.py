@@ -54,6 +54,20 @@ class Arm:
         return {"model.n_future": self.n_future, "loss.extra_heads_weight": self.extra_heads_weight}
 
 
+def comparisons(arms: Sequence[Arm]) -> list[tuple[Arm, Arm]]:
+    """The (arm, other) pairs a table reports: each multi-token arm against n=1 (the first arm), and
+    against the control of its n_future when there is one."""
+    baseline, control = arms[0], next((a for a in arms if a.is_control), None)
+    pairs = []
+    for arm in arms[1:]:
+        if arm is control:
+            continue
+        pairs.append((arm, baseline))
+        if control is not None and arm.n_future == control.n_future:
+            pairs.append((arm, control))
+    return pairs
+
+
 def shared_documents(train: Sequence, test: Sequence) -> int:
     """How many test documents also occur (token for token) in the training split."""
     seen = {tuple(int(t) for t in doc) for doc in train}

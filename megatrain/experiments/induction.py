@@ -20,6 +20,7 @@ from megatrain.experiments.common import (
     Arm,
     Sizes,
     cell,
+    comparisons,
     eval_steps,
     evaluate_run,
     shared_documents,
@@ -60,17 +61,12 @@ def run(sizes: Sizes, arms: tuple[Arm, ...], dataset: Path, work: Path, jobs: in
     header = ["step", *(arm.label for arm in arms)]
     rows = [[str(step), *(cell(accuracy[arm][step]) for arm in arms)] for step in steps]
     rows.append([f"first step ≥ {FORMED:.3f}, per seed", *(_formation(accuracy[arm], steps) for arm in arms)])
-    baseline, control = arms[0], next((a for a in arms if a.is_control), None)
     notes = []
     for step in dict.fromkeys((steps[0], steps[len(steps) // 2], steps[-1])):
-        for arm in arms[1:]:
-            if arm is control:
-                continue
-            notes.append(f"{arm.label} above n=1 at step {step}: "
-                         f"{verdict(accuracy[arm][step], accuracy[baseline][step])}")
-            if control is not None and arm.n_future == control.n_future:
-                notes.append(f"{arm.label} above its control (the same model, head 2 unweighted) at step "
-                             f"{step}: {verdict(accuracy[arm][step], accuracy[control][step])}")
+        for arm, other in comparisons(arms):
+            against = "its control (the same model, head 2 unweighted)" if other.is_control else other.label
+            notes.append(f"{arm.label} above {against} at step {step}: "
+                         f"{verdict(accuracy[arm][step], accuracy[other][step])}")
     train, test = read_documents(dataset, "train"), read_documents(dataset, "val")
     notes.append(f"test documents also in the training split: {shared_documents(train, test)} of {len(test)}")
     return {"header": header, "rows": rows, "paper": PAPER, "notes": notes, "metric":

@@ -21,7 +21,7 @@ from pathlib import Path
 from megatrain.data.synth import polynomial as task
 from megatrain.data.synth.dataset import read_documents
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
-from megatrain.experiments.common import Arm, Sizes, cell, evaluate_run, train_runs
+from megatrain.experiments.common import Arm, Sizes, cell, comparisons, evaluate_run, train_runs
 from megatrain.experiments.intervals import verdict
 
 TASK = "polynomial"
@@ -88,19 +88,13 @@ def run(sizes: Sizes, arms: tuple[Arm, ...], dataset: Path, work: Path, jobs: in
               *(f"{arm.label} {name.split()[0]}" for name, _ in measures for arm in arms)]
     rows = [[str(ops), kind, *(cell(values[arm][(ops, kind)]) for _, values in measures for arm in arms)]
             for ops, kind in keys]
-    baseline, control = arms[0], next((a for a in arms if a.is_control), None)
     notes = []
     for name, values in measures:
         for kind in ("in", "out"):
-            overall = {arm: values[arm][("all", kind)] for arm in arms}
-            for arm in arms[1:]:
-                if arm is control:
-                    continue
-                notes.append(f"{arm.label} above n=1, {kind} distribution, {name}: "
-                             f"{verdict(overall[arm], overall[baseline])}")
-                if control is not None and arm.n_future == control.n_future:
-                    notes.append(f"{arm.label} above its control (head 2 unweighted), {kind} distribution, "
-                                 f"{name}: {verdict(overall[arm], overall[control])}")
+            for arm, other in comparisons(arms):
+                against = "its control (head 2 unweighted)" if other.is_control else other.label
+                notes.append(f"{arm.label} above {against}, {kind} distribution, {name}: "
+                             f"{verdict(values[arm][('all', kind)], values[other][('all', kind)])}")
     train, test = read_documents(dataset, "train"), read_documents(dataset, "val")
     notes.append(f"validation documents posing a problem that a training document poses: "
                  f"{task.problems_shared(_listed(train), _listed(test))} of {len(test)}")
