@@ -25,6 +25,7 @@ from megatrain.data_pipelines.steps import (
     LengthFilter,
     LongestLineFilter,
     SourceFileReader,
+    text_batches,
 )
 from megatrain.data_pipelines.vocab import build_bytes_tokenizer, encode_text
 from megatrain.errors import DataError
@@ -215,6 +216,14 @@ def test_fast_minhash_signatures_equal_datatroves_own(tmp_path):
         return ours.get_signature(ours.get_shingles(text))
 
     assert signature("a b c d e f") != signature("a b c d e g")
+    # another hash function: datatrove's, called per shingle (the fast path maps xxh64 directly)
+    from datatrove.utils.hashing import HashConfig
+
+    sha1 = MinhashConfig(n_grams=5, hash_config=HashConfig(hash_fc="sha1"), norm_config=config.norm_config)
+    ours_sha1 = CodeMinhashSignature(str(tmp_path / "d"), config=sha1, language=CodeWordTokenizer())
+    theirs_sha1 = MinhashDedupSignature(str(tmp_path / "e"), config=sha1, language=CodeWordTokenizer())
+    np.testing.assert_array_equal(ours_sha1.get_shingles(real), theirs_sha1.get_shingles(real))
+    assert not np.array_equal(ours_sha1.get_shingles(real), ours.get_shingles(real))
     # other normalisations take datatrove's own path
     lowercase = MinhashConfig(n_grams=5, norm_config=TextNormConfig(lowercase=True))
     assert not CodeMinhashSignature(str(tmp_path / "c"), lowercase, CodeWordTokenizer())._whitespace_only
@@ -257,6 +266,15 @@ def test_a_script_main_is_imported_once_not_in_every_worker(corpus, bytes_datase
     assert len(log.read_text().split()) == 2, log.read_text()
     for split in ("train", "val"):
         assert split_documents(bytes_dataset[0], split, 256) == split_documents(out, split, 256), split
+
+
+def test_tokenize_batches_are_bounded_by_documents_and_characters():
+    docs = [Document(text="x" * n, id=str(i)) for i, n in enumerate([3, 4, 2, 20, 1, 1, 1, 1])]
+    sizes = [[len(d.text) for d in b] for b in text_batches(iter(docs), max_documents=3, max_chars=8)]
+    # a document longer than the limit is a batch of its own; nothing lost, order kept
+    assert sizes == [[3, 4], [2], [20], [1, 1, 1], [1]]
+    assert [d for b in text_batches(iter(docs), 3, 8) for d in b] == docs
+    assert list(text_batches(iter([]), 3, 8)) == []
 
 
 def test_bpe_keeps_literal_endoftext_as_text(corpus, tmp_path):
