@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from megatrain.data.synth.dataset import read_documents
 from megatrain.data.synth.polynomial import Settings
 from megatrain.errors import UserError
 from megatrain.experiments import __main__ as experiments_main
-from megatrain.experiments import finetune, induction, polynomial
+from megatrain.experiments import code, finetune, induction, polynomial
 from megatrain.experiments.common import Arm, train_runs
 
 
@@ -66,13 +67,22 @@ def test_a_quick_run_trains_each_arm_and_appends_its_table(tmp_path, monkeypatch
                for note in outcome["notes"]), outcome["notes"]
 
 
-def test_finetune_arms_keep_the_source_trunk():
+def test_finetune_arms_keep_their_source_trunk_and_the_control_has_the_n1_prime_depth():
     sizes = finetune.QUICK
     n_layers = sizes.model["model.n_layers"]
-    n1 = finetune._finetune_model(sizes, source_n=4, target_n=1)
-    assert (n1["model.n_layers"], n1["model.n_future"]) == (n_layers - 3, 1)  # trunk + head 1
-    same = finetune._finetune_model(sizes, source_n=4, target_n=4)
-    assert (same["model.n_layers"], same["model.n_future"]) == (n_layers, 4)
+
+    def layers_and_heads(model):
+        return model["model.n_layers"], model["model.n_future"]
+
+    # n=4 → n'=1: the n=4 model's trunk and head 1
+    assert layers_and_heads(finetune._finetune_model(sizes, "n=4 → n'=1")) == (n_layers - 3, 1)
+    assert layers_and_heads(finetune._finetune_model(sizes, "n=4 → n'=4")) == (n_layers, 4)
+    assert layers_and_heads(finetune._finetune_model(sizes, finetune.BASELINE)) == (n_layers, 1)
+    # the control is pretrained and finetuned at the depth of the n'=1 finetuning: same shape
+    control = finetune._finetune_model(sizes, finetune.CONTROL)
+    assert layers_and_heads(control) == (n_layers - 3, 1)
+    assert finetune._pretrain_model(sizes, "n1_shallow") == control
+    assert finetune._slug(finetune.CONTROL) == "1shallow_to1" and finetune._slug("n=4 → n'=1") == "4to1"
 
 
 def test_runs_trained_in_parallel_processes_equal_runs_trained_in_turn(dataset, tmp_path):
@@ -98,29 +108,93 @@ def test_runs_trained_in_parallel_processes_equal_runs_trained_in_turn(dataset, 
 
 
 def test_each_finetuning_starts_from_the_pretraining_of_its_seed_and_source(tmp_path, monkeypatch):
+    """Pretraining on one task, finetuning on another (its own dataset, made by the experiment):
+    every finetuning starts from its seed's pretraining of its source, the control from the
+    depth-matched n=1 model, and the table compares the n=4 arms with the baseline and the control."""
+    from megatrain.data.synth.cli import make_synth_dataset
+    from megatrain.data.synth.dataset import synth_settings
+
     batches = []
+    accuracy = {"pretrain": 0.1, "1to1": 0.2, "4to1": 0.5, "4to4": 0.4, "1shallow_to1": 0.3}
 
     def fake_train_runs(specs, jobs=1):
         batches.append(list(specs))
         return [run_dir for run_dir, _ in specs]
 
     def fake_eval(run_dir, step, evaluate, dataset, batch_size=64):
-        return {"in_distribution_accuracy": 0.0, "out_of_distribution_accuracy": 0.0,
+        assert dataset.name == "data_finetune"  # every model is measured on the finetuning task
+        kind, seed = run_dir.name.split("_", 1)[0], int(run_dir.name.rsplit("seed", 1)[1])
+        value = accuracy[kind if kind == "pretrain" else run_dir.name.split("_", 1)[1].rsplit("_seed", 1)[0]]
+        return {"in_distribution_accuracy": value + seed / 100, "out_of_distribution_accuracy": value / 2,
                 "in_distribution_coefficient_accuracy": 0.2, "out_of_distribution_coefficient_accuracy": 0.1}
 
     monkeypatch.setattr(finetune, "train_runs", fake_train_runs)
     monkeypatch.setattr(finetune, "evaluate_run", fake_eval)
-    sizes = finetune.QUICK
-    outcome = finetune.run(sizes, finetune.QUICK_ARMS, tmp_path / "data", tmp_path, jobs=2)
-    assert [row[0] for row in outcome["rows"]] == ["n=1 pretrained", "n=4 pretrained", *finetune.QUICK_ARMS]
+    sizes = replace(finetune.QUICK, examples=60)
+    pretraining_data = tmp_path / "data"
+    make_synth_dataset("polynomial", pretraining_data, sizes.examples, ring=sizes.ring)
+    outcome = finetune.run(sizes, finetune.QUICK_ARMS, pretraining_data, tmp_path, jobs=2)
+    assert synth_settings(tmp_path / "data_finetune", "polynomial")["degree"] == 1 != sizes.ring.degree
+    assert [row[0] for row in outcome["rows"]] == [
+        "n=1 pretrained", "n=4 pretrained", "n=1 depth-matched pretrained", *finetune.QUICK_ARMS]
     pretrainings, finetunings = batches
     assert sorted(d.name for d, _ in pretrainings) == sorted(
-        f"pretrain_n{n}_seed{s}" for n in (1, 4) for s in sizes.seeds)
+        f"pretrain_{name}_seed{s}" for name in ("n1", "n4", "n1_shallow") for s in sizes.seeds)
+    assert {o["data.path"] for _, o in pretrainings} == {pretraining_data}
+    assert {o["data.path"] for _, o in finetunings} == {tmp_path / "data_finetune"}
     assert len(finetunings) == len(sizes.seeds) * len(finetune.QUICK_ARMS)
+    source_of = {"1to1": "n1", "4to1": "n4", "4to4": "n4", "1shallow_to1": "n1_shallow"}
     for run_dir, overrides in finetunings:  # finetune_4to1_seed0 <- pretrain_n4_seed0
-        source, seed = run_dir.name.split("_")[1].split("to")[0], run_dir.name.split("seed")[1]
-        assert overrides["init.path"] == tmp_path / f"pretrain_n{source}_seed{seed}", run_dir.name
+        arm, seed = run_dir.name.split("_", 1)[1].rsplit("_seed", 1)
+        assert overrides["init.path"] == tmp_path / f"pretrain_{source_of[arm]}_seed{seed}", run_dir.name
         assert overrides["train.seed"] == int(seed)
+    notes = outcome["notes"]
+    assert any(n.startswith("n=4 → n'=1 above n=1 → n'=1, in: yes: +0.300") for n in notes), notes
+    control = "above the control (n=1 at its depth), in: yes:"
+    assert any(n.startswith(f"n=4 → n'=1 {control} +0.200") for n in notes), notes
+    assert any(n.startswith(f"n=4 → n'=4 {control} +0.100") for n in notes), notes
+    assert not any(n.startswith("n=1 depth-matched") for n in notes)  # the control is compared against
+    assert any("0 of" in n and "(pretraining data)" in n for n in notes)
+
+
+def test_code_compares_n2_with_n1_and_its_control_on_head_1_loss(tmp_path, monkeypatch, dataset):
+    """The quick code arms keep a 4-layer trunk (n=2 of 6 layers), each multi-token arm is paired by
+    seed with n=1 and with its control, and the held-out split's overlap with training is counted
+    from the run's own dataset."""
+    from megatrain.config import load_config
+    from megatrain.run_dir import RunDir
+
+    trained = []
+    loss = {"n1": 3.0, "n2": 3.2, "n2_w0": 3.1}  # fake: n=2 worse than both, as the paper at small sizes
+
+    def fake_train_runs(specs, jobs=1):
+        for run_dir, overrides in specs:
+            trained.append((run_dir.name, overrides))
+            RunDir(run_dir).path.mkdir(parents=True)
+            RunDir(run_dir).write_config(load_config(None, [f"data.path={dataset}"]))
+        return [run_dir for run_dir, _ in specs]
+
+    def fake_eval(run_dir, task, *options, shared=False):
+        arm, seed = run_dir.name.rsplit("_seed", 1)
+        if task == "heldout":
+            n = 1 if arm == "n1" else 2
+            return {"head_losses": [loss[arm] + int(seed) / 100] + [4.0] * (n - 1)}
+        return {"modes": {"greedy": {"pass@1": 0.0}}, "decoding": {"tokens_per_forward": 1.0}}
+
+    monkeypatch.setattr(code, "train_runs", fake_train_runs)
+    monkeypatch.setattr(code, "megatrain_eval", fake_eval)
+    outcome = code.run(code.QUICK, code.QUICK_ARMS, None, tmp_path, jobs=2)
+    by_name = dict(trained)
+    assert sorted(by_name) == sorted(f"{a}_seed{s}" for a in loss for s in code.QUICK.seeds)
+    assert by_name["n2_w0_seed0"]["loss.extra_heads_weight"] == 0.0
+    layers = code.QUICK.model["model.n_layers"]
+    assert layers - max(arm.n_future for arm in code.QUICK_ARMS) >= 4  # the multi-token trunk's depth
+    assert outcome["header"] == ["metric", "n=1", "n=2", "n=2 weight 0 (control)"]
+    notes = outcome["notes"]
+    assert notes[0].startswith("n=2 head-1 held-out loss below n=1's: no, the opposite: -0.200"), notes
+    assert notes[1].startswith("n=2 head-1 held-out loss below its control"), notes
+    val, train = (len(read_documents(dataset, split)) for split in ("val", "train"))
+    assert notes[2] == f"held-out documents also in the training split: 0 of {val}" and train > val
 
 
 def test_induction_compares_n2_with_n1_and_with_its_loss_control_seed_by_seed(tmp_path, monkeypatch):
