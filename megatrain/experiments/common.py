@@ -131,7 +131,9 @@ def train_runs(specs: Sequence[tuple[Path, dict]], jobs: int = 1) -> list[Path]:
 
 def default_jobs() -> int:
     """One run per CPU this process may use (its affinity: a container's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from megatrain.machine import usable_cpus
+
+    return usable_cpus()
 
 
 def evaluate_run(run_dir: Path, step: int | None, evaluate: Callable, dataset: Path,
