@@ -105,6 +105,7 @@ def test_polynomial_scoring_follows_the_ring_and_operations_the_dataset_was_made
     exact = evaluate_polynomial(RuleModel(_polynomial_oracle(99, degree=2), vocab), None, tmp_path / "small",
                                 device="cpu", batch_size=64)
     assert exact["ring"] == "F_7[X]/(X^2)" and exact["train_operations"] == [1, 2]
+    assert polynomial.Settings(degree=1).ring == "F_7"  # X^1 = 0 leaves the integers mod 7
     assert exact["in_distribution_accuracy"] == exact["out_of_distribution_accuracy"] == 1.0
     in_only = evaluate_polynomial(RuleModel(_polynomial_oracle(2, degree=2), vocab), None, tmp_path / "small",
                                   device="cpu", batch_size=64)

@@ -88,7 +88,8 @@ class Settings:
 
     @property
     def ring(self) -> str:
-        return f"F_{P}[X]/(X^{self.degree})"
+        """Its name: F_7[X]/(X^d), or F_7 for d = 1 (the integers mod 7)."""
+        return f"F_{P}" if self.degree == 1 else f"F_{P}[X]/(X^{self.degree})"
 
     def in_distribution(self, n_ops: int) -> bool:
         return self.train_ops[0] <= n_ops <= self.train_ops[1]
