@@ -37,8 +37,9 @@ setup(
     ],
     extras_require={
         # xxhash 4.x breaks datatrove's dedup hashing; regex is needed by its dedup module; pyarrow
-        # reads Parquet input (datatrove's ParquetReader), pinned to the version tested.
-        "data": ["datatrove==0.10.1", "tokenizers", "xxhash<4", "orjson", "regex", "pyarrow==26.0.1"],
+        # reads Parquet input (datatrove's ParquetReader), pinned to the version tested; tokenizers
+        # 0.20 added encode_batch_fast, which `data prepare` tokenizes with.
+        "data": ["datatrove==0.10.1", "tokenizers>=0.20", "xxhash<4", "orjson", "regex", "pyarrow==26.0.1"],
         "slurm": ["submitit>=1.5"],
         "gpu": ["triton>=3.0"],
         "deepspeed": ["deepspeed"],

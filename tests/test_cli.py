@@ -92,14 +92,14 @@ def test_a_bad_sequential_config_is_one_line_and_exit_2_before_anything_is_writt
     assert not run.exists()
 
 
-@pytest.mark.parametrize("argv, expected", [([], "cpus"), (["--executor", "slurm"], 1), (["--tasks", "3"], 3)])
+@pytest.mark.parametrize("argv, expected", [([], 7), (["--executor", "slurm"], 1), (["--tasks", "3"], 3)])
 def test_data_prepare_runs_one_task_per_usable_cpu_unless_told(argv, expected, monkeypatch, tmp_path):
     from megatrain.data_pipelines import prepare
-    from megatrain.machine import usable_cpus
 
     seen = {}
     monkeypatch.setattr(prepare, "prepare_dataset", lambda *a, tasks, **k: seen.setdefault("tasks", tasks))
+    monkeypatch.setattr("megatrain.machine.usable_cpus", lambda: 7)  # 7 CPUs; not 1, the old default
     args = build_parser(["data", "prepare"]).parse_args(
         ["data", "prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *argv])
     prepare.run_prepare(args)
-    assert seen["tasks"] == (usable_cpus() if expected == "cpus" else expected)
+    assert seen["tasks"] == expected

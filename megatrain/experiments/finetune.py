@@ -3,9 +3,10 @@ finetuning on another task than an n=1 model?
 
 The paper pretrains on code and finetunes on CodeContests. Here both tasks come from the polynomial
 generator, which gives every ring the same vocabulary (so weights carry over), but they are
-different tasks: pretraining is arithmetic in F_7[X]/(X^2) with one or two operations (the
-runner's dataset, ``sizes.ring``), finetuning is arithmetic in F_7 (integers mod 7), one operation in
-training and two out of distribution, on a dataset of its own whose test problems are held out of
+different tasks. In the quick variant pretraining is arithmetic in F_7[X]/(X^2) with one or two
+operations (the runner's dataset, ``sizes.ring``), finetuning is arithmetic in F_7 (integers mod 7),
+one operation in training and two out of distribution (the full variant: F_7[X]/(X^5), then
+F_7[X]/(X^2)), on a dataset of its own whose test problems are held out of
 its training documents (``options["finetune_ring"]``). What pretraining can pass on: F_7[X]/(X^2)'s
 constant coefficient follows the rules of F_7 (for + - and *), learnt there from 49x more problems
 than F_7's 147.
@@ -16,10 +17,16 @@ masking (RUN_DEFAULTS):
 - ``n=4 → n'=1``: the n=4 model's trunk and head 1 (L - 3 layers), as in the paper;
 - ``n=4 → n'=4``: the whole n=4 model, finetuned with its four heads;
 - ``n=1 depth-matched → n'=1``, the control: an n=1 model of L - 3 layers, the depth of the n'=1
-  finetuning. It is what the n=4 model with heads 2..4 unweighted would be (their weights would get
-  no gradient and change nothing in the trunk), so ``n=4 → n'=1`` against it differs in the
-  pretraining loss alone; against ``n=1 → n'=1`` it also has 3 layers fewer (the paper's 7B: 29
-  against 32 layers of its n=1 model).
+  finetuning, pretrained and finetuned at that depth. It has the shapes of the n=4 model's trunk and
+  head 1, so ``n=4 → n'=1`` against it differs in the pretraining loss and not in depth; not exactly
+  in the loss alone, as an n=4 model with heads 2..4 unweighted would (the initial scale of the
+  output projections follows the model's depth, 1/sqrt(2 x layers), so it starts √2 larger here).
+  Against ``n=1 → n'=1`` the n'=1 model also has 3 layers fewer (the paper's 7B: 29 against 32).
+
+Test data: the finetuning test problems are held out of the finetuning training documents. The
+pretraining documents do carry them, by design: the constant terms of every F_7[X]/(X^2) problem
+are an F_7 problem (truncation is a ring homomorphism), and with both X coefficients 0 it is that
+problem written in the larger ring; the table counts both.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatrain.data.synth.dataset import read_documents
-from megatrain.data.synth.polynomial import Settings, problems_shared
+from megatrain.data.synth.polynomial import EQUALS_ID, Settings, problems_shared, projected_problem
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
 from megatrain.experiments.common import Sizes, cell, evaluate_run, train_runs
 from megatrain.experiments.intervals import verdict
@@ -94,10 +101,9 @@ def _finetune_model(sizes: Sizes, arm: str) -> dict:
 def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path, jobs: int = 1) -> dict:
     from megatrain.data.synth.cli import make_synth_dataset
 
-    ring = sizes.options["finetune_ring"]
-    finetune_data = work / "data_finetune"
-    if not (finetune_data / "manifest.json").is_file():  # an interrupted experiment resumes
-        make_synth_dataset(TASK, finetune_data, sizes.examples, seed=0, ring=ring)
+    ring, pretrain_ring = sizes.options["finetune_ring"], sizes.ring or Settings()
+    finetune_data = work / "data_finetune"  # work is new for every experiment run
+    make_synth_dataset(TASK, finetune_data, sizes.examples, seed=0, ring=ring)
     # the pretrained models are measured on the finetuning task too: what each finetuning started from
     sources = [name for name in PRETRAININGS if name in {SOURCE_OF[arm] for arm in arms}]
     rows_of = [PRETRAINED_ROW[name] for name in sources] + list(arms)
@@ -146,10 +152,10 @@ def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path, jobs: in
               ("test", finetune_data, "val"))
     listed = {name: [[int(t) for t in doc] for doc in read_documents(folder, split)]
               for name, folder, split in splits}
-    notes.append(f"finetuning validation documents posing a problem that a training document poses: "
-                 f"{problems_shared(listed['train'], listed['test'])} of {len(listed['test'])} (finetuning "
-                 f"data), {problems_shared(listed['pretraining'], listed['test'])} (pretraining data)")
-    notes.append(f"pretraining {sizes.steps} steps on {(sizes.ring or Settings()).ring}, "
+    notes.append(f"finetuning validation documents posing a problem that a finetuning training document "
+                 f"poses: {problems_shared(listed['train'], listed['test'])} of {len(listed['test'])}; "
+                 + _pretraining_overlap(listed["pretraining"], listed["test"], pretrain_ring, ring))
+    notes.append(f"pretraining {sizes.steps} steps on {pretrain_ring.ring}, "
                  f"finetuning {finetune_steps(sizes)} steps on {ring.ring} at {FINETUNE_LR_FRACTION}× the "
                  f"learning rate, fresh optimizer; the pretrained rows are the models the finetunings "
                  f"started from, measured on the finetuning task; the n'=1 models and the control have "
@@ -157,6 +163,23 @@ def run(sizes: Sizes, arms: tuple[str, ...], dataset: Path, work: Path, jobs: in
                  f"{sizes.model['model.n_layers']}")
     return {"header": header, "rows": rows, "paper": PAPER, "notes": notes,
             "metric": metric(ring, " after finetuning")}
+
+
+def _pretraining_overlap(pretraining: list[list[int]], test: list[list[int]], pretrain_ring: Settings,
+                         ring: Settings) -> str:
+    """How many finetuning test problems the pretraining documents carry: as the lower coefficients
+    of a pretraining problem (F_7[X]/(X^d) maps onto F_7[X]/(X^d') for d' <= d, so this is the
+    transfer the design counts on), and literally (the dropped coefficients all 0)."""
+    if ring.degree > pretrain_ring.degree:
+        return "pretraining is in a smaller ring: it carries none of the finetuning problems"
+    carried: dict[tuple[int, ...], bool] = {}
+    for document in pretraining:
+        problem, literal = projected_problem(document, pretrain_ring.degree, ring.degree)
+        carried[problem] = carried.get(problem, False) or literal
+    problems = [tuple(doc[:doc.index(EQUALS_ID)]) for doc in test]
+    return (f"posing a problem that a pretraining document carries in its lower coefficients: "
+            f"{sum(p in carried for p in problems)} of {len(problems)}, literally (its other "
+            f"coefficients all 0): {sum(carried.get(p, False) for p in problems)}")
 
 
 def _slug(arm: str) -> str:

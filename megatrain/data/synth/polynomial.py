@@ -160,6 +160,22 @@ def _drawn(n_ops: int, rng: np.random.Generator, degree: int, test: bool, seed: 
             return document
 
 
+def projected_problem(document: list[int], degree: int, lower: int) -> tuple[tuple[int, ...], bool]:
+    """The problem of ``document`` (an expression over F_7[X]/(X^degree)) mapped to F_7[X]/(X^lower)
+    by dropping every operand's coefficients from X^lower on, and whether all those were 0. The map
+    is a ring homomorphism, so the answer's first ``lower`` coefficients answer the mapped problem:
+    every problem of the larger ring carries one of the smaller (for lower = 1, its constant terms
+    are an F_7 problem), and it is literally that problem when the dropped coefficients are all 0."""
+    problem = document[:document.index(EQUALS_ID)]
+    tokens, dropped_all_zero = [], True
+    for start in range(0, len(problem), degree + 1):  # operand, operator, operand, ...
+        operand = problem[start:start + degree]
+        tokens += operand[:lower]
+        dropped_all_zero &= all(t == COEFF_IDS[0] for t in operand[lower:])
+        tokens += problem[start + degree:start + degree + 1]  # the operator after it, if any
+    return tuple(tokens), dropped_all_zero
+
+
 def problems_shared(train: list[list[int]], val: list[list[int]]) -> int:
     """How many validation documents pose a problem some training document poses."""
     seen = {tuple(doc[:doc.index(EQUALS_ID)]) for doc in train}
