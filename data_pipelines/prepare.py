@@ -237,6 +237,17 @@ def _attempt_record(config: PrepareConfig, tasks: int, inputs) -> dict:
             "input_list_sha256": listing}
 
 
+def unfinished_task_count(output_path: Path) -> int | None:
+    """The task count of the unfinished prepare recorded in ``output_path`` (None: none, or its
+    record unreadable). ``data prepare`` without --tasks takes it, so that a prepare resumed on a
+    machine with another number of CPUs keeps its finished tasks instead of starting over."""
+    try:
+        tasks = json.loads((output_path / IN_PROGRESS_MARKER).read_text()).get("tasks")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tasks if isinstance(tasks, int) and tasks >= 1 else None
+
+
 def _start_or_resume(output_path: Path, config: PrepareConfig, tasks: int, inputs, progress: bool) -> None:
     """Resume an unfinished prepare of the same settings, tasks and input files in ``output_path``
     (its stages' finished tasks are not run again); start any other one over."""
@@ -335,9 +346,10 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     # MinHash) use one core while the tokenizer library spreads over all of them: on 2 cores, 30 MB
     # of code took 31.5 s with --tasks 1 and 22.0 s with --tasks 2 (docs/benchmarks.md)
     parser.add_argument("--tasks", type=int, default=None,
-                        help="parallel datatrove tasks (default: locally, one per CPU this process may "
-                             "use; with --executor slurm, 1). Speed only: the dataset is the same; a "
-                             "resumed prepare keeps its finished tasks only with the same --tasks")
+                        help="parallel datatrove tasks (default: an unfinished prepare's own count, "
+                             "else locally one per CPU this process may use, with --executor slurm 1). "
+                             "Speed only: the dataset is the same; a resumed prepare keeps its "
+                             "finished tasks only with the same --tasks")
     parser.add_argument(
         "--exclude-dir", action="append", default=[], metavar="NAME",
         help=f"also skip folders with this name (always skipped: {', '.join(DEFAULT_EXCLUDE_DIRS)}, hidden)",
@@ -356,7 +368,8 @@ def run_prepare(args: argparse.Namespace, run_stage=None) -> dict:
 
     tasks = args.tasks
     if tasks is None:
-        tasks = 1 if getattr(args, "executor", "local") == "slurm" else usable_cpus()
+        tasks = unfinished_task_count(Path(args.output).expanduser()) or (
+            1 if getattr(args, "executor", "local") == "slurm" else usable_cpus())
     return prepare_dataset(
         args.input, args.output, tasks=tasks, progress=not args.no_progress, run_stage=run_stage,
         tokenizer=args.tokenizer, languages=args.languages, keep_metadata=items(args.keep_metadata),

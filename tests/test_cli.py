@@ -103,3 +103,22 @@ def test_data_prepare_runs_one_task_per_usable_cpu_unless_told(argv, expected, m
         ["data", "prepare", "--input", str(tmp_path), "--output", str(tmp_path / "out"), *argv])
     prepare.run_prepare(args)
     assert seen["tasks"] == expected
+
+
+def test_data_prepare_without_tasks_resumes_an_unfinished_prepare_with_its_own_count(monkeypatch, tmp_path):
+    import json
+
+    from megatrain.data_pipelines import prepare
+
+    seen = {}
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda *a, tasks, **k: seen.setdefault("tasks", tasks))
+    monkeypatch.setattr("megatrain.machine.usable_cpus", lambda: 7)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / prepare.IN_PROGRESS_MARKER).write_text(json.dumps({"tasks": 5, "config": {}}))
+    argv = ["data", "prepare", "--input", str(tmp_path), "--output", str(out)]
+    prepare.run_prepare(build_parser(["data", "prepare"]).parse_args(argv))
+    assert seen.pop("tasks") == 5
+    (out / prepare.IN_PROGRESS_MARKER).write_text("{torn")  # unreadable: the machine's default
+    prepare.run_prepare(build_parser(["data", "prepare"]).parse_args(argv))
+    assert seen.pop("tasks") == 7
