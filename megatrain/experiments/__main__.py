@@ -9,7 +9,8 @@ from pathlib import Path
 
 from megatrain.errors import UserError
 from megatrain.experiments import code, finetune, induction, polynomial
-from megatrain.experiments.common import RESULTS_FILE, append_results, default_jobs
+from megatrain.experiments.common import RESULTS_FILE, append_results
+from megatrain.machine import usable_cpus
 
 EXPERIMENTS = {"induction": induction, "polynomial": polynomial, "finetune": finetune, "code": code}
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the variant's seeds")
     parser.add_argument("--steps", type=int, help="override the variant's training steps")
     parser.add_argument("--examples", type=int, help="override the variant's training documents")
-    parser.add_argument("--jobs", type=int, default=default_jobs(),
+    parser.add_argument("--jobs", type=int, default=usable_cpus(),
                         help="training runs at once, each in its own process on one torch thread "
                              "(default: one per CPU this process may use)")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="markdown file to append to")

@@ -25,11 +25,11 @@ from megatrain.experiments.common import (
     Sizes,
     cell,
     comparisons,
-    default_jobs,
     shared_documents,
     train_runs,
 )
 from megatrain.experiments.intervals import verdict
+from megatrain.machine import usable_cpus
 
 TASK = None  # the trainer's embedded default corpus, not a synthetic dataset
 # options: humaneval_limit = the first K problems only (0: all 164).
@@ -77,7 +77,7 @@ def run(sizes: Sizes, arms: tuple[Arm, ...], dataset: Path | None, work: Path, j
         "train.seed": seed, "checkpoint.every": 0}) for seed, arm in runs], jobs)
     # the sandboxed test programs of `jobs` evaluations at once share the cores: fewer workers each,
     # so that a program's wall-clock limit is not spent waiting for a core
-    workers = max(1, default_jobs() // max(1, jobs))
+    workers = max(1, usable_cpus() // max(1, jobs))
     options = ["--max-new-tokens", str(MAX_NEW_TOKENS), "--workers", str(workers),
                *(["--limit", str(limit)] if limit else [])]
     shared = jobs > 1

@@ -129,13 +129,6 @@ def train_runs(specs: Sequence[tuple[Path, dict]], jobs: int = 1) -> list[Path]:
     return [run_dir for run_dir, _ in specs]
 
 
-def default_jobs() -> int:
-    """One run per CPU this process may use (its affinity: a container's share, not the host's)."""
-    from megatrain.machine import usable_cpus
-
-    return usable_cpus()
-
-
 def evaluate_run(run_dir: Path, step: int | None, evaluate: Callable, dataset: Path,
                  batch_size: int = 64) -> dict:
     """``evaluate(model, cfg, dataset, device=, batch_size=)`` on the checkpoint of ``step``

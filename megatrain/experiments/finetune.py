@@ -34,7 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatrain.data.synth.dataset import read_documents
-from megatrain.data.synth.polynomial import EQUALS_ID, Settings, problems_shared, projected_problem
+from megatrain.data.synth.polynomial import Settings, problem_of, problems_shared, projected_problem
 from megatrain.eval.synthetic import DISTRIBUTION, evaluate_polynomial
 from megatrain.experiments.common import Sizes, cell, evaluate_run, train_runs
 from megatrain.experiments.intervals import verdict
@@ -176,7 +176,7 @@ def _pretraining_overlap(pretraining: list[list[int]], test: list[list[int]], pr
     for document in pretraining:
         problem, literal = projected_problem(document, pretrain_ring.degree, ring.degree)
         carried[problem] = carried.get(problem, False) or literal
-    problems = [tuple(doc[:doc.index(EQUALS_ID)]) for doc in test]
+    problems = [problem_of(doc) for doc in test]
     return (f"posing a problem that a pretraining document carries in its lower coefficients: "
             f"{sum(p in carried for p in problems)} of {len(problems)}, literally (its other "
             f"coefficients all 0): {sum(carried.get(p, False) for p in problems)}")

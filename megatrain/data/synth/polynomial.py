@@ -145,9 +145,14 @@ def splits(examples: int, seed: int, settings: Settings = Settings()) -> dict[st
     return {"train": train, "val": val}
 
 
+def problem_of(document: list[int]) -> tuple[int, ...]:
+    """A document's problem: its tokens up to ``=``."""
+    return tuple(document[:document.index(EQUALS_ID)])
+
+
 def is_test_problem(document: list[int], seed: int) -> bool:
     """Whether the problem of ``document`` (its tokens up to ``=``) is held out of training."""
-    problem = document[:document.index(EQUALS_ID)]
+    problem = problem_of(document)
     digest = hashlib.blake2b(bytes(problem), digest_size=8, key=seed.to_bytes(8, "little")).digest()
     return int.from_bytes(digest, "little") % HELD_OUT_EVERY == 0
 
@@ -166,7 +171,7 @@ def projected_problem(document: list[int], degree: int, lower: int) -> tuple[tup
     is a ring homomorphism, so the answer's first ``lower`` coefficients answer the mapped problem:
     every problem of the larger ring carries one of the smaller (for lower = 1, its constant terms
     are an F_7 problem), and it is literally that problem when the dropped coefficients are all 0."""
-    problem = document[:document.index(EQUALS_ID)]
+    problem = problem_of(document)
     tokens, dropped_all_zero = [], True
     for start in range(0, len(problem), degree + 1):  # operand, operator, operand, ...
         operand = problem[start:start + degree]
@@ -178,5 +183,5 @@ def projected_problem(document: list[int], degree: int, lower: int) -> tuple[tup
 
 def problems_shared(train: list[list[int]], val: list[list[int]]) -> int:
     """How many validation documents pose a problem some training document poses."""
-    seen = {tuple(doc[:doc.index(EQUALS_ID)]) for doc in train}
-    return sum(tuple(doc[:doc.index(EQUALS_ID)]) in seen for doc in val)
+    seen = {problem_of(doc) for doc in train}
+    return sum(problem_of(doc) in seen for doc in val)
